@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/fastpeft train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/pytest -q -ra
 
 clean:
 	rm -rf $(VENV) build *.egg-info
