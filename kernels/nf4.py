@@ -1,0 +1,293 @@
+"""Triton kernels for bitsandbytes-format NF4/FP4 weights (launchers only, no autograd).
+
+Every kernel reads the packed weight as bitsandbytes stores it (see ``fastpeft.ops.nf4``):
+element ``e = n * K + k`` of the ``[N, K]`` weight sits in byte ``e // 2`` (high nibble when
+``e`` is even), its scale is ``absmax[e // blocksize]`` (or, double-quantised,
+``nested_code[absmax_q[b]] * nested_absmax[b // 256] + offset``), and its value is
+``code[nibble] * scale`` in fp32, rounded to the compute dtype, exactly as bitsandbytes'
+dequantisation does. Indexing by flattened element keeps odd ``K`` and blocks that straddle
+rows correct.
+
+* :func:`dequantize` - the whole weight, ``[N, K]`` in a given dtype.
+* :func:`matmul` - ``C = X @ W^T`` (``trans_w=True``, the forward) or ``C = X @ W`` (the
+  input gradient), the weight dequantised tile by tile inside the K loop (never
+  materialised), with fused epilogues: ``+ bias`` and ``+ scale * (L @ R) [* mask]`` (the
+  LoRA branch: ``U B^T`` forward, ``(G A) * dropout_mask`` backward).
+* :func:`gemv` - decoding (M <= 16): split-K over programs each holding a block of output
+  rows, reductions in fp32.
+
+Under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` is wrong (numpy has no bf16), so the tiles are
+cast to fp32 there; on a GPU bf16/fp16 tiles go to the tensor cores with fp32 accumulation.
+Only features of triton 3.x up to 3.6 are used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["dequantize", "matmul", "gemv", "state_args"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@triton.jit
+def _scale_at(blk, mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED: tl.constexpr, NBS: tl.constexpr):
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        a = tl.load(ncode_ptr + q, mask=mask, other=0.0) * tl.load(nabs_ptr + blk // NBS, mask=mask, other=0.0)
+        a = a + tl.load(offset_ptr)
+    else:
+        a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return a
+
+
+@triton.jit
+def _dequant_at(e, mask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
+                BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr):
+    # fp32 value of flattened weight elements ``e`` (int64), 0 where masked.
+    byte = tl.load(packed_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
+    nib = tl.where((e & 1) == 0, byte >> 4, byte & 15)
+    v = tl.load(code_ptr + nib, mask=mask, other=0.0)
+    a = _scale_at(e // BS, mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+    return tl.where(mask, v * a, 0.0)
+
+
+@triton.jit
+def _dequant_kernel(out_ptr, numel, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
+                    BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < numel
+    w = _dequant_at(e, mask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, BS, NESTED, NBS)
+    tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr, c_ptr, bias_ptr, l_ptr, r_ptr, mask_ptr,
+    packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
+    M, P, Q, K, lora_scale, R,
+    stride_xm, stride_xq, stride_cm, stride_cp,
+    stride_lm, stride_lr, stride_rr, stride_rp, stride_mm, stride_mp,
+    TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr,
+    BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, LORA_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, R_PAD: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # C[M, P] = X[M, Q] @ Wop[Q, P]; Wop = W^T (TRANS_W: P = N, Q = K) or W (P = K, Q = N).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_p = tl.cdiv(P, BLOCK_P)
+    group = GROUP_M * num_p
+    gid = pid // group
+    first_m = gid * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_p = (pid % group) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_mask = offs_m < M
+    p_mask = offs_p < P
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        q_mask = offs_q < Q
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_q[None, :] * stride_xq,
+                    mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+        if TRANS_W:
+            e = offs_p[None, :].to(tl.int64) * K + offs_q[:, None]
+        else:
+            e = offs_q[:, None].to(tl.int64) * K + offs_p[None, :]
+        wmask = q_mask[:, None] & p_mask[None, :]
+        w = _dequant_at(e, wmask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, BS, NESTED, NBS)
+        w = w.to(x_ptr.dtype.element_ty)  # the dequantised weight in the compute dtype, as bitsandbytes has it
+        if DOT_FP32:
+            if IEEE:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x, w)
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        r_mask = offs_r < R
+        lt = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
+                     mask=r_mask[:, None] & p_mask[None, :], other=0.0)
+        if LORA_FP32:
+            lora = tl.dot(lt.to(tl.float32), rt.to(tl.float32), input_precision="ieee")
+        else:
+            lora = tl.dot(lt.to(x_ptr.dtype.element_ty), rt.to(x_ptr.dtype.element_ty))
+        lora = lora * lora_scale
+        if HAS_MASK:
+            dm = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_p[None, :] * stride_mp,
+                         mask=m_mask[:, None] & p_mask[None, :], other=0.0)
+            lora = lora * dm.to(tl.float32)
+        acc += lora
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_p, mask=p_mask, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_p[None, :] * stride_cp,
+             acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & p_mask[None, :])
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, ws_ptr, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
+    M, N, K, k_per_split, stride_xm, stride_xk,
+    BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    # ws[split, m, n] = sum over this split's K range of x[m, k] * W[n, k], in fp32.
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    k_start = split * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        e = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+        w = _dequant_at(e, n_mask[:, None] & k_mask[None, :], packed_ptr, code_ptr, absmax_ptr,
+                        ncode_ptr, nabs_ptr, offset_ptr, BS, NESTED, NBS)
+        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    tl.store(ws_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def state_args(state, device):
+    """Kernel pointer arguments for an ``NF4State``: (code, absmax, nested code, nested absmax,
+    offset, nested, nested blocksize). Unused pointers get the absmax tensor as a stand-in."""
+    code = state.code.to(device=device, dtype=torch.float32).contiguous()
+    absmax = state.absmax.to(device).contiguous()
+    if state.nested:
+        ncode = state.nested_code.to(device=device, dtype=torch.float32).contiguous()
+        nabs = state.nested_absmax.to(device=device, dtype=torch.float32).contiguous()
+        off = state.offset.to(device=device, dtype=torch.float32).reshape(1).contiguous()
+        return code, absmax, ncode, nabs, off, True, state.nested_blocksize
+    absmax = absmax.float()
+    return code, absmax, absmax, absmax, absmax, False, 256
+
+
+def _check_device(*tensors):
+    for t in tensors:
+        if t is not None and not t.is_cuda and not _interpreting():
+            raise RuntimeError(
+                "fastpeft NF4 Triton kernel called with a CPU tensor outside the Triton interpreter; "
+                "use the reference backend (FASTPEFT_BACKEND=reference) or move the tensors to CUDA."
+            )
+
+
+def dequantize(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantise the whole ``state.shape`` weight to ``dtype``."""
+    _check_device(packed)
+    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    numel = out.numel()
+    code, absmax, ncode, nabs, off, nested, nbs = state_args(state, packed.device)
+    BLOCK = 1024
+    _dequant_kernel[(triton.cdiv(numel, BLOCK),)](
+        out, numel, packed, code, absmax, ncode, nabs, off,
+        BS=state.blocksize, NESTED=nested, NBS=nbs, BLOCK=BLOCK,
+    )
+    return out
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=None,
+           lora_l=None, lora_r=None, lora_scale: float = 1.0, lora_mask=None,
+           out_dtype=None) -> torch.Tensor:
+    """``x @ W^T`` (``trans_w``) or ``x @ W`` for the packed ``[N, K]`` weight, plus optional
+    ``bias`` and ``lora_scale * (lora_l @ lora_r)`` (times ``lora_mask``) in the epilogue.
+
+    ``x``: ``[M, Q]``; ``lora_l``: ``[M, r]``; ``lora_r``: ``[r, P]`` (any strides).
+    """
+    _check_device(x, packed)
+    N, K = state.shape
+    M, Q = x.shape
+    P = N if trans_w else K
+    if Q != (K if trans_w else N):
+        raise ValueError(f"nf4 matmul: x has {Q} columns, expected {K if trans_w else N}")
+    out = torch.empty((M, P), dtype=out_dtype or x.dtype, device=x.device)
+    code, absmax, ncode, nabs, off, nested, nbs = state_args(state, x.device)
+    interp = _interpreting()
+    dot_fp32 = x.dtype == torch.float32 or (interp and x.dtype == torch.bfloat16)
+    has_lora = lora_l is not None
+    R = lora_l.shape[1] if has_lora else 1
+    lora_fp32 = interp or x.dtype == torch.float32
+    if interp:
+        BM, BP, BQ, GM = 32, 32, 32, 4
+        kw = {}
+    else:
+        big = M >= 128 and P >= 128
+        BM, BP, BQ, GM = (128, 128, 64, 8) if big else (64, 64, 64, 8)
+        kw = dict(num_warps=8 if big else 4, num_stages=3)
+    dummy = out
+    grid = (triton.cdiv(M, BM) * triton.cdiv(P, BP),)
+    _matmul_kernel[grid](
+        x, out, bias if bias is not None else dummy,
+        lora_l if has_lora else dummy, lora_r if has_lora else dummy,
+        lora_mask if lora_mask is not None else dummy,
+        packed, code, absmax, ncode, nabs, off,
+        M, P, Q, K, float(lora_scale), R,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        lora_l.stride(0) if has_lora else 0, lora_l.stride(1) if has_lora else 0,
+        lora_r.stride(0) if has_lora else 0, lora_r.stride(1) if has_lora else 0,
+        lora_mask.stride(0) if lora_mask is not None else 0, lora_mask.stride(1) if lora_mask is not None else 0,
+        TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=lora_mask is not None,
+        BS=state.blocksize, NESTED=nested, NBS=nbs,
+        DOT_FP32=dot_fp32, IEEE=x.dtype == torch.float32 or interp, LORA_FP32=lora_fp32,
+        BLOCK_M=BM, BLOCK_P=BP, BLOCK_Q=BQ, R_PAD=_pow2_at_least(R, 16), GROUP_M=GM, **kw,
+    )
+    return out
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, state, split_k: int = 0) -> torch.Tensor:
+    """``x @ W^T`` for few rows (``M <= 16``, decoding); fp32 reductions, output in x.dtype."""
+    _check_device(x, packed)
+    N, K = state.shape
+    M = x.shape[0]
+    if M > 16:
+        raise ValueError(f"nf4 gemv handles at most 16 rows, got {M}; use matmul")
+    code, absmax, ncode, nabs, off, nested, nbs = state_args(state, x.device)
+    BLOCK_M = 1 if M == 1 else 16
+    BLOCK_N, BLOCK_K = (32, 32) if _interpreting() else ((64, 128) if M == 1 else (64, 64))
+    if split_k <= 0:  # enough programs to fill the GPU: about 4 per SM of an H100
+        n_blocks = triton.cdiv(N, BLOCK_N)
+        split_k = max(1, min(triton.cdiv(K, BLOCK_K * 4), triton.cdiv(528, n_blocks)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    split_k = triton.cdiv(K, k_per_split)
+    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, BLOCK_N), split_k)
+    _gemv_kernel[grid](
+        x, ws, packed, code, absmax, ncode, nabs, off, M, N, K, k_per_split, x.stride(0), x.stride(1),
+        BS=state.blocksize, NESTED=nested, NBS=nbs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        USE_DOT=BLOCK_M > 1,
+    )
+    return ws.sum(0).to(x.dtype)
