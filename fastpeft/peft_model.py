@@ -52,6 +52,9 @@ class PeftModel(nn.Module):
             self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
         if _is_checkpointing(model):
             _enable_input_require_grads(model)
+        from fastpeft.integrations import install_trainer_support
+
+        install_trainer_support()
 
     # --- attributes -----------------------------------------------------------------------
     @property
@@ -327,25 +330,37 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
-        """Load another saved adapter into this model under ``adapter_name`` (not made active)."""
+        """Load a saved adapter into this model under ``adapter_name`` (not made active).
+
+        If ``adapter_name`` already exists its weights are replaced (what Trainer's resume does);
+        the saved config must then be of the same method.
+        """
         model_id = os.fspath(model_id)
         subfolder = kwargs.pop("subfolder", None)
         path = model_id if subfolder is None else os.path.join(model_id, subfolder)
         config = PeftConfig.from_pretrained(path)
         config.inference_mode = not is_trainable
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; pick another adapter_name.")
-        self.add_adapter(adapter_name, config)
-        try:
+            if config.peft_type != self.peft_config[adapter_name].peft_type:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} is {self.peft_config[adapter_name].peft_type} but {path!r} holds "
+                    f"a {config.peft_type} adapter; load it under another adapter_name."
+                )
             self._load_weights_into(path, adapter_name)
-        except Exception:
-            if not self._is_prompt_learning:
-                self.delete_adapter(adapter_name)
-            raise
+        else:
+            self.add_adapter(adapter_name, config)
+            try:
+                self._load_weights_into(path, adapter_name)
+            except Exception:
+                if not self._is_prompt_learning:
+                    self.delete_adapter(adapter_name)
+                raise
         if not is_trainable:
             for n, p in self.named_parameters():
                 if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
                     p.requires_grad_(False)
+        elif adapter_name in self.active_adapters and not self._is_prompt_learning:
+            self.base_model.set_adapter(self.active_adapters)
 
     def _load_weights_into(self, path: str, adapter_name: str) -> None:
         file = os.path.join(path, WEIGHTS_NAME)
