@@ -1,18 +1,20 @@
-"""Make transformers' ``Trainer`` (and TRL, which builds on it) treat fastpeft models as PEFT models.
+"""Make transformers' ``Trainer``, accelerate and TRL treat fastpeft models as PEFT models.
 
-transformers recognises adapters with ``isinstance(model, peft.PeftModel)`` (``_is_peft_model``) and
+transformers recognises adapters with ``isinstance(model, peft.PeftModel)`` (``_is_peft_model``;
+accelerate and TRL use ``is_peft_model``) and
 saves anything else that is not a ``PreTrainedModel`` as a full ``model.safetensors`` state dict.
 For a fastpeft model that would mean: no adapter files on save, no adapter reload on resume, and
 a refusal to train 4-bit bases. :func:`install_trainer_support` teaches it otherwise:
 
-* ``_is_peft_model`` also answers True for :class:`fastpeft.PeftModel` (signature columns,
-  resume via ``load_adapter``, quantized-base validation, NEFTune);
+* every ``_is_peft_model`` / ``is_peft_model`` in transformers, accelerate and TRL also answers
+  True for :class:`fastpeft.PeftModel` (signature columns, resume via ``load_adapter``,
+  quantized-base validation, NEFTune, TRL's fused LM head on ``get_base_model()``);
 * ``Trainer._save`` writes fastpeft models with ``save_pretrained`` (adapter_config.json +
   adapter_model.safetensors), plus the tokenizer and training args as usual.
 
-It runs when a fastpeft ``PeftModel`` is built: at once if ``transformers.trainer`` is already
-imported, otherwise right after it is (an import hook), so fastpeft never pays for importing
-the Trainer itself.
+It runs when a fastpeft ``PeftModel`` is built: modules already imported are patched at once,
+later ones right after their import (an import hook on those three packages), so fastpeft
+never pays for importing the Trainer itself.
 """
 
 from __future__ import annotations
@@ -22,28 +24,33 @@ import os
 import sys
 from typing import Any, Optional
 
-_TRAINER_MODULES = ("transformers.trainer_utils", "transformers.trainer", "transformers.integrations.neftune")
+_PREFIXES = ("transformers.", "accelerate.", "trl.")
+_CHECK_NAMES = ("_is_peft_model", "is_peft_model")
 _hook_installed = False
 
 
 def _is_fastpeft_model(model: Any) -> bool:
     from fastpeft.peft_model import PeftModel
 
-    return isinstance(model, PeftModel)
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
+    return isinstance(model, PeftModel) or isinstance(inner, PeftModel)
 
 
 def _patch_module(name: str) -> None:
+    """Wrap the module's PEFT-model checks so they also accept fastpeft models."""
     module = sys.modules.get(name)
     if module is None:
         return
-    original = getattr(module, "_is_peft_model", None)
-    if original is not None and not getattr(original, "_fastpeft", False):
+    for attr in _CHECK_NAMES:
+        original = module.__dict__.get(attr)
+        if callable(original) and not getattr(original, "_fastpeft", False):
 
-        def _is_peft_model(model, _orig=original):
-            return _is_fastpeft_model(model) or _orig(model)
+            def check(model, *args, _orig=original, **kwargs):
+                return _is_fastpeft_model(model) or _orig(model, *args, **kwargs)
 
-        _is_peft_model._fastpeft = True
-        module._is_peft_model = _is_peft_model
+            check._fastpeft = True
+            check.__doc__ = original.__doc__
+            setattr(module, attr, check)
     if name == "transformers.trainer":
         trainer_cls = getattr(module, "Trainer", None)
         if trainer_cls is not None and not getattr(trainer_cls._save, "_fastpeft", False):
@@ -76,7 +83,7 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
     """Patches the Trainer modules right after they are first imported."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _TRAINER_MODULES:
+        if not fullname.startswith(_PREFIXES):
             return None
         for finder in sys.meta_path:
             if finder is self:
@@ -98,7 +105,7 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
 def install_trainer_support() -> None:
     """Idempotently teach transformers' Trainer about fastpeft models (see module docstring)."""
     global _hook_installed
-    for name in _TRAINER_MODULES:
+    for name in [n for n in list(sys.modules) if n.startswith(_PREFIXES)]:
         _patch_module(name)
     if not _hook_installed:
         sys.meta_path.insert(0, _PostImportHook())

@@ -183,14 +183,26 @@ class PeftModel(nn.Module):
         """Generate with the active adapter (transformers' ``generate``)."""
         return self.get_base_model().generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Enable gradient checkpointing on the base model, with input grads so frozen embeddings still backprop."""
+    def _enable_checkpointing(self, method: str, *args: Any, **kwargs: Any) -> None:
         base = self.get_base_model()
-        if gradient_checkpointing_kwargs is None:
-            base.gradient_checkpointing_enable()
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        fn = getattr(base, method, None)
+        if fn is None:  # older transformers: only gradient_checkpointing_enable
+            fn = base.gradient_checkpointing_enable
+            if "activation_checkpointing_kwargs" in kwargs:
+                kwargs["gradient_checkpointing_kwargs"] = kwargs.pop("activation_checkpointing_kwargs")
+        fn(*args, **kwargs)
         _enable_input_require_grads(base)
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Enable activation (gradient) checkpointing on the base model, with input grads so frozen embeddings still backprop."""
+        self._enable_checkpointing("activation_checkpointing_enable", *args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (transformers' older name)."""
+        name = "activation_checkpointing_enable" if hasattr(self.get_base_model(), "activation_checkpointing_enable") else "gradient_checkpointing_enable"
+        if name == "activation_checkpointing_enable" and "gradient_checkpointing_kwargs" in kwargs:
+            kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
+        self._enable_checkpointing(name, *args, **kwargs)
 
     # --- state dicts ------------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
