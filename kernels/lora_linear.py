@@ -98,9 +98,11 @@ def _m_bucket(M: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _INTERPRET:
-        return "tf32"
-    return "ieee"
+    # fp32: exact dots unless torch allows tf32 (as cuBLAS does); 16-bit inputs: the tensor-core
+    # default (the precision setting only matters for fp32 operands).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _autotune(configs, key, **kw):
@@ -122,8 +124,7 @@ def _down_configs():
     for bm in (16, 32, 64, 128):
         for bk in (64, 128):
             for w in (4, 8):
-                for s in (3, 4):
-                    out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, s))
+                out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
     return out
 
 
@@ -134,10 +135,13 @@ def _prune_by_rank(configs, named_args, **kwargs):
     keep = []
     for c in configs:
         bm = c.kwargs.get("BLOCK_M", 64)
-        br = c.kwargs.get("BLOCK_R", rp)
+        br = args.get("BLOCK_R", rp)
         if bm * min(br, rp) > 128 * 128:  # accumulator register budget
             continue
         if bm > 16 and bm >= 2 * triton.next_power_of_2(max(m, 1)):  # tiny M: small tiles only
+            continue
+        bn = c.kwargs.get("BLOCK_N")
+        if bn is not None and bm * bn + bm * rp > 128 * 256 + 128 * 16:  # fused: both accumulators
             continue
         keep.append(c)
     return keep or configs[:1]
@@ -156,13 +160,12 @@ def _dx_configs():
 
 def _da_configs():
     if _INTERPRET:
-        return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_R": 32}, 4, 1)]
+        return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
     out = []
     for bm in (32, 64, 128):
         for bk in (64, 128):
-            for br in (64, 128):
-                for w in (4, 8):
-                    out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": br}, w, 3))
+            for w in (4, 8):
+                out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
     return out
 
 
@@ -275,8 +278,8 @@ def _lora_grad_a_kernel(
     M, K, R, M_BUCKET,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_dar, stride_dak,
     seed, p, scale,
-    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dA[r, k] += sum_m g[m, r] * (x * mask)[m, k] over this program's slice of M (fp32 atomics)."""
     pid_k = tl.program_id(0)
@@ -435,6 +438,7 @@ def lora_dx_add(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, seed: i
     R = lora_A.shape[0]
     _check_rank(R)
     has, p, scale = _dropout_args(p)
+    g = g.to(lora_A.dtype)
     if M == 0:
         return dx
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
@@ -460,20 +464,24 @@ def lora_grad_a(g: torch.Tensor, x: torch.Tensor, seed: int = 0, p: float = 0.0,
     R = g.shape[1]
     _check_rank(R)
     has, p, scale = _dropout_args(p)
+    g = g.to(x.dtype)
     da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
     if M > 0:
         sms = _num_sms(x.device)
 
+        block_r = min(_pad_rank(R), 128)  # r = 256: two row blocks (x read twice) to bound registers
+
         def grid(meta):
-            tiles = triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(R, meta["BLOCK_R"])
+            tiles = triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(R, block_r)
             split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 4 * meta["BLOCK_M"])))
-            return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, meta["BLOCK_R"]), split)
+            return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split)
 
         _lora_grad_a_kernel[grid](
             da, g, x, M, K, R, _m_bucket(M),
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
             seed, p, scale,
-            HAS_DROPOUT=has, R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(x.dtype),
+            HAS_DROPOUT=has, R_PAD=_pad_rank(R), BLOCK_R=block_r, UPCAST=_INTERPRET,
+            PRECISION=_precision(x.dtype),
         )
     return da.to(out_dtype or x.dtype)
 

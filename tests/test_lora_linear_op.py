@@ -17,7 +17,7 @@ from fastpeft.ops.lora_linear import LoraLinearReference, lora_impl, lora_linear
 
 K_ = pytest.importorskip("fastpeft.kernels.lora_linear")
 
-pytestmark = pytest.mark.skipif(not K_.interpreting(), reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+interp = pytest.mark.skipif(not K_.interpreting(), reason="needs TRITON_INTERPRET=1 (tests/conftest.py, CPU only)")
 
 # Tolerances, written once: (atol, rtol) against an fp32 oracle on O(1) data.
 # fp16/bf16 inputs are compared with the fp32 reference computed on the same (rounded) inputs;
@@ -86,6 +86,7 @@ SHAPES = [  # (M, K, N, r): ragged, r=1, rank not a power of two, M=1
 ]
 
 
+@interp
 @pytest.mark.parametrize("impl", ["split", "kernels", "fused"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("p", [0.0, 0.25])
@@ -95,6 +96,7 @@ def test_fp32_output_and_grads_match_reference(impl, shape, p):
     _assert_close(_run_both(x, W, b, A, B, 0.75, p, impl, torch.float32), torch.float32)
 
 
+@interp
 @pytest.mark.parametrize("impl", ["split", "kernels"])
 def test_p0_matches_reference_function(impl):
     """Without dropout the Triton op equals LoraLinearReference (the shipped oracle) itself."""
@@ -109,16 +111,19 @@ def test_p0_matches_reference_function(impl):
     _assert_close([("y", y, yr)] + [(n, a.grad, c.grad) for n, a, c in zip("xWbAB", tri, ref)], torch.float32)
 
 
+@interp
 def test_rank_256():
     x, W, b, A, B = _operands(20, 40, 24, 256)
     _assert_close(_run_both(x, W, b, A, B, 0.5, 0.1, "kernels", torch.float32), torch.float32)
 
 
+@interp
 def test_fused_falls_back_to_split_above_rank_64():
     x, W, b, A, B = _operands(9, 24, 12, 65)
     _assert_close(_run_both(x, W, b, A, B, 0.5, 0.0, "fused", torch.float32), torch.float32)
 
 
+@interp
 @pytest.mark.parametrize("impl", ["kernels", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_dtypes_against_fp32_reference(impl, dtype):
@@ -126,6 +131,7 @@ def test_half_dtypes_against_fp32_reference(impl, dtype):
     _assert_close(_run_both(x, W, b, A, B, 0.5, 0.2, impl, dtype), dtype)
 
 
+@interp
 @pytest.mark.parametrize("impl", ["split", "kernels", "fused"])
 def test_noncontiguous_3d_input_and_conv1d_weight(impl):
     """x is a strided 3-D view (every other feature of a wider tensor), W is Conv1D's W.T."""
@@ -141,6 +147,7 @@ def test_noncontiguous_3d_input_and_conv1d_weight(impl):
     assert pairs[0][1].shape == (3, 10, N)
 
 
+@interp
 def test_transposed_2d_input():
     x, W, b, A, B = _operands(40, 28, 22, 4)
     xt = x.t().contiguous()  # [K, M]; x = xt.t() has strides (1, M)
@@ -148,6 +155,7 @@ def test_transposed_2d_input():
     _assert_close(pairs, torch.float32)
 
 
+@interp
 def test_weight_and_bias_grads_when_they_require_it():
     x, W, b, A, B = _operands(17, 20, 15, 3)
     pairs = _run_both(x, W, b, A, B, 0.5, 0.2, "kernels", torch.float32, grads=(True, True, True, True, True))
@@ -155,6 +163,7 @@ def test_weight_and_bias_grads_when_they_require_it():
     _assert_close(pairs, torch.float32)
 
 
+@interp
 def test_mask_properties():
     m1 = K_.dropout_mask(SEED, 0.3, 64, 96)
     assert torch.equal(m1, K_.dropout_mask(SEED, 0.3, 64, 96))
@@ -166,6 +175,7 @@ def test_mask_properties():
     assert torch.equal(K_.dropout_mask(SEED, 1.0, 4, 4), torch.zeros(4, 4))
 
 
+@interp
 def test_seed_drawn_from_torch_rng_and_eval_mode_has_no_dropout():
     x, W, b, A, B = _operands(12, 16, 8, 2)
     torch.manual_seed(3)
@@ -178,6 +188,7 @@ def test_seed_drawn_from_torch_rng_and_eval_mode_has_no_dropout():
     torch.testing.assert_close(y_eval, lora_linear(x, W, b, A, B, 1.0, 0.5, False, backend="reference"))
 
 
+@interp
 def test_no_grad_inference():
     x, W, b, A, B = _operands(5, 16, 8, 2)
     with torch.no_grad():
@@ -185,6 +196,7 @@ def test_no_grad_inference():
     torch.testing.assert_close(y, _oracle(x, W, b, A, B, 1.0, None), atol=1e-4, rtol=1e-4)
 
 
+@interp
 def test_env_var_forces_backend(monkeypatch):
     x, W, b, A, B = _operands(5, 16, 8, 2)
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
@@ -211,6 +223,7 @@ def test_merge_matches_unmerged_and_unmerge_restores():
         lora_merge(W, A.t(), B, 0.5)
 
 
+@interp
 def test_bad_inputs_raise_clear_errors():
     x, W, b, A, B = _operands(6, 16, 8, 2)
     with pytest.raises(ValueError, match="lora_A has shape"):
@@ -228,3 +241,27 @@ def test_bad_inputs_raise_clear_errors():
         lora_linear(x, W, b, big_A, big_B, 1.0, backend="triton")
     with pytest.raises(ValueError, match="Unknown fastpeft backend"):
         lora_linear(x, W, b, A, B, 1.0, backend="cuda-magic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or K_.interpreting(), reason="needs a CUDA device (compiled kernels)")
+@pytest.mark.parametrize("impl", ["split", "kernels", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_kernels_match_fp32_reference(impl, dtype, p):
+    """Compiled kernels on a GPU: relative error of y and every grad vs an fp32 oracle."""
+    M, K, N, r = 300, 520, 388, 16
+    dev = torch.device("cuda")
+    ops = [t.to(dev) if t is not None else None for t in _operands(M, K, N, r, dtype=dtype)]
+    tri = [_leaf(t) for t in ops]
+    ref = [_leaf(t.float()) for t in ops]
+    y = lora_linear(*tri, 0.5, p, True, backend="triton", impl=impl, seed=SEED)
+    mask = K_.dropout_mask(SEED, p, M, K, device=dev) if p > 0 else None
+    yr = _oracle(*ref, 0.5, mask)
+    dy = torch.randn(M, N, device=dev).to(dtype)
+    y.backward(dy)
+    yr.backward(dy.float())
+    bound = 1e-4 if dtype == torch.float32 else 1e-2  # relative Frobenius error (METHOD.md ranges)
+    for name, got, want in [("y", y, yr)] + [(n, a.grad, c.grad) for n, a, c in zip("xWbAB", tri, ref)]:
+        rel = ((got.float() - want).norm() / want.norm()).item()
+        assert rel < bound, f"{name}: relative error {rel:.2e} >= {bound:.0e}"
