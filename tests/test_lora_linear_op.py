@@ -209,6 +209,27 @@ def test_env_var_forces_backend(monkeypatch):
         lora_linear(x, W, b, A, B, 1.0)
 
 
+@interp
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp32_adapters_on_half_base_compute_in_base_dtype(backend):
+    """fp32 LoRA factors on an fp16 base (peft's default layout): cast to fp16 differentiably;
+    their gradients come back in fp32."""
+    x, W, b, A, B = _operands(11, 32, 24, 4)
+    xh, Wh, bh = x.half(), W.half(), b.half()
+    A_, B_ = _leaf(A), _leaf(B)
+    y = lora_linear(xh, Wh, bh, A_, B_, 0.5, 0.0, True, backend=backend, impl="kernels")
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert A_.grad.dtype == torch.float32 and B_.grad.dtype == torch.float32
+    A2, B2 = _leaf(A.half().float()), _leaf(B.half().float())
+    yr = _oracle(xh.float(), Wh.float(), bh.float(), A2, B2, 0.5, None)
+    yr.sum().backward()
+    _assert_close([("y", y, yr)], torch.float16)
+    atol, rtol = TOL[torch.float16]
+    torch.testing.assert_close(A_.grad, A2.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(B_.grad, B2.grad, atol=atol, rtol=rtol)
+
+
 def test_merge_matches_unmerged_and_unmerge_restores():
     x, W, b, A, B = _operands(9, 24, 12, 4)
     conv_w = W.t().contiguous()  # Conv1D layout: merge through the W.T view
@@ -234,6 +255,8 @@ def test_bad_inputs_raise_clear_errors():
         lora_linear(x, W[:, :3], b, A, B, 1.0, backend="triton")
     with pytest.raises(ValueError, match="share one dtype"):
         lora_linear(x.half(), W, b, A, B, 1.0, backend="triton")
+    with pytest.raises(ValueError, match="share one dtype"):
+        lora_linear(x, W, b.half(), A, B, 1.0, backend="triton")
     with pytest.raises(ValueError, match="dropout probability"):
         lora_linear(x, W, b, A, B, 1.0, 1.5, True, backend="triton")
     big_A, big_B = torch.zeros(257, 16), torch.zeros(8, 257)

@@ -241,8 +241,17 @@ def lora_linear(
     ``impl`` picks the kernel plan (see :func:`lora_impl`), ``seed`` fixes the dropout mask
     (``fastpeft.kernels.lora_linear.dropout_mask(seed, p, M, K)`` materialises it; by default
     a seed is drawn from torch's CPU generator).
+
+    LoRA factors stored in another dtype than the base weight (fp32 adapters on a bf16 base, as
+    peft and fastpeft create them) are cast to the weight's dtype, differentiably (their
+    gradients arrive in their own dtype): the op computes in the base dtype, accumulating in fp32
+    inside the kernels.
     """
     check_lora_shapes(x, weight, lora_A, lora_B)
+    if lora_A.dtype != weight.dtype and x.dtype == weight.dtype:
+        lora_A = lora_A.to(weight.dtype)
+    if lora_B.dtype != weight.dtype and x.dtype == weight.dtype:
+        lora_B = lora_B.to(weight.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     which = choose_backend(x, weight, backend=backend)
