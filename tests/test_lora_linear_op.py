@@ -164,6 +164,27 @@ def test_weight_and_bias_grads_when_they_require_it():
 
 
 @interp
+@pytest.mark.parametrize("impl", ["split", "fused"])
+def test_saves_no_mask_and_no_dropped_copy(impl):
+    """With dropout, backward keeps x itself, u [M, r] and the weights: nothing else of size M x K."""
+    x, W, b, A, B = _operands(40, 48, 36, 4)
+    A_, B_ = _leaf(A), _leaf(B)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(x, W, b, A_, B_, 1.0, 0.5, True, backend="triton", impl=impl)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr(), [tuple(t.shape) for t in saved]
+    assert any(tuple(t.shape) == (40, 4) for t in saved)  # u
+    y.sum().backward()
+    assert A_.grad is not None and B_.grad is not None
+
+
+@interp
 def test_mask_properties():
     m1 = K_.dropout_mask(SEED, 0.3, 64, 96)
     assert torch.equal(m1, K_.dropout_mask(SEED, 0.3, 64, 96))

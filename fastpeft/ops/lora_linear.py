@@ -140,7 +140,9 @@ class LoraLinearTriton(torch.autograd.Function):
                 u = torch.mm(x, lora_A.t())
             y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
             y.addmm_(u, lora_B.t(), alpha=scaling)  # beta = 1: LoRA branch accumulated in the epilogue
-        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+        need = ctx.needs_input_grad
+        # x only for dA / dW, u only for dB: frozen adapters (or inference) keep less alive
+        ctx.save_for_backward(x if (need[1] or need[3]) else None, weight, lora_A, lora_B, u if need[4] else None)
         ctx.scaling, ctx.p, ctx.seed, ctx.impl = scaling, p, seed, impl
         ctx.has_bias = bias is not None
         return y
