@@ -210,6 +210,25 @@ def test_seed_drawn_from_torch_rng_and_eval_mode_has_no_dropout():
 
 
 @interp
+def test_activation_checkpointing_recomputes_the_same_mask():
+    """torch.utils.checkpoint restores the RNG state, so the recomputed forward draws the same
+    seed: gradients equal the non-checkpointed run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, W, b, A, B = _operands(19, 24, 20, 3)
+    grads = []
+    for use_ckpt in (False, True):
+        A_, B_, x_ = _leaf(A), _leaf(B), _leaf(x)
+        f = lambda xx: lora_linear(xx, W, b, A_, B_, 1.0, 0.4, True, backend="triton", impl="kernels")  # noqa: E731
+        torch.manual_seed(11)
+        y = checkpoint(f, x_, use_reentrant=False) if use_ckpt else f(x_)
+        y.pow(2).sum().backward()
+        grads.append((y.detach(), x_.grad, A_.grad, B_.grad))
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+
+
+@interp
 def test_no_grad_inference():
     x, W, b, A, B = _operands(5, 16, 8, 2)
     with torch.no_grad():
