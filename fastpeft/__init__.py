@@ -23,6 +23,7 @@ from fastpeft.peft_model import (
 )
 from fastpeft.tuners import LoraConfig, LoraModel
 from fastpeft.mapping import get_peft_model
+from fastpeft.patch import PatchReport, patch, unpatch
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict=None, adapter_name: str = "default"):
@@ -51,6 +52,9 @@ __all__ = [
     "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction",
     "get_peft_model",
+    "patch",
+    "unpatch",
+    "PatchReport",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
 ]
