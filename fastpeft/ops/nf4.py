@@ -49,6 +49,7 @@ __all__ = [
     "canonicalize",
     "qlora_linear",
     "nf4_linear",
+    "bnb_linear4bit",
     "QLoraLinearReference",
 ]
 
@@ -531,6 +532,15 @@ def qlora_linear(
     ``FASTPEFT_BACKEND``) forces ``"reference"`` or ``"triton"``.
     """
     packed, state = canonicalize(packed, quant_state)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # One compute dtype, the autocast one, for x, bias and the adapter; the casts are
+        # differentiable (fp32 adapter weights get fp32 grads) and the Function runs with
+        # autocast off so its backward sees the same dtypes.
+        dt = torch.get_autocast_dtype(device_type)
+        x, bias, lora_A, lora_B = (None if t is None else t.to(dt) for t in (x, bias, lora_A, lora_B))
+        with torch.autocast(device_type, enabled=False):
+            return qlora_linear(x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
     _check(x, state, bias, lora_A, lora_B)
     N, K = state.shape
     lead = x.shape[:-1]
@@ -558,3 +568,45 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: Op
                backend: Optional[str] = None) -> torch.Tensor:
     """``x dequant(Wq)^T + b``: a frozen bitsandbytes 4-bit linear (no adapter)."""
     return qlora_linear(x, packed, quant_state, bias, None, None, backend=backend)
+
+
+def bnb_linear4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    quant_state: Any,
+    bias: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """What a bitsandbytes ``Linear4bit`` (plus, optionally, one peft LoRA adapter) computes,
+    through :func:`qlora_linear`.
+
+    bitsandbytes casts the input to the layer's ``compute_dtype`` (None: the input's dtype),
+    multiplies, and casts the result back to the input's dtype; peft adds
+    ``scaling * B(A(dropout(x)))`` computed from the original input in the adapter's dtype and
+    cast to the result's dtype. When the input is already in the compute dtype this is one
+    fused op; otherwise the base product goes through the op and the LoRA branch is added as
+    peft adds it, so the rounding is the same as bitsandbytes + peft either way. Under
+    ``torch.autocast`` everything runs in the autocast dtype (see :func:`qlora_linear`) and
+    the result is returned in the input's dtype.
+    """
+    inp_dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        y = qlora_linear(x, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
+        return y.to(inp_dtype)
+    cd = compute_dtype or inp_dtype
+    if cd == inp_dtype:
+        if bias is not None and bias.dtype != cd:
+            bias = bias.to(cd)
+        return qlora_linear(x, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
+    y = qlora_linear(x.to(cd), packed, quant_state, None if bias is None else bias.to(cd), backend=backend)
+    y = y.to(inp_dtype)
+    if lora_A is not None:
+        xl = torch.nn.functional.dropout(x.to(lora_A.dtype), dropout_p, training=training and dropout_p > 0)
+        y = y + (torch.nn.functional.linear(torch.nn.functional.linear(xl, lora_A), lora_B) * scaling).to(inp_dtype)
+    return y

@@ -1,0 +1,258 @@
+"""fastpeft's own LoRA on bitsandbytes 4-bit bases (QLoRA) against Hugging Face peft.
+
+A tiny Llama is saved once and loaded 4-bit by transformers + bitsandbytes on CPU
+(``BitsAndBytesConfig`` nf4 + double quantisation, or fp4). fastpeft's ``get_peft_model`` and
+peft's, given the same LoRA weights, must give the same logits and LoRA gradients (train
+mode: bitsandbytes repacks weights for its CPU inference kernel in eval mode, see DESIGN.md),
+load each other's adapters, and merge the same way. Hidden sizes are multiples of the
+blocksize: bitsandbytes' CPU C dequantiser mis-indexes other even in_features (see
+tests/test_nf4.py), which would make peft, not fastpeft, the odd one out.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastpeft
+from conftest import FP32_ATOL
+
+peft = pytest.importorskip("peft")
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+lora_bnb = sys.modules["fastpeft.tuners.lora_bnb"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return str(d)
+
+
+def load_4bit(path, quant_type="nf4", double_quant=True):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+
+
+def lora_kwargs(dropout=0.0):
+    return dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, lora_dropout=dropout,
+                task_type="CAUSAL_LM")
+
+
+def pair(path, dropout=0.0, **load_kw):
+    """(peft model, fastpeft model) on two 4-bit loads of the same checkpoint, same LoRA weights."""
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(load_4bit(path, **load_kw), peft.LoraConfig(**lora_kwargs(dropout)))
+    fm = fastpeft.get_peft_model(load_4bit(path, **load_kw), fastpeft.LoraConfig(**lora_kwargs(dropout)))
+    lora = {k: v for k, v in pm.state_dict().items() if ".lora_" in k}
+    missing = fm.load_state_dict(lora, strict=False)
+    assert not missing.unexpected_keys
+    return pm, fm
+
+
+@pytest.fixture
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, 128, (2, 9), generator=g)
+
+
+def train_step(model, ids, seed=5):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(".lora_" in n for n in grads)
+    return out.logits.detach(), grads
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts fastpeft 4-bit layer forwards that went through the QLoRA op."""
+    calls = []
+    real = lora_bnb.bnb_linear4bit
+
+    def counting(*a, **k):
+        calls.append(k.get("backend"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(lora_bnb, "bnb_linear4bit", counting)
+    return calls
+
+
+@pytest.mark.parametrize("quant_type,double_quant,dropout", [("nf4", True, 0.0), ("nf4", True, 0.1), ("fp4", False, 0.0)])
+def test_same_structure_logits_and_grads_as_peft(tiny_dir, ids, op_calls, quant_type, double_quant, dropout):
+    pm, fm = pair(tiny_dir, dropout, quant_type=quant_type, double_quant=double_quant)
+    layer = fm.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, lora_bnb.Linear4bit) and type(layer.base_layer).__name__ == "Linear4bit"
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    assert sorted(pm.state_dict()) == sorted(fm.state_dict())
+    assert [n for n, p in pm.named_parameters() if p.requires_grad] == [n for n, p in fm.named_parameters() if p.requires_grad]
+    logits_p, grads_p = train_step(pm, ids)
+    logits_f, grads_f = train_step(fm, ids)
+    assert len(op_calls) == 2 * 7
+    torch.testing.assert_close(logits_f, logits_p, atol=FP32_ATOL, rtol=0)
+    assert grads_p.keys() == grads_f.keys()
+    for k in grads_p:
+        torch.testing.assert_close(grads_f[k], grads_p[k], atol=FP32_ATOL, rtol=0, msg=k)
+
+
+def _logits_train(model, ids):
+    model.train()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_adapters_load_in_either_library(tiny_dir, ids, tmp_path):
+    pm, fm = pair(tiny_dir)
+    want = _logits_train(pm, ids)
+    fm.save_pretrained(tmp_path / "from_fastpeft")
+    pm.save_pretrained(tmp_path / "from_peft")
+    # fastpeft's adapter in peft
+    p2 = peft.PeftModel.from_pretrained(load_4bit(tiny_dir), tmp_path / "from_fastpeft")
+    torch.testing.assert_close(_logits_train(p2, ids), want, atol=FP32_ATOL, rtol=0)
+    # peft's adapter in fastpeft
+    f2 = fastpeft.PeftModel.from_pretrained(load_4bit(tiny_dir), tmp_path / "from_peft")
+    assert isinstance(f2.base_model.model.model.layers[1].mlp.down_proj, lora_bnb.Linear4bit)
+    torch.testing.assert_close(_logits_train(f2, ids), want, atol=FP32_ATOL, rtol=0)
+
+
+def test_merge_unmerge_like_peft(tiny_dir, ids):
+    pm, fm = pair(tiny_dir)
+    before = _logits_train(fm, ids)
+    with fm.disable_adapter():
+        base_only = _logits_train(fm, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.merge_adapter()
+        fm.merge_adapter()
+    lp = pm.base_model.model.model.layers[0].mlp.up_proj
+    lf = fm.base_model.model.model.layers[0].mlp.up_proj
+    assert lf.merged and type(lf.base_layer.weight).__name__ == "Params4bit"
+    assert torch.equal(lf.base_layer.weight.data, lp.base_layer.weight.data)  # dequantise, add, requantise: same bytes
+    merged = _logits_train(fm, ids)
+    torch.testing.assert_close(merged, _logits_train(pm, ids), atol=FP32_ATOL, rtol=0)
+    # the merge is the update up to 4-bit rounding: closer to the adapter's output than the base is
+    assert (merged - before).abs().mean() < (base_only - before).abs().mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.unmerge_adapter()
+        fm.unmerge_adapter()
+    assert not lf.merged
+    assert torch.equal(lf.base_layer.weight.data, lp.base_layer.weight.data)
+    torch.testing.assert_close(_logits_train(fm, ids), _logits_train(pm, ids), atol=FP32_ATOL, rtol=0)
+    # merge_and_unload: plain 4-bit layers again
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = fm.merge_and_unload()
+    assert type(plain.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+
+
+def test_prepare_for_kbit_training_then_train(tiny_dir, ids):
+    """The QLoRA recipe: fastpeft.prepare_model_for_kbit_training, get_peft_model, a few optimizer
+    steps with gradient checkpointing: the loss goes down and only LoRA weights change."""
+    model = fastpeft.prepare_model_for_kbit_training(load_4bit(tiny_dir))
+    torch.manual_seed(0)
+    fm = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                            task_type="CAUSAL_LM"))
+    packed0 = fm.base_model.model.model.layers[0].self_attn.v_proj.base_layer.weight.data.clone()
+    opt = torch.optim.AdamW([p for p in fm.parameters() if p.requires_grad], lr=1e-2)
+    fm.train()
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = fm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(fm.base_model.model.model.layers[0].self_attn.v_proj.base_layer.weight.data, packed0)
+
+
+def _bnb_layer(K, N, quant_type="nf4", bias=True):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, N, bias=bias)
+    q = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=True)
+    q.load_state_dict(lin.state_dict())
+    return q.to("cpu").train()
+
+
+@pytest.mark.parametrize("K", [100, 33])
+def test_in_features_not_a_multiple_of_the_blocksize(K):
+    """Blocks straddle rows: the layer computes x W^T + b + LoRA with W dequantised in
+    bitsandbytes' format (its pure-PyTorch definition), forward and backward."""
+    from fastpeft.ops import nf4
+
+    base = _bnb_layer(K, 24)
+    layer = lora_bnb.Linear4bit(base, "default", r=3, lora_alpha=6, init_lora_weights=False)
+    x = torch.randn(5, K, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    W = nf4.dequantize_nf4_reference(*nf4.canonicalize(base.weight.data, base.weight.quant_state), torch.float32)
+    x2 = x.detach().clone().requires_grad_(True)
+    A = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    want = torch.nn.functional.linear(x2, W, base.bias.detach()) + (x2 @ A.t() @ B.t()) * 2.0
+    want.sum().backward()
+    torch.testing.assert_close(y, want, atol=FP32_ATOL, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=FP32_ATOL, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad, A.grad, atol=FP32_ATOL, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad, B.grad, atol=FP32_ATOL, rtol=1e-5)
+
+
+def test_input_dtype_other_than_compute_dtype_matches_peft_rounding():
+    """bf16 input, fp32 compute dtype: bitsandbytes rounds its result to bf16 and peft adds a
+    bf16-rounded LoRA output; the layer does the same (not one fused rounding)."""
+    base = _bnb_layer(64, 16)
+    layer = lora_bnb.Linear4bit(base, "default", r=2, lora_alpha=4, init_lora_weights=False)
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        want = base(x) + (layer.lora_B["default"](layer.lora_A["default"](x.float())) * 2.0).bfloat16()
+        got = layer(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
+    """Automatic choice on CPU runs the reference path; forcing Triton on CPU without the
+    interpreter is refused with a message naming the fix."""
+    import fastpeft.kernels.nf4 as K
+
+    layer = lora_bnb.Linear4bit(_bnb_layer(64, 16), "default", r=2, init_lora_weights=False)
+    x = torch.randn(2, 64)
+
+    def boom(*a, **k):
+        raise AssertionError("a Triton NF4 kernel was launched on CPU tensors")
+
+    monkeypatch.setattr(K, "matmul", boom)
+    monkeypatch.setattr(K, "gemv", boom)
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    assert layer(x).shape == (2, 16)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        layer(x)
+
+
+def test_fastpeft_lora_on_int8_base_is_refused_clearly():
+    """8-bit bitsandbytes layers are not 4-bit: no silent dense-LoRA on their int8 weight."""
+    lin8 = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False)
+    model = torch.nn.Sequential()
+    model.add_module("proj", lin8)
+    with pytest.raises(ValueError, match="Linear8bitLt"):
+        fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["proj"]))
