@@ -19,9 +19,17 @@ are untouched, so ``save_pretrained``, loading, merging (``merge_adapter``,
 ``merge_and_unload``), adapter switching and ``disable_adapter()`` keep working in either
 library. :func:`unpatch` restores the original forwards.
 
-Layers fastpeft cannot route (LoRA on embeddings or convolutions, quantized bases, DoRA-only
-layers, base layers with accelerate hooks, other peft tuners) are left untouched and listed
-in the :class:`PatchReport` with the reason. fastpeft's own LoRA layers already call the op;
+bitsandbytes 4-bit bases (QLoRA): LoRA layers on a bitsandbytes ``Linear4bit`` (peft's
+``lora.bnb.Linear4bit``, fastpeft's :class:`fastpeft.tuners.lora_bnb.Linear4bit`) are routed to
+the QLoRA op :func:`fastpeft.ops.nf4.bnb_linear4bit` (dequantisation fused into the matmul, the
+packed weight used as is), in the same plain case; frozen ``Linear4bit`` layers with no adapter
+(outside any tuner layer) are routed to the same op without a LoRA branch, for inference
+speed. On CPU the op's reference path reads bitsandbytes' CPU inference layout too, and never
+repacks weights.
+
+Layers fastpeft cannot route (LoRA on embeddings or convolutions, 8-bit and other quantized
+bases, DoRA-only layers, base layers with accelerate hooks, other peft tuners) are left
+untouched and listed in the :class:`PatchReport` with the reason. fastpeft's own LoRA layers already call the op;
 they are reported as ``native`` and are only re-routed when ``backend`` is given.
 
 peft is never imported here: its layers are recognised by their class's module name.
@@ -38,6 +46,7 @@ from torch import nn
 
 from fastpeft.ops.backend import choose_backend, fallback_reason, requested_backend
 from fastpeft.ops.lora_linear import lora_linear
+from fastpeft.ops.nf4 import bnb_linear4bit
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchedModule", "SkippedModule"]
 
@@ -135,6 +144,16 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` (or ``LinearNF4``/``LinearFP4``) with a quantised weight."""
+    return "Linear4bit" in {c.__name__ for c in type(module).__mro__} and _quant_state(module) is not None
+
+
+def _quant_state(base: nn.Module):
+    qs = getattr(getattr(base, "weight", None), "quant_state", None)
+    return qs if qs is not None else getattr(base, "quant_state", None)
+
+
 _QUANTIZED_NAMES = {"Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "EetqLinear", "Int8DynamicActivationInt4WeightLinear"}
 
 
@@ -157,6 +176,14 @@ def _has_hooks(module: nn.Module) -> bool:
 def _static_skip_reason(module: nn.Module) -> Optional[str]:
     """Why this LoRA layer can never use the op (None if it can, at least for some calls)."""
     base = _base_of(module)
+    if _is_bnb_4bit(base):
+        if type(module).__name__ != "Linear4bit":
+            return f"LoRA layer {type(module).__name__} on a 4-bit base: the QLoRA op covers peft's and fastpeft's Linear4bit"
+        if _has_hooks(base) or _has_hooks(module):
+            return "the layer or its base layer has forward hooks (e.g. accelerate offloading); bypassing them would break it"
+        adapters = list(module.lora_A.keys())
+        plain = [a for a in adapters if _adapter_skip_reason(module, a) is None]
+        return _adapter_skip_reason(module, adapters[0]) if adapters and not plain else None
     if type(base).__name__ in _QUANTIZED_NAMES or getattr(getattr(base, "weight", None), "quant_state", None) is not None:
         return f"quantized base layer {_cls_path(base)} (the LoRA-linear op needs a dense weight; see the QLoRA op)"
     if type(module).__name__ != "Linear":
@@ -201,7 +228,7 @@ def _fallback(module: nn.Module, state: Dict[str, Any], x, args, kwargs):
     return type(module).forward(module, x, *args, **kwargs)
 
 
-def _plain_adapter(module: nn.Module, x: torch.Tensor, args, kwargs) -> Optional[str]:
+def _plain_adapter(module: nn.Module, x: torch.Tensor, args, kwargs, qlora: bool = False) -> Optional[str]:
     """The active adapter when this call can use the op, else None."""
     if args or kwargs or module.disable_adapters or module.merged:
         return None
@@ -213,17 +240,31 @@ def _plain_adapter(module: nn.Module, x: torch.Tensor, args, kwargs) -> Optional
         return None
     if getattr(module, "cast_input_dtype_enabled", True) is False:
         return None
-    if x.dtype != _base_of(module).weight.dtype:
+    if not qlora and x.dtype != _base_of(module).weight.dtype:
         return None
     return a
 
 
 def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     state = self.__dict__[_STATE_ATTR]
-    adapter = _plain_adapter(self, x, args, kwargs)
+    kind = state.get("kind", "lora")
+    if kind == "nf4":  # a frozen bitsandbytes Linear4bit
+        if args or kwargs:
+            return _fallback(self, state, x, args, kwargs)
+        return bnb_linear4bit(x, self.weight.data, _quant_state(self), self.bias, getattr(self, "compute_dtype", None),
+                              backend=state["backend"])
+    adapter = _plain_adapter(self, x, args, kwargs, qlora=kind == "qlora")
     if adapter is None:
         return _fallback(self, state, x, args, kwargs)
     base = _base_of(self)
+    if kind == "qlora":
+        drop = self.lora_dropout[adapter]
+        return bnb_linear4bit(
+            x, base.weight.data, _quant_state(base), base.bias, getattr(base, "compute_dtype", None),
+            self.lora_A[adapter].weight, self.lora_B[adapter].weight, float(self.scaling[adapter]),
+            dropout_p=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0, training=self.training,
+            backend=state["backend"],
+        )
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight  # always [out, in]
     drop = self.lora_dropout[adapter]
     p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
@@ -293,12 +334,26 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         label, note = f"auto ({shown} for this model's device)", why
     report = PatchReport(backend=label, backend_note=note)
 
+    inside_tuner = set()
+    for module in model.modules():
+        if _library(module) is not None:
+            inside_tuner.update(id(m) for m in module.modules())
     for name, module in model.named_modules():
         lib = _library(module)
         if lib is None:
+            if _is_bnb_4bit(module) and id(module) not in inside_tuner:
+                kind = f"bitsandbytes {type(module).__name__} (no adapter)"
+                if _has_hooks(module):
+                    report.skipped.append(SkippedModule(name, kind, "the layer has forward hooks (e.g. accelerate "
+                                                        "offloading); bypassing them would break it"))
+                else:
+                    _install(module, explicit, "nf4")
+                    report.patched.append(PatchedModule(name, kind, "QLoRA op without a LoRA branch (frozen 4-bit linear)"))
             continue
         parts = type(module).__module__.split(".")
         tuner = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1]
+        if tuner.startswith("lora_"):  # fastpeft.tuners.lora_bnb -> lora (peft: peft.tuners.lora.bnb)
+            tuner = "lora"
         kind = f"{lib} {tuner}.{type(module).__name__}"
         if not _is_lora_layer(module):
             report.skipped.append(SkippedModule(name, kind, "not a LoRA layer (another tuner); the fused op covers LoRA"))
@@ -309,12 +364,14 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         if reason is not None:
             report.skipped.append(SkippedModule(name, kind, reason))
             continue
+        qlora = _is_bnb_4bit(base)
         if lib == "fastpeft" and explicit is None:
-            report.native.append(PatchedModule(name, kind, "runs the fused op already"))
+            report.native.append(PatchedModule(name, kind, "runs the QLoRA op already" if qlora else "runs the fused op already"))
             continue
-        _install(module, explicit)
+        _install(module, explicit, "qlora" if qlora else "lora")
         notes = [a for a in module.lora_A.keys() if _adapter_skip_reason(module, a) is not None]
-        note = "original forward when merged, disabled or several adapters are active"
+        note = ("QLoRA op (4-bit weight dequantised in the matmul); " if qlora else "") + \
+            "original forward when merged, disabled or several adapters are active"
         if notes:
             note += f"; adapters {notes} always use the original forward"
         report.patched.append(PatchedModule(name, kind, note))
@@ -322,14 +379,15 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
     return report
 
 
-def _install(module: nn.Module, backend: Optional[str]) -> None:
+def _install(module: nn.Module, backend: Optional[str], kind: str = "lora") -> None:
     state = module.__dict__.get(_STATE_ATTR)
     if state is not None:  # already patched: only update the backend
         state["backend"] = backend
         return
     module.__dict__[_STATE_ATTR] = {
         "backend": backend,
-        "fan_in_fan_out": bool(getattr(module, "fan_in_fan_out", False)) or _is_conv1d(_base_of(module)),
+        "kind": kind,
+        "fan_in_fan_out": kind == "lora" and (bool(getattr(module, "fan_in_fan_out", False)) or _is_conv1d(_base_of(module))),
         "orig_forward": module.__dict__.get("forward"),  # an instance forward set by someone else
     }
     module.forward = _PatchedForward(module)

@@ -19,6 +19,7 @@ import torch
 
 import fastpeft
 from conftest import FP32_ATOL
+from qlora_helpers import load_4bit, save_tiny_llama
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
@@ -29,23 +30,7 @@ lora_bnb = sys.modules["fastpeft.tuners.lora_bnb"]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return str(d)
-
-
-def load_4bit(path, quant_type="nf4", double_quant=True):
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def lora_kwargs(dropout=0.0):
