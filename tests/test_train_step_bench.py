@@ -1,0 +1,45 @@
+"""benchmarks/train_step.py in its quick CPU configuration: every arm trains one tiny 4-bit
+Llama step, the rows follow the benchmark protocol, and the arms agree on the loss (they run
+the same model from the same seed; only the 4-bit matmul path differs)."""
+
+import importlib.util
+import os
+
+import pytest
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("fastpeft_bench_train_step", os.path.join(ROOT, "benchmarks", "train_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_step_quick_rows(monkeypatch):
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    bench = _load()
+    rows = bench.run(quick=True)
+    assert [r["arm"] for r in rows] == list(bench.ARMS)
+    assert all(list(r) == list(rows[0]) for r in rows)  # same columns, same order
+    for r in rows:
+        assert r["model"] == "tiny" and r["batch x seq"] == "1x32"
+        assert r["step ms"] > 0 and abs(r["tokens/s"] - 32 / (r["step ms"] / 1e3)) < 1e-6 * r["tokens/s"]
+        assert r["peak MiB"] is None and r["memory vs peft"] is None  # no allocator statistics on CPU
+        assert abs(r["speedup vs peft"] - rows[0]["step ms"] / r["step ms"]) < 1e-9
+        assert abs(r["loss"] - rows[0]["loss"]) < 1e-5
+    by_arm = {r["arm"]: r for r in rows}
+    assert by_arm["peft+patch"]["layers via op"] == 2 * 7
+    assert "| arm |" in bench.markdown_table(rows)
+
+
+def test_bad_config_and_arm_are_refused():
+    bench = _load()
+    with pytest.raises(ValueError, match="unknown model config 'nope'"):
+        bench.run(quick=True, configs=["nope"])
+    with pytest.raises(ValueError, match="unknown arm"):
+        bench.wrap("nope", None)
