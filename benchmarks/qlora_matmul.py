@@ -32,46 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    from common import bench, device, markdown_table, peak_memory_mib  # noqa: E402
-except ImportError:  # pragma: no cover - common.py arrives with the benchmark harness
-    import statistics
-    import time
-
-    def device():
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-    def bench(fn, warmup=10, rep=50, min_time_s=0.0):
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(rep):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
-
-    def peak_memory_mib(fn):
-        if not torch.cuda.is_available():
-            return None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-    def markdown_table(rows):
-        rows = list(rows)
-        cols = list(rows[0].keys())
-        out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-        for r in rows:
-            out.append("| " + " | ".join("n/a" if r[c] is None else (f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c])) for c in cols) + " |")
-        return "\n".join(out) + "\n"
+from common import bench, device, markdown_table, peak_memory_mib  # noqa: E402
 
 from fastpeft.ops import nf4, nf4_cuda  # noqa: E402
 

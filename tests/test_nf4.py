@@ -233,3 +233,25 @@ def test_bad_inputs_have_clear_errors():
         nf4.quantize_nf4(torch.randn(8, 8), blocksize=48)
     with pytest.raises(TypeError, match="QuantState"):
         nf4.qlora_linear(torch.randn(2, 64), w, None)
+
+
+def test_qlora_linear_under_autocast_runs_in_the_autocast_dtype():
+    """Under torch.autocast the op computes in the autocast dtype (x, bias and the adapter
+    cast, differentiably): the same as running it on pre-cast inputs, fp32 grads for fp32
+    adapter weights."""
+    layer = _bnb_layer(64, 24, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 64, generator=g)
+    A0, B0 = torch.randn(2, 64, generator=g) * 0.1, torch.randn(24, 2, generator=g) * 0.1
+    A, B = A0.clone().requires_grad_(True), B0.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4.qlora_linear(x0, layer.weight, layer.weight.quant_state, layer.bias, A, B, 2.0, backend="reference")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    A2, B2 = A0.bfloat16().requires_grad_(True), B0.bfloat16().requires_grad_(True)
+    want = nf4.qlora_linear(x0.bfloat16(), layer.weight, layer.weight.quant_state, layer.bias.bfloat16(), A2, B2, 2.0,
+                            backend="reference")
+    want.float().sum().backward()
+    assert torch.equal(y, want)
+    assert A.grad.dtype == torch.float32 and torch.equal(A.grad, A2.grad.float())
+    assert torch.equal(B.grad, B2.grad.float())

@@ -1,6 +1,7 @@
-"""benchmarks/train_step.py in its quick CPU configuration: every arm trains one tiny 4-bit
-Llama step, the rows follow the benchmark protocol, and the arms agree on the loss (they run
-the same model from the same seed; only the 4-bit matmul path differs)."""
+"""The QLoRA benchmarks in their quick CPU configuration. benchmarks/train_step.py: every arm
+trains a tiny 4-bit Llama, the rows follow the benchmark protocol, and the arms agree on the
+loss (same model from the same seed; only the 4-bit matmul path differs).
+benchmarks/qlora_matmul.py: rows with positive times and consistent ratios."""
 
 import importlib.util
 import os
@@ -13,8 +14,8 @@ pytest.importorskip("peft")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("fastpeft_bench_train_step", os.path.join(ROOT, "benchmarks", "train_step.py"))
+def _load(name="train_step"):
+    spec = importlib.util.spec_from_file_location(f"fastpeft_bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -43,3 +44,17 @@ def test_bad_config_and_arm_are_refused():
         bench.run(quick=True, configs=["nope"])
     with pytest.raises(ValueError, match="unknown arm"):
         bench.wrap("nope", None)
+
+
+def test_qlora_matmul_quick_rows(monkeypatch):
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    bench = _load("qlora_matmul")
+    rows = bench.run(quick=True)
+    assert rows and all(list(r) == list(rows[0]) for r in rows)
+    for r in rows:
+        assert r["fastpeft_ms"] > 0 and r["dense_bf16_ms"] > 0 and r["bnb_dequant_mm_ms"] > 0
+        assert r["fastpeft_cuda_ms"] is None  # no CUDA here: the CUDA GEMV column is n/a
+        best_bnb = min(v for v in (r["bnb_dequant_mm_ms"], r["bnb_gemv_ms"]) if v is not None)
+        assert abs(r["bnb/fastpeft"] - best_bnb / r["fastpeft_ms"]) < 1e-9
+    trained = [r for r in rows if r["fastpeft_train_ms"] is not None]
+    assert trained and all(r["bnb_train_ms"] > 0 for r in trained)
