@@ -72,12 +72,12 @@ def _dequant_kernel(out_ptr, numel, packed_ptr, code_ptr, absmax_ptr, ncode_ptr,
 def _matmul_kernel(
     x_ptr, c_ptr, bias_ptr, l_ptr, r_ptr, mask_ptr,
     packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
-    M, P, Q, K, lora_scale, R,
+    M, P, Q, K, KB, lora_scale, R,
     stride_xm, stride_xq, stride_cm, stride_cp,
     stride_lm, stride_lr, stride_rr, stride_rp, stride_mm, stride_mp,
     TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr,
     BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, LORA_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, LORA_FP32: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, R_PAD: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -107,7 +107,17 @@ def _matmul_kernel(
         else:
             e = offs_q[:, None].to(tl.int64) * K + offs_p[None, :]
         wmask = q_mask[:, None] & p_mask[None, :]
-        w = _dequant_at(e, wmask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, BS, NESTED, NBS)
+        if ROW_SCALE:
+            # forward with K % BS == 0 and BS % BLOCK_Q == 0: the whole K tile of output row p
+            # lies in one quantisation block, so one scale per row instead of one per element
+            blk = offs_p.to(tl.int64) * KB + q0 // BS
+            a = _scale_at(blk, p_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+            byte = tl.load(packed_ptr + (e >> 1), mask=wmask, other=0).to(tl.int32)
+            nib = tl.where((e & 1) == 0, byte >> 4, byte & 15)
+            v = tl.load(code_ptr + nib, mask=wmask, other=0.0)
+            w = tl.where(wmask, v * a[None, :], 0.0)
+        else:
+            w = _dequant_at(e, wmask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, BS, NESTED, NBS)
         w = w.to(x_ptr.dtype.element_ty)  # the dequantised weight in the compute dtype, as bitsandbytes has it
         if DOT_FP32:
             if IEEE:
@@ -255,7 +265,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
         lora_l if has_lora else dummy, lora_r if has_lora else dummy,
         lora_mask if lora_mask is not None else dummy,
         packed, code, absmax, ncode, nabs, off,
-        M, P, Q, K, float(lora_scale), R,
+        M, P, Q, K, K // state.blocksize, float(lora_scale), R,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         lora_l.stride(0) if has_lora else 0, lora_l.stride(1) if has_lora else 0,
         lora_r.stride(0) if has_lora else 0, lora_r.stride(1) if has_lora else 0,
@@ -263,6 +273,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
         TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=lora_mask is not None,
         BS=state.blocksize, NESTED=nested, NBS=nbs,
         DOT_FP32=dot_fp32, IEEE=x.dtype == torch.float32 or interp, LORA_FP32=lora_fp32,
+        ROW_SCALE=trans_w and K % state.blocksize == 0 and state.blocksize % BQ == 0,
         BLOCK_M=BM, BLOCK_P=BP, BLOCK_Q=BQ, R_PAD=_pow2_at_least(R, 16), GROUP_M=GM, **kw,
     )
     return out
