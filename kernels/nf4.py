@@ -108,14 +108,19 @@ def _matmul_kernel(
             e = offs_q[:, None].to(tl.int64) * K + offs_p[None, :]
         wmask = q_mask[:, None] & p_mask[None, :]
         if ROW_SCALE:
-            # forward with K % BS == 0 and BS % BLOCK_Q == 0: the whole K tile of output row p
-            # lies in one quantisation block, so one scale per row instead of one per element
-            blk = offs_p.to(tl.int64) * KB + q0 // BS
-            a = _scale_at(blk, p_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+            # K % BS == 0 and the tile's K extent within one quantisation block: one scale per
+            # weight row of the tile instead of a scale gather per element
             byte = tl.load(packed_ptr + (e >> 1), mask=wmask, other=0).to(tl.int32)
             nib = tl.where((e & 1) == 0, byte >> 4, byte & 15)
             v = tl.load(code_ptr + nib, mask=wmask, other=0.0)
-            w = tl.where(wmask, v * a[None, :], 0.0)
+            if TRANS_W:  # weight rows along P, K along Q
+                blk = offs_p.to(tl.int64) * KB + q0 // BS
+                a = _scale_at(blk, p_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+                w = tl.where(wmask, v * a[None, :], 0.0)
+            else:  # weight rows along Q, K along P
+                blk = offs_q.to(tl.int64) * KB + (pid_p * BLOCK_P) // BS
+                a = _scale_at(blk, q_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+                w = tl.where(wmask, v * a[:, None], 0.0)
         else:
             w = _dequant_at(e, wmask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, BS, NESTED, NBS)
         w = w.to(x_ptr.dtype.element_ty)  # the dequantised weight in the compute dtype, as bitsandbytes has it
@@ -257,6 +262,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
     else:
         big = M >= 128 and P >= 128
         BM, BP, BQ, GM = (128, 128, 64, 8) if big else (64, 64, 64, 8)
+        if big and not trans_w and state.blocksize == 64:
+            BP = 64  # dx = dy W: a 64-wide K tile keeps one scale per weight row (dequant work depends on BM, not BP)
         kw = dict(num_warps=8 if big else 4, num_stages=3)
     dummy = out
     grid = (triton.cdiv(M, BM) * triton.cdiv(P, BP),)
@@ -273,7 +280,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
         TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=lora_mask is not None,
         BS=state.blocksize, NESTED=nested, NBS=nbs,
         DOT_FP32=dot_fp32, IEEE=x.dtype == torch.float32 or interp, LORA_FP32=lora_fp32,
-        ROW_SCALE=trans_w and K % state.blocksize == 0 and state.blocksize % BQ == 0,
+        ROW_SCALE=K % state.blocksize == 0 and state.blocksize % (BQ if trans_w else BP) == 0,
         BLOCK_M=BM, BLOCK_P=BP, BLOCK_Q=BQ, R_PAD=_pow2_at_least(R, 16), GROUP_M=GM, **kw,
     )
     return out

@@ -56,6 +56,7 @@ def _run(backend, x0, packed, st, bias0, A0, B0, s, p, dy, seed=11):
     (20, 33, 64, 128, False, "nf4"),  # a block spans two rows
     (18, 17, 31, 32, True, "fp4"),    # odd in_features: bytes straddle rows
     (21, 40, 128, 64, True, "nf4"),   # K a multiple of the blocksize: one scale per row and K tile
+    (9, 70, 96, 32, False, "nf4"),    # the same with blocksize 32, plain absmax
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
