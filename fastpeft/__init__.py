@@ -21,7 +21,7 @@ from fastpeft.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from fastpeft.tuners import LoraConfig, LoraModel
+from fastpeft.tuners import AdaptionPromptConfig, AdaptionPromptModel, LoraConfig, LoraModel
 from fastpeft.mapping import get_peft_model
 
 
@@ -43,6 +43,8 @@ __all__ = [
     "TaskType",
     "LoraConfig",
     "LoraModel",
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForSeq2SeqLM",

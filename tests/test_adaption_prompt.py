@@ -1,0 +1,186 @@
+"""LLaMA-Adapter (adaption prompts) against Hugging Face peft: outputs, gradients, checkpoints both ways."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import fastpeft
+from conftest import FP32_ATOL, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def tiny_mistral(seed: int = 0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64)
+    return MistralForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "mistral": tiny_mistral}
+
+
+def _randomise_gates(model, value=0.5):
+    """Gates start at zero (a no-op); give them a value so the prompt branch matters."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adaption_gate" in n:
+                p.fill_(value)
+                value += 0.25
+
+
+def _pair(make, **kw):
+    kw = dict(dict(adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM"), **kw)
+    ours = fastpeft.get_peft_model(make(), fastpeft.AdaptionPromptConfig(**kw))
+    theirs = peft.get_peft_model(make(), peft.AdaptionPromptConfig(**kw))
+    _randomise_gates(ours)
+    peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict("default"))
+    return ours.eval(), theirs.eval()
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_same_outputs_params_and_keys_as_peft(arch, ids, capsys):
+    ours, theirs = _pair(MODELS[arch])
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in one row
+    for kw in ({}, {"attention_mask": mask}):
+        torch.testing.assert_close(_logits(ours, ids, **kw), _logits(theirs, ids, **kw), atol=FP32_ATOL, rtol=0)
+    # the prompt branch really changes the output
+    with ours.disable_adapter():
+        base = _logits(ours, ids)
+    assert (base - _logits(ours, ids)).abs().max() > 1e-3
+    # trainable parameters: counts printed and equal to peft's; checkpoint keys equal peft's
+    ours.print_trainable_parameters()
+    theirs.print_trainable_parameters()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == printed[1] and printed[0].startswith("trainable params: ")
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert set(ours.get_adapter_state_dict()) == set(peft.get_peft_model_state_dict(theirs))
+
+
+def test_zero_init_gate_leaves_model_unchanged(ids):
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.AdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"))
+    torch.testing.assert_close(_logits(model, ids), _logits(tiny_llama(), ids), atol=0, rtol=0)
+
+
+def test_gradients_match_peft(ids):
+    ours, theirs = _pair(tiny_llama)
+    ours.train(), theirs.train()
+    labels = ids.clone()
+    ours(input_ids=ids, labels=labels).loss.backward()
+    theirs(input_ids=ids, labels=labels).loss.backward()
+    g_ours = {n.replace(".default", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    g_theirs = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(g_ours) == set(g_theirs) and len(g_ours) == 4
+    for n in g_ours:
+        torch.testing.assert_close(g_ours[n], g_theirs[n], atol=FP32_ATOL, rtol=1e-4)
+        assert g_ours[n].abs().max() > 0
+
+
+def test_generate_with_cache_matches_peft(ids):
+    ours, theirs = _pair(tiny_llama)
+    with torch.no_grad():
+        a = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_fastpeft_checkpoint_loads_in_peft(ids, tmp_path):
+    ours, _ = _pair(tiny_llama, adapter_layers=1)
+    ours.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "ADAPTION_PROMPT" and cfg["target_modules"] == "self_attn"
+    assert (cfg["adapter_len"], cfg["adapter_layers"]) == (3, 1)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(ours, ids), atol=FP32_ATOL, rtol=0)
+
+
+def test_peft_checkpoint_loads_in_fastpeft(ids, tmp_path):
+    _, theirs = _pair(tiny_mistral)
+    theirs.save_pretrained(tmp_path)
+    loaded = fastpeft.PeftModel.from_pretrained(tiny_mistral(), tmp_path)
+    assert isinstance(loaded, fastpeft.PeftModelForCausalLM)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(theirs, ids), atol=FP32_ATOL, rtol=0)
+    assert loaded.get_nb_trainable_parameters()[0] == 0  # inference mode by default
+    # and back again: fastpeft writes the same keys and config fields peft wrote
+    loaded.save_pretrained(tmp_path / "again")
+    a = json.loads((tmp_path / "adapter_config.json").read_text())
+    b = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    for k in ("peft_type", "adapter_len", "adapter_layers", "target_modules", "task_type"):
+        assert a[k] == b[k]
+    from safetensors.torch import load_file
+
+    x, y = load_file(tmp_path / "adapter_model.safetensors"), load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_training_reduces_loss_and_only_prompts_train(ids):
+    torch.manual_seed(0)
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.AdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"))
+    model.train()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adaption_prompt." in n or ".adaption_gate." in n for n in trainable)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+
+
+def test_multiple_adapters_switch_and_delete(ids):
+    ours, _ = _pair(tiny_llama, adapter_layers=1)
+    ref = _logits(ours, ids)
+    ours.add_adapter("other", fastpeft.AdaptionPromptConfig(adapter_len=2, adapter_layers=2, task_type="CAUSAL_LM"))
+    torch.testing.assert_close(_logits(ours, ids), ref, atol=0, rtol=0)  # adding does not change the active one
+    ours.set_adapter("other")
+    torch.testing.assert_close(_logits(ours, ids), _logits(tiny_llama(), ids), atol=0, rtol=0)  # zero gates
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        f"base_model.model.model.layers.{i}.self_attn.adaption_{k}.other" for i in (0, 1) for k in ("prompt", "gate")
+    }
+    ours.set_adapter("default")
+    torch.testing.assert_close(_logits(ours, ids), ref, atol=0, rtol=0)
+    ours.delete_adapter("other")
+    assert list(ours.peft_config) == ["default"]
+    torch.testing.assert_close(_logits(ours, ids), ref, atol=0, rtol=0)
+
+
+def test_unload_and_no_merge(ids):
+    ours, _ = _pair(tiny_llama)
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        ours.merge_and_unload()
+    base = ours.unload()
+    assert not any("adaption" in n for n, _ in base.named_parameters())
+    torch.testing.assert_close(_logits(base, ids), _logits(tiny_llama(), ids), atol=0, rtol=0)
+
+
+def test_bad_configs_give_clear_errors():
+    with pytest.raises(ValueError, match=r"adapter_layers=5.*more adapter layers than the model has \(2 .*adapter_layers <= 2"):
+        fastpeft.get_peft_model(tiny_llama(), fastpeft.AdaptionPromptConfig(adapter_len=2, adapter_layers=5))
+    with pytest.raises(ValueError, match="adapter_len must be a positive integer"):
+        fastpeft.AdaptionPromptConfig(adapter_len=0, adapter_layers=1)
+    with pytest.raises(ValueError, match="needs adapter_layers"):
+        fastpeft.AdaptionPromptConfig(adapter_len=4)
+    with pytest.raises(ValueError, match=r"model_type is 'gpt2'"):
+        fastpeft.get_peft_model(tiny_gpt2(), fastpeft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
+    with pytest.raises(ValueError, match=r"No attention submodule named 'attn'"):
+        fastpeft.get_peft_model(tiny_llama(), fastpeft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, target_modules="attn"))
