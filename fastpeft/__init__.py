@@ -21,7 +21,17 @@ from fastpeft.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from fastpeft.tuners import AdaptionPromptConfig, AdaptionPromptModel, LoraConfig, LoraModel
+from fastpeft.tuners import (
+    AdapterFusionConfig,
+    AdaptionPromptConfig,
+    AdaptionPromptModel,
+    BottleneckConfig,
+    BottleneckModel,
+    HoulsbyConfig,
+    LoraConfig,
+    LoraModel,
+    PfeifferConfig,
+)
 from fastpeft.mapping import get_peft_model
 
 
@@ -45,6 +55,11 @@ __all__ = [
     "LoraModel",
     "AdaptionPromptConfig",
     "AdaptionPromptModel",
+    "BottleneckConfig",
+    "BottleneckModel",
+    "HoulsbyConfig",
+    "PfeifferConfig",
+    "AdapterFusionConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForSeq2SeqLM",
