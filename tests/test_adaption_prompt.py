@@ -184,3 +184,19 @@ def test_bad_configs_give_clear_errors():
         fastpeft.get_peft_model(tiny_gpt2(), fastpeft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
     with pytest.raises(ValueError, match=r"No attention submodule named 'attn'"):
         fastpeft.get_peft_model(tiny_llama(), fastpeft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, target_modules="attn"))
+
+
+def test_bf16_base_matches_peft_and_trains_with_checkpointing(ids):
+    kw = dict(adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM")
+    ours = fastpeft.get_peft_model(tiny_llama().to(torch.bfloat16), fastpeft.AdaptionPromptConfig(**kw)).eval()
+    theirs = peft.get_peft_model(tiny_llama().to(torch.bfloat16), peft.AdaptionPromptConfig(**kw)).eval()
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}  # fp32 adapter on a bf16 base
+    _randomise_gates(ours)
+    peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict("default"))
+    # same bf16 math as peft (the fp32 prompt is cast to the base dtype, as peft stores it)
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=0, rtol=0)
+    ours.gradient_checkpointing_enable()
+    ours.train()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in ours.parameters() if p.requires_grad]
+    assert len(grads) == 4 and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

@@ -310,3 +310,16 @@ def test_bad_configs_give_clear_errors():
     assert list(model.peft_config) == ["a", "p"]
     with pytest.raises(ValueError, match="softmax_temperature must be > 0"):
         fastpeft.AdapterFusionConfig(softmax_temperature=0)
+
+
+def test_bf16_base_fp32_adapters_and_checkpointing(ids):
+    model = fastpeft.get_peft_model(tiny_llama().to(torch.bfloat16), fastpeft.HoulsbyConfig(reduction_factor=4, task_type="CAUSAL_LM"))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    torch.testing.assert_close(_out(model.eval(), ids), _out(tiny_llama().to(torch.bfloat16), ids), atol=0, rtol=0)
+    model.gradient_checkpointing_enable()
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    ups = [p.grad for n, p in model.named_parameters() if ".adapter_up." in n]
+    assert ups and all(g is not None and g.abs().sum() > 0 for g in ups)
