@@ -200,3 +200,32 @@ def test_bf16_base_matches_peft_and_trains_with_checkpointing(ids):
     ours(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for p in ours.parameters() if p.requires_grad]
     assert len(grads) == 4 and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_transformers_trainer_with_checkpointing_trains_and_saves_for_peft(ids, tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Data(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            x = torch.arange(i, i + 10) % 100 + 1
+            return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.AdaptionPromptConfig(adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=5e-2,
+                             save_strategy="no", report_to=[], use_cpu=True, gradient_checkpointing=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    base = model.get_base_model()
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+    # every prompt and gate moved (gates leave zero, so the prompts get gradient from step 2)
+    assert all((p - before[n]).abs().max() > 0 for n, p in model.named_parameters() if n in before), "a parameter did not train"
+    trainer.save_model(str(tmp_path / "final"))
+    files = sorted(os.listdir(tmp_path / "final"))
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files and "model.safetensors" not in files
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "final").eval()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model.eval(), ids), atol=FP32_ATOL, rtol=0)
