@@ -23,7 +23,14 @@ def tiny_mistral(seed: int = 0):
     return MistralForCausalLM(cfg).eval()
 
 
-MODELS = {"llama": tiny_llama, "mistral": tiny_mistral}
+def tiny_llama_eager(seed: int = 0):
+    model = tiny_llama(seed)
+    model.set_attn_implementation("eager")  # transformers 5 attention interface, the non-sdpa path
+    return model
+
+
+# llama: GQA (4 query heads, 2 key/value heads), sdpa; mistral: 1 key/value head, 3 layers
+MODELS = {"llama": tiny_llama, "llama-eager": tiny_llama_eager, "mistral": tiny_mistral}
 
 
 def _randomise_gates(model, value=0.5):
