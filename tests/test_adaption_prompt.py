@@ -97,10 +97,15 @@ def test_gradients_match_peft(ids):
 
 def test_generate_with_cache_matches_peft(ids):
     ours, theirs = _pair(tiny_llama)
-    with torch.no_grad():
-        a = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
-        b = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(a, b)
+    left_padded = torch.ones_like(ids)
+    left_padded[0, :3] = 0
+    for mask in (torch.ones_like(ids), left_padded):
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            a, b = ours.generate(**kw), theirs.generate(**kw)
+            base = tiny_llama().generate(**kw)
+        assert torch.equal(a, b)  # greedy tokens equal peft's (KV cache: prompts only touch the queries)
+        assert not torch.equal(a, base)  # and the adapter does steer generation
 
 
 def test_fastpeft_checkpoint_loads_in_peft(ids, tmp_path):
