@@ -210,7 +210,7 @@ def test_fusion_layer_matches_formula(fcfg):
     torch.testing.assert_close(layer(h, deltas), want, atol=FP32_ATOL, rtol=1e-5)
 
 
-def test_fusion_trains_only_fusion_weights_and_round_trips(ids, tmp_path):
+def test_fusion_trains_only_fusion_weights_and_round_trips(ids, tmp_path, capsys):
     torch.manual_seed(0)
     model = _two_adapters(tiny_bert, "SEQ_CLS", fastpeft.PfeifferConfig)
     _randomise_adapters(model, seed=1, name="a")
@@ -219,7 +219,11 @@ def test_fusion_trains_only_fusion_weights_and_round_trips(ids, tmp_path):
     model.set_adapter(fusion)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapter_fusion.ab." in n or ".modules_to_save.ab." in n for n in trainable)
-    assert model.get_nb_trainable_parameters()[0] == 2 * 3 * (32 * 32 + 32) + (32 * 3 + 3)
+    trainable_count, total = model.get_nb_trainable_parameters()
+    assert trainable_count == 2 * 3 * (32 * 32 + 32) + (32 * 3 + 3)  # Q, K, V per layer + the classifier head
+    model.print_trainable_parameters()
+    assert f"trainable params: {trainable_count:,d} || all params: {total:,d}" in capsys.readouterr().out
+    model.gradient_checkpointing_enable()  # the fusion also trains under activation checkpointing
     frozen = _snapshot(model, False)
     losses = _train(model, {"input_ids": ids, "labels": torch.tensor([1, 2])}, lr=2e-2)
     assert losses[-1] < 0.8 * losses[0], losses
