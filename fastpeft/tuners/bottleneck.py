@@ -11,6 +11,16 @@ Hugging Face peft has no bottleneck adapters. fastpeft follows the config names 
 writes peft-style checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``). It does
 not read AdapterHub's own checkpoint files.
 
+Usage
+-----
+::
+
+    model = fastpeft.get_peft_model(base, fastpeft.HoulsbyConfig(reduction_factor=16, task_type="CAUSAL_LM"))
+    model.print_trainable_parameters()          # only the adapters (and modules_to_save) train
+    ...                                          # train (own loop, transformers.Trainer, TRL)
+    model.save_pretrained("out")                 # out/adapter_config.json + out/adapter_model.safetensors
+    model = fastpeft.PeftModel.from_pretrained(fresh_base, "out")  # a newly loaded base model
+
 Presets
 -------
 * :class:`HoulsbyConfig` (AdapterHub's ``DoubleSeqBnConfig``): an adapter after the attention block
@@ -81,6 +91,10 @@ named as fastpeft's ``PeftModel`` saves them for every method). A fusion is save
 ``base_model.model.<m>.adapter_fusion.{query,key,value}.{weight,bias}`` (``[hidden, hidden]`` /
 ``[hidden]``) for each module. Load the fused adapters first (under the same names), then the
 fusion with ``model.load_adapter(path, fusion_name)``. Adapter names never appear in the keys.
+
+Folder layout (peft's): ``save_pretrained(dir)`` writes the adapter named ``"default"`` to ``dir``
+itself and every other adapter or fusion to ``dir/<name>/`` (e.g. ``dir/a``, ``dir/b``,
+``dir/a,b``). The fusion's config also carries the (unused) bottleneck fields with their defaults.
 
 Bottleneck adapters cannot be merged into the base weights (the non-linearity): ``merge_and_unload``
 raises, ``unload`` removes them.
