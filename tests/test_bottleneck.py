@@ -182,7 +182,7 @@ def test_fusion_at_init_zero_effect_and_single_adapter_identity(ids):
     want = _out(model, ids)
     model.set_adapter("only_a")
     torch.testing.assert_close(_out(model, ids), want, atol=FP32_ATOL, rtol=0)
-    assert float(model.fusion_regularization_loss()) == 0.0
+    assert model.fusion_regularization_loss().item() == 0.0
 
 
 @pytest.mark.parametrize("fcfg", [dict(), dict(value_before_softmax=False, residual_before=True, softmax_temperature=2.0), dict(query=False, value=False)])
@@ -230,7 +230,7 @@ def test_fusion_trains_only_fusion_weights_and_round_trips(ids, tmp_path, capsys
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
-    assert float(model.fusion_regularization_loss()) > 0
+    assert model.fusion_regularization_loss().item() > 0
     want = _out(model, ids)
 
     model.save_pretrained(tmp_path)
