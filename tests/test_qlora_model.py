@@ -242,3 +242,51 @@ def test_fastpeft_lora_on_int8_base_is_refused_clearly():
     model.add_module("proj", lin8)
     with pytest.raises(ValueError, match="Linear8bitLt"):
         fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["proj"]))
+
+
+# The layer against peft's lora.bnb.Linear4bit wrapping the same base layer: on CPU (reference
+# path, fp32, exact up to FP32_ATOL) and on CUDA (the Triton kernels, bf16 and fp32).
+GPU_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _layer_vs_peft(device, dtype, M, tol):
+    import copy
+
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 384, bias=True)
+    base = bnb.nn.Linear4bit(512, 384, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    base.load_state_dict(lin.state_dict())
+    base = base.to(device).train()
+    ours = lora_bnb.Linear4bit(base, "default", r=16, lora_alpha=32, init_lora_weights=False)
+    theirs = PeftLinear4bit(copy.deepcopy(base), "default", config=peft.LoraConfig(r=16, lora_alpha=32), r=16, lora_alpha=32)
+    res = theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if ".lora_" in "." + k}, strict=False)
+    assert not res.unexpected_keys and not [k for k in res.missing_keys if "lora_" in k]
+    x = torch.randn(M, 512, device=device, dtype=dtype)
+    x1, x2 = x.clone().requires_grad_(M > 1), x.clone().requires_grad_(M > 1)
+    y1, y2 = ours(x1), theirs(x2)
+    assert y1.dtype == y2.dtype == dtype
+    torch.testing.assert_close(y1, y2, **tol[dtype])
+    if M > 1:
+        dy = torch.randn_like(y1)
+        y1.backward(dy)
+        y2.backward(dy)
+        torch.testing.assert_close(x1.grad, x2.grad, **tol[dtype])
+        for name in ("lora_A", "lora_B"):
+            g1 = getattr(ours, name)["default"].weight.grad
+            g2 = getattr(theirs, name)["default"].weight.grad
+            assert g1.dtype == torch.float32
+            torch.testing.assert_close(g1, g2, **tol[dtype])
+
+
+def test_cpu_layer_matches_peft_layer():
+    _layer_vs_peft("cpu", torch.float32, 7, {torch.float32: dict(rtol=1e-5, atol=FP32_ATOL)})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [1, 300])
+def test_cuda_layer_matches_peft(dtype, M):
+    _layer_vs_peft("cuda", dtype, M, GPU_TOL)
