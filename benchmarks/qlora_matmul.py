@@ -11,7 +11,9 @@ with double quantisation (QLoRA's default). Forward of the frozen 4-bit linear:
 * ``dense_bf16`` - ``F.linear`` on the unquantised bf16 weight (the speed of light for M=4096).
 
 and, at M = 4096, forward+backward of a LoRA r=16 layer (``*_train`` columns): fastpeft's
-``qlora_linear`` vs bitsandbytes' ``matmul_4bit`` + eager peft-style LoRA. Ratios: ``bnb/fastpeft``
+``qlora_linear`` (default fused plan; ``fastpeft_dequant_train``: its ``impl="dequant"`` plan,
+Triton dequantisation then a torch matmul, see ``FASTPEFT_NF4_IMPL``) vs bitsandbytes'
+``matmul_4bit`` + eager peft-style LoRA. Ratios: ``bnb/fastpeft``
 > 1 means fastpeft is faster; ``fastpeft/dense`` is the cost of 4-bit weights over bf16.
 
 CPU (``quick``, or no CUDA): small shapes on the reference path, fp32, to exercise the script.
@@ -101,6 +103,7 @@ def _case(K, N, M, dtype, dev, quick) -> List[Dict[str, object]]:
 
     # training: forward + backward with a LoRA adapter, at the largest M
     row["fastpeft_train_ms"] = row["bnb_train_ms"] = row["fastpeft_train_MiB"] = row["bnb_train_MiB"] = None
+    row["fastpeft_dequant_train_ms"] = None
     if M == max((QUICK if quick else FULL)["ms"]):
         A = (torch.randn(RANK, K, generator=g) / K**0.5).to(dev, dtype).requires_grad_()
         B = torch.zeros(N, RANK).to(dev, dtype).requires_grad_()
@@ -112,6 +115,11 @@ def _case(K, N, M, dtype, dev, quick) -> List[Dict[str, object]]:
 
         row["fastpeft_train_ms"] = bench(fp, warm, rep)
         row["fastpeft_train_MiB"] = peak_memory_mib(fp)
+
+        def fd():  # the op's other Triton plan: dequantise, then a torch matmul
+            nf4.qlora_linear(xg, packed, qs, None, A, B, SCALING, 0.05, True, impl="dequant").backward(dy)
+
+        row["fastpeft_dequant_train_ms"] = bench(fd, warm, rep)
         if bnb is not None:
             def bp():
                 y = bnb.matmul_4bit(xg, packed.t(), quant_state=qs)

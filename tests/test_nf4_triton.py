@@ -76,6 +76,34 @@ def test_fused_matmul_forward_backward(M, N, K, blocksize, nested, quant_type, d
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequant_then_matmul_plan(monkeypatch, dtype):
+    """FASTPEFT_NF4_IMPL=dequant: the Triton dequantisation kernel then a torch matmul, forward
+    and every gradient equal to the reference."""
+    monkeypatch.setenv("FASTPEFT_NF4_IMPL", "dequant")
+    from fastpeft.kernels import nf4 as K_
+
+    calls = []
+    real_deq, real_mm = K_.dequantize, K_.matmul
+    monkeypatch.setattr(K_, "dequantize", lambda *a, **k: calls.append("dequantize") or real_deq(*a, **k))
+    monkeypatch.setattr(K_, "matmul", lambda *a, **k: calls.append("matmul") or real_mm(*a, **k))
+    packed, st = _quantized(33, 100, 64, True)
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(19, 100, generator=g).to(dtype)
+    bias0 = (torch.randn(33, generator=g) * 0.1).to(dtype)
+    A0, B0 = (torch.randn(3, 100, generator=g) * 0.1).to(dtype), (torch.randn(33, 3, generator=g) * 0.1).to(dtype)
+    dy = torch.randn(19, 33, generator=g).to(dtype)
+    y_ref, g_ref = _run("reference", x0, packed, st, bias0, A0, B0, 1.5, 0.2, dy)
+    y_tri, g_tri = _run("triton", x0, packed, st, bias0, A0, B0, 1.5, 0.2, dy)
+    assert calls == ["dequantize", "dequantize"]  # forward and input gradient, no fused GEMM
+    torch.testing.assert_close(y_tri, y_ref, **TOL[dtype])
+    for a, b in zip(g_tri, g_ref):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    monkeypatch.setenv("FASTPEFT_NF4_IMPL", "magic")
+    with pytest.raises(ValueError, match="FASTPEFT_NF4_IMPL='magic'"):
+        nf4.qlora_linear(x0, packed, st, backend="triton")
+
+
 def test_fused_matmul_noncontiguous_input_and_no_adapter():
     packed, st = _quantized(24, 64, 64, True)
     x_big = torch.randn(40, 128)

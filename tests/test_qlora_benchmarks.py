@@ -57,4 +57,4 @@ def test_qlora_matmul_quick_rows(monkeypatch):
         best_bnb = min(v for v in (r["bnb_dequant_mm_ms"], r["bnb_gemv_ms"]) if v is not None)
         assert abs(r["bnb/fastpeft"] - best_bnb / r["fastpeft_ms"]) < 1e-9
     trained = [r for r in rows if r["fastpeft_train_ms"] is not None]
-    assert trained and all(r["bnb_train_ms"] > 0 for r in trained)
+    assert trained and all(r["bnb_train_ms"] > 0 and r["fastpeft_dequant_train_ms"] > 0 for r in trained)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Optional, Tuple
 
 import torch
@@ -49,6 +50,7 @@ __all__ = [
     "canonicalize",
     "qlora_linear",
     "nf4_linear",
+    "nf4_impl",
     "bnb_linear4bit",
     "QLoraLinearReference",
 ]
@@ -438,6 +440,21 @@ class QLoraLinearReference(torch.autograd.Function):
         return dx, None, None, db, dA, dB, None, None, None
 
 
+NF4_IMPLS = ("fused", "dequant")
+
+
+def nf4_impl(impl: Optional[str] = None) -> str:
+    """The Triton plan for training-size QLoRA matmuls: ``"fused"`` (default; dequantisation
+    inside the GEMM's weight loads, no dequantised weight in memory) or ``"dequant"`` (the
+    Triton dequantisation kernel writes the weight in the compute dtype, then a cuBLAS matmul,
+    the weight freed at once: bitsandbytes' plan, kept to compare and to fall back on where it
+    is faster). Argument, else ``FASTPEFT_NF4_IMPL``."""
+    value = (impl if impl is not None else os.environ.get("FASTPEFT_NF4_IMPL", "fused")).strip().lower() or "fused"
+    if value not in NF4_IMPLS:
+        raise ValueError(f"FASTPEFT_NF4_IMPL={value!r} is not one of {NF4_IMPLS}")
+    return value
+
+
 class QLoraLinearTriton(torch.autograd.Function):
     """The QLoRA linear on the Triton kernels of ``fastpeft.kernels.nf4`` (2-D ``x``).
 
@@ -445,11 +462,12 @@ class QLoraLinearTriton(torch.autograd.Function):
     bias and ``s * U B^T`` in its epilogue (``U = dropout(x) A^T`` is a small torch matmul).
     Backward: ``dx`` from the fused dequant-GEMM ``dy W`` with ``(G A) * mask`` in the
     epilogue (``G = s dy B``); ``dA``, ``dB`` and ``db`` are small torch matmuls/sums. Only
-    the packed weight is kept for backward.
+    the packed weight is kept for backward. With ``impl="dequant"`` (see :func:`nf4_impl`) the
+    two GEMMs are a Triton dequantisation then a torch matmul instead.
     """
 
     @staticmethod
-    def forward(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training):
+    def forward(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, impl="fused"):
         from fastpeft.kernels import nf4 as K
 
         x = x.contiguous()
@@ -462,10 +480,15 @@ class QLoraLinearTriton(torch.autograd.Function):
                 xl = xl * mask
             u = xl @ lora_A.t()
         needs_grad = any(ctx.needs_input_grad)
-        if x.shape[0] <= 16 and not needs_grad:
-            y = K.gemv(x, packed, state)
-            if bias is not None:
-                y = y + bias.to(y.dtype)
+        if (x.shape[0] <= 16 and not needs_grad) or impl == "dequant":
+            if impl == "dequant" and not (x.shape[0] <= 16 and not needs_grad):
+                W = K.dequantize(packed, state, x.dtype)
+                y = torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
+                del W
+            else:
+                y = K.gemv(x, packed, state)
+                if bias is not None:
+                    y = y + bias.to(y.dtype)
             if has_lora:
                 y = y + ((u @ lora_B.t()) * scaling).to(y.dtype)
         else:
@@ -474,6 +497,7 @@ class QLoraLinearTriton(torch.autograd.Function):
         ctx.save_for_backward(x, packed, lora_A, lora_B, u, mask)
         ctx.state, ctx.scaling, ctx.has_bias, ctx.has_lora = state, scaling, bias is not None, has_lora
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.impl = impl
         return y
 
     @staticmethod
@@ -495,12 +519,19 @@ class QLoraLinearTriton(torch.autograd.Function):
                 dA = g.t() @ xl
             if ctx.needs_input_grad[5]:
                 dB = (dyl.t() @ u) * s
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.impl == "dequant":
+            dx = dy @ K.dequantize(packed, ctx.state, dy.dtype)
+            if g is not None:
+                dxl = g @ lora_A
+                if mask is not None:
+                    dxl = dxl * mask
+                dx = dx + dxl.to(dx.dtype)
+        elif ctx.needs_input_grad[0]:
             dx = K.matmul(dy, packed, ctx.state, trans_w=False, lora_l=g, lora_r=lora_A if g is not None else None,
                           lora_scale=1.0, lora_mask=mask, out_dtype=dy.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(0).to(ctx.bias_dtype)
-        return dx, None, None, db, dA, dB, None, None, None
+        return dx, None, None, db, dA, dB, None, None, None, None
 
 
 def _use_cuda_gemv(x2: torch.Tensor, state: NF4State, has_lora: bool, training: bool) -> bool:
@@ -522,6 +553,7 @@ def qlora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     backend: Optional[str] = None,
+    impl: Optional[str] = None,
 ) -> torch.Tensor:
     """``x dequant(Wq)^T + b + scaling * dropout(x) A^T B^T`` for ``x`` ``[..., K]``.
 
@@ -529,7 +561,8 @@ def qlora_linear(
     an :class:`NF4State`), ``[N, K]`` weight, used as is. ``lora_A`` ``[r, K]`` and ``lora_B``
     ``[N, r]`` may both be None (a frozen 4-bit linear). Gradients flow to ``x``, ``bias``,
     ``lora_A`` and ``lora_B``; the 4-bit weight is frozen. ``backend`` (or
-    ``FASTPEFT_BACKEND``) forces ``"reference"`` or ``"triton"``.
+    ``FASTPEFT_BACKEND``) forces ``"reference"`` or ``"triton"``; ``impl`` (or
+    ``FASTPEFT_NF4_IMPL``) picks the Triton plan, see :func:`nf4_impl`.
     """
     packed, state = canonicalize(packed, quant_state)
     device_type = x.device.type
@@ -540,7 +573,7 @@ def qlora_linear(
         dt = torch.get_autocast_dtype(device_type)
         x, bias, lora_A, lora_B = (None if t is None else t.to(dt) for t in (x, bias, lora_A, lora_B))
         with torch.autocast(device_type, enabled=False):
-            return qlora_linear(x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
+            return qlora_linear(x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, backend, impl)
     _check(x, state, bias, lora_A, lora_B)
     N, K = state.shape
     lead = x.shape[:-1]
@@ -558,7 +591,7 @@ def qlora_linear(
     which = choose_backend(x, packed, backend=backend)
     args = (x2, packed, state, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
     if which == "triton":
-        y = QLoraLinearTriton.apply(*args)
+        y = QLoraLinearTriton.apply(*args, nf4_impl(impl))
     else:
         y = QLoraLinearReference.apply(*args)
     return y.reshape(*lead, N)
