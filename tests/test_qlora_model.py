@@ -290,3 +290,40 @@ def test_cpu_layer_matches_peft_layer():
 @pytest.mark.parametrize("M", [1, 300])
 def test_cuda_layer_matches_peft(dtype, M):
     _layer_vs_peft("cuda", dtype, M, GPU_TOL)
+
+
+def test_layer_after_bitsandbytes_repacked_for_cpu_inference():
+    """An eval-mode forward through the bare base layer (e.g. under disable_adapter()) makes
+    bitsandbytes rewrite the weight into its CPU inference layout (AVX512-BF16 CPUs). The LoRA
+    layer keeps working on that layer: forward/backward read the layout (its absmax rounded to
+    bf16 by bitsandbytes, so outputs move by about that rounding) and merging re-quantises from it."""
+    from fastpeft.ops import nf4
+
+    layer = lora_bnb.Linear4bit(_bnb_layer(128, 64), "default", r=2, lora_alpha=4, init_lora_weights=False)
+    x = torch.randn(3, 128)
+    before = layer(x).detach()
+    layer.eval()
+    with torch.no_grad():
+        layer.base_layer(x)
+    qs = layer.base_layer.weight.quant_state
+    if not getattr(qs, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes did not repack here (no AVX512-BF16)")
+    layer.train()
+    xg = x.clone().requires_grad_(True)
+    after = layer(xg)
+    packed, st = nf4.canonicalize(layer.base_layer.weight.data, qs)
+    W = nf4.dequantize_nf4_reference(packed, st, torch.float32)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(after, torch.nn.functional.linear(x, W, layer.base_layer.bias) + x @ A.t() @ B.t() * 2.0,
+                               atol=FP32_ATOL, rtol=1e-5)
+    torch.testing.assert_close(after.detach(), before, atol=5e-2, rtol=5e-2)  # bf16-rounded scales
+    after.sum().backward()
+    assert xg.grad is not None and A.grad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.merge()
+    assert not getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+    import bitsandbytes.functional as BF
+
+    want, _ = BF.quantize_4bit(W + (B @ A).detach() * 2.0, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(layer.base_layer.weight.data.reshape(-1), want.reshape(-1))  # dequantise, add, quantise
