@@ -158,9 +158,10 @@ def _matmul_kernel(
 @triton.jit
 def _gemv_kernel(
     x_ptr, ws_ptr, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
-    M, N, K, k_per_split, stride_xm, stride_xk,
+    M, N, K, KB, k_per_split, stride_xm, stride_xk,
     BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
     # ws[split, m, n] = sum over this split's K range of x[m, k] * W[n, k], in fp32.
     pid_n = tl.program_id(0)
@@ -176,8 +177,17 @@ def _gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
         e = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        w = _dequant_at(e, n_mask[:, None] & k_mask[None, :], packed_ptr, code_ptr, absmax_ptr,
-                        ncode_ptr, nabs_ptr, offset_ptr, BS, NESTED, NBS)
+        wmask = n_mask[:, None] & k_mask[None, :]
+        if ROW_SCALE:  # K % BS == 0 and the K tile inside one block: one scale per weight row
+            byte = tl.load(packed_ptr + (e >> 1), mask=wmask, other=0).to(tl.int32)
+            nib = tl.where((e & 1) == 0, byte >> 4, byte & 15)
+            v = tl.load(code_ptr + nib, mask=wmask, other=0.0)
+            a = _scale_at(offs_n.to(tl.int64) * KB + k0 // BS, n_mask, absmax_ptr, ncode_ptr, nabs_ptr,
+                          offset_ptr, NESTED, NBS)
+            w = tl.where(wmask, v * a[:, None], 0.0)
+        else:
+            w = _dequant_at(e, wmask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
+                            BS, NESTED, NBS)
         w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
@@ -296,6 +306,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, state, split_k: int = 0) -> torc
     code, absmax, ncode, nabs, off, nested, nbs = state_args(state, x.device)
     BLOCK_M = 1 if M == 1 else 16
     BLOCK_N, BLOCK_K = (32, 32) if _interpreting() else ((64, 128) if M == 1 else (64, 64))
+    row_scale = K % state.blocksize == 0
+    if row_scale:  # K tiles inside one quantisation block: one scale load per weight row, not per element
+        BLOCK_K = min(BLOCK_K, state.blocksize)
     if split_k <= 0:  # enough programs to fill the GPU: about 4 per SM of an H100
         n_blocks = triton.cdiv(N, BLOCK_N)
         split_k = max(1, min(triton.cdiv(K, BLOCK_K * 4), triton.cdiv(528, n_blocks)))
@@ -304,8 +317,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, state, split_k: int = 0) -> torc
     ws = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, BLOCK_N), split_k)
     _gemv_kernel[grid](
-        x, ws, packed, code, absmax, ncode, nabs, off, M, N, K, k_per_split, x.stride(0), x.stride(1),
+        x, ws, packed, code, absmax, ncode, nabs, off, M, N, K, K // state.blocksize, k_per_split,
+        x.stride(0), x.stride(1),
         BS=state.blocksize, NESTED=nested, NBS=nbs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        USE_DOT=BLOCK_M > 1,
+        USE_DOT=BLOCK_M > 1, ROW_SCALE=row_scale,
     )
     return ws.sum(0).to(x.dtype)

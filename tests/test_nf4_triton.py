@@ -128,11 +128,17 @@ def test_gemv_decode(M, dtype):
     torch.testing.assert_close(got, ref, **TOL[dtype])
 
 
-def test_gemv_split_k_matches():
+@pytest.mark.parametrize("N,K,blocksize,nested", [
+    (40, 300, 64, False),  # K not a multiple of the blocksize: a scale per element
+    (40, 256, 64, True),   # one scale per weight row and K tile
+    (24, 96, 32, False),
+])
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_split_k_matches(N, K, blocksize, nested, M):
     from fastpeft.kernels import nf4 as K_
 
-    packed, st = _quantized(40, 300, 64, False)
-    x = torch.randn(1, 300)
+    packed, st = _quantized(N, K, blocksize, nested)
+    x = torch.randn(M, K)
     ref = x @ nf4.dequantize_nf4_reference(packed, st, torch.float32).t()
     for split in (1, 3, 10):
         torch.testing.assert_close(K_.gemv(x, packed.reshape(-1), st, split_k=split), ref, **TOL[torch.float32])
