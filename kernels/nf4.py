@@ -16,6 +16,10 @@ rows correct.
 * :func:`gemv` - decoding (M <= 16): split-K over programs each holding a block of output
   rows, reductions in fp32.
 
+When ``K`` is a multiple of the blocksize and a K tile lies inside one quantisation block
+(``ROW_SCALE``), the GEMM and GEMV load one scale per weight row of the tile instead of one per
+element (with double quantisation that is three loads per element saved).
+
 Under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` is wrong (numpy has no bf16), so the tiles are
 cast to fp32 there; on a GPU bf16/fp16 tiles go to the tensor cores with fp32 accumulation.
 Only features of triton 3.x up to 3.6 are used.
