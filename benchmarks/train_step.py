@@ -11,7 +11,9 @@ random tokens. Arms, each on a fresh model built from the same seed:
 * ``peft+patch`` - the same model after ``fastpeft.patch(model)`` (the QLoRA op on every
   ``lora.Linear4bit``);
 * ``fastpeft`` - ``fastpeft.prepare_model_for_kbit_training`` + ``fastpeft.get_peft_model``
-  (fastpeft's own ``Linear4bit`` LoRA layers).
+  (fastpeft's own ``Linear4bit`` LoRA layers);
+* ``peft+patch/dequant`` (GPU runs only) - ``peft+patch`` with the op's other Triton plan,
+  ``FASTPEFT_NF4_IMPL=dequant`` (Triton dequantisation, then a torch matmul).
 
 Columns: median step time, tokens/s, peak allocated memory during a step (total, weights and
 optimizer state included) and the ratios to ``peft`` (``speedup`` > 1: faster than peft,
@@ -54,7 +56,8 @@ CONFIGS: Dict[str, dict] = {
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8),
 }
-ARMS = ("peft", "peft+patch", "fastpeft")
+ARMS = ("peft", "peft+patch", "fastpeft", "peft+patch/dequant")
+QUICK_ARMS = ARMS[:3]  # on CPU every arm runs the reference path: the plans do not differ
 RANK, ALPHA = 16, 32
 
 
@@ -111,7 +114,7 @@ def build_model(config: str, dev: torch.device, compute_dtype: torch.dtype, seed
 def wrap(arm: str, model: nn.Module):
     """The trainable model of ``arm`` and what fastpeft.patch reported (None for other arms)."""
     report = None
-    if arm in ("peft", "peft+patch"):
+    if arm in ("peft", "peft+patch", "peft+patch/dequant"):
         import peft
 
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -119,7 +122,7 @@ def wrap(arm: str, model: nn.Module):
         cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
                               task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, cfg)
-        if arm == "peft+patch":
+        if arm != "peft":
             import fastpeft
 
             report = fastpeft.patch(model)
@@ -139,7 +142,31 @@ def measure(config: str, arm: str, batch: int, seq: int, warmup: int, rep: int) 
     dev = device()
     cuda = dev.type == "cuda"
     compute_dtype = torch.bfloat16 if cuda else torch.float32
+    _free(cuda)  # nothing of a previous arm may count in this arm's peak memory
     model, report = wrap(arm, build_model(config, dev, compute_dtype))
+    old_impl = os.environ.get("FASTPEFT_NF4_IMPL")
+    os.environ["FASTPEFT_NF4_IMPL"] = "dequant" if arm.endswith("/dequant") else "fused"
+    try:
+        row = _measure(model, report, config, arm, batch, seq, warmup, rep, dev)
+    finally:
+        if old_impl is None:
+            os.environ.pop("FASTPEFT_NF4_IMPL", None)
+        else:
+            os.environ["FASTPEFT_NF4_IMPL"] = old_impl
+        del model, report
+        _free(cuda)
+    return row
+
+
+def _free(cuda: bool) -> None:
+    gc.collect()  # patched layers and HF modules hold reference cycles
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _measure(model, report, config, arm, batch, seq, warmup, rep, dev) -> dict:
+    cuda = dev.type == "cuda"
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -169,10 +196,6 @@ def measure(config: str, arm: str, batch: int, seq: int, warmup: int, rep: int) 
         "tokens/s": batch * seq / (ms / 1e3), "peak MiB": peak, "loss": first_loss,
         "layers via op": None if report is None else len(report.patched),
     }
-    del model, opt, params
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
     return row
 
 
@@ -189,13 +212,15 @@ def _with_ratios(rows: List[dict]) -> List[dict]:
 
 
 def run(quick: bool = False, configs: Optional[List[str]] = None, seq: Optional[int] = None, batch: int = 1,
-        arms=ARMS) -> List[dict]:
+        arms=None) -> List[dict]:
     """Benchmark rows (protocol of benchmarks/README.md). ``quick`` or no CUDA: the tiny config."""
     cuda = torch.cuda.is_available()
     if quick or not cuda:
         configs, seq, warmup, rep = configs or ["tiny"], seq or 32, 0, 2
+        arms = arms or QUICK_ARMS
     else:
         configs, seq, warmup, rep = configs or ["1b", "8b"], seq or 2048, 2, 5
+        arms = arms or ARMS
     rows = []
     for config in configs:
         for arm in arms:
@@ -212,10 +237,11 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="", help=f"comma-separated, from {sorted(CONFIGS)}")
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default="", help=f"comma-separated, from {ARMS} (default: all; CPU: {QUICK_ARMS})")
     args = ap.parse_args(argv)
     configs = [c for c in args.config.split(",") if c] or None
-    print(markdown_table(run(args.quick, configs, args.seq, args.batch, tuple(args.arms.split(",")))))
+    arms = tuple(a for a in args.arms.split(",") if a) or None
+    print(markdown_table(run(args.quick, configs, args.seq, args.batch, arms)))
     return 0
 
 

@@ -25,7 +25,7 @@ def test_train_step_quick_rows(monkeypatch):
     monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
     bench = _load()
     rows = bench.run(quick=True)
-    assert [r["arm"] for r in rows] == list(bench.ARMS)
+    assert [r["arm"] for r in rows] == list(bench.QUICK_ARMS) == ["peft", "peft+patch", "fastpeft"]
     assert all(list(r) == list(rows[0]) for r in rows)  # same columns, same order
     for r in rows:
         assert r["model"] == "tiny" and r["batch x seq"] == "1x32"
