@@ -77,7 +77,9 @@ class PatchReport:
         backend: the backend the patched layers use (``"triton"``/``"reference"``; "auto"
             when chosen per call from the input's device).
         backend_note: why Triton is not used (None when it is).
-        patched: LoRA layers whose forward now runs the fused op.
+        patched: layers whose forward now runs a fused op: LoRA layers (the LoRA-linear op, or
+            the QLoRA op on bitsandbytes 4-bit bases) and frozen bitsandbytes ``Linear4bit``
+            layers without an adapter (the QLoRA op without a LoRA branch).
         native: fastpeft LoRA layers, which run the op already (left as they are).
         skipped: LoRA / tuner layers left untouched, each with the reason.
     """
@@ -299,7 +301,9 @@ def _probe_tensor(model: nn.Module) -> Optional[torch.Tensor]:
 
 
 def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
-    """Route the LoRA layers of ``model`` to fastpeft's fused LoRA-linear op.
+    """Route the LoRA layers of ``model`` to fastpeft's fused LoRA-linear op (the QLoRA op for
+    LoRA on bitsandbytes 4-bit bases), and frozen bitsandbytes ``Linear4bit`` layers to the
+    QLoRA op.
 
     Args:
         model: a fastpeft or Hugging Face peft ``PeftModel`` (or any module containing their
