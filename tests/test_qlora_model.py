@@ -327,3 +327,30 @@ def test_layer_after_bitsandbytes_repacked_for_cpu_inference():
 
     want, _ = BF.quantize_4bit(W + (B @ A).detach() * 2.0, blocksize=64, compress_statistics=True, quant_type="nf4")
     assert torch.equal(layer.base_layer.weight.data.reshape(-1), want.reshape(-1))  # dequantise, add, quantise
+
+
+def test_two_active_adapters_and_autocast_like_peft():
+    """Several active adapters: the first goes through the op, the others are added as peft adds
+    them (same result as peft's layer). Under torch.autocast the layer computes in the autocast
+    dtype and returns the input's dtype, as bitsandbytes + peft do."""
+    import copy
+
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    base = _bnb_layer(64, 32)
+    ours = lora_bnb.Linear4bit(base, "default", r=2, lora_alpha=4, init_lora_weights=False)
+    ours.update_layer("other", 3, 3, 0.0, False, False)
+    theirs = PeftLinear4bit(copy.deepcopy(base), "default", config=peft.LoraConfig(r=2, lora_alpha=4), r=2, lora_alpha=4)
+    theirs.update_layer("other", r=3, lora_alpha=3, config=peft.LoraConfig(r=3, lora_alpha=3))
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    ours.set_adapter(["default", "other"])
+    theirs.set_adapter(["default", "other"])
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        y1, y2 = ours(x), theirs(x)
+        torch.testing.assert_close(y1, y2, atol=FP32_ATOL, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z1, z2 = ours(x), theirs(x)
+    assert z1.dtype == z2.dtype == torch.float32
+    torch.testing.assert_close(z1, z2, atol=2e-2, rtol=2e-2)  # bf16 compute on both sides
+    torch.testing.assert_close(z1, y1, atol=5e-2, rtol=5e-2)
