@@ -354,3 +354,14 @@ def test_two_active_adapters_and_autocast_like_peft():
     assert z1.dtype == z2.dtype == torch.float32
     torch.testing.assert_close(z1, z2, atol=2e-2, rtol=2e-2)  # bf16 compute on both sides
     torch.testing.assert_close(z1, y1, atol=5e-2, rtol=5e-2)
+
+
+def test_unquantised_linear4bit_is_refused_with_the_fix():
+    model = torch.nn.Sequential()
+    model.add_module("proj", bnb.nn.Linear4bit(64, 32, quant_type="nf4"))  # not moved to a device yet
+    assert getattr(model.proj.weight, "quant_state", None) is None
+    with pytest.raises(ValueError, match=r"no quantised weight yet .*model.to\('cuda'\)"):
+        fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["proj"]))
+    model.to("cpu")  # quantises
+    pm = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["proj"]))
+    assert isinstance(pm.base_model.model.proj, lora_bnb.Linear4bit)

@@ -151,6 +151,12 @@ def dispatch_bnb_4bit(target: nn.Module, adapter_name: str, lora_config: LoraCon
     """LoRA dispatcher: a :class:`Linear4bit` for bitsandbytes 4-bit bases, else None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if not is_bnb_linear4bit(base):
+        if "Linear4bit" in {c.__name__ for c in type(base).__mro__}:
+            raise ValueError(
+                f"{type(base).__name__} has no quantised weight yet (no quant_state): bitsandbytes quantises "
+                "it when the module is moved to a device; call model.to('cuda') (or 'cpu') before get_peft_model, "
+                "or load the model with BitsAndBytesConfig(load_in_4bit=True)."
+            )
         return None
     if kwargs.get("fan_in_fan_out"):
         warnings.warn("fan_in_fan_out=True but the target is a bitsandbytes Linear4bit; setting fan_in_fan_out=False.")
