@@ -18,7 +18,10 @@ rows correct.
 
 When ``K`` is a multiple of the blocksize and a K tile lies inside one quantisation block
 (``ROW_SCALE``), the GEMM and GEMV load one scale per weight row of the tile instead of one per
-element (with double quantisation that is three loads per element saved).
+element (with double quantisation that is three loads per element saved). The forward GEMM
+then also loads each packed byte once (``PAIR``): its two nibbles are columns ``2h`` and
+``2h + 1`` of the same weight row, so the K tile is split into even and odd columns
+(``X[:, 0::2] @ hi + X[:, 1::2] @ lo``, the X tile split in registers with ``tl.split``).
 
 Under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` is wrong (numpy has no bf16), so the tiles are
 cast to fp32 there; on a GPU bf16/fp16 tiles go to the tensor cores with fp32 accumulation.
@@ -73,6 +76,18 @@ def _dequant_kernel(out_ptr, numel, packed_ptr, code_ptr, absmax_ptr, ncode_ptr,
 
 
 @triton.jit
+def _mma(acc, x, w, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    if DOT_FP32:
+        if IEEE:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+    else:
+        acc += tl.dot(x, w)
+    return acc
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr, c_ptr, bias_ptr, l_ptr, r_ptr, mask_ptr,
     packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
@@ -82,6 +97,7 @@ def _matmul_kernel(
     TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr,
     BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr, LORA_FP32: tl.constexpr, ROW_SCALE: tl.constexpr,
+    PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, R_PAD: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -102,39 +118,54 @@ def _matmul_kernel(
     p_mask = offs_p < P
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     for q0 in range(0, Q, BLOCK_Q):
-        offs_q = q0 + tl.arange(0, BLOCK_Q)
-        q_mask = offs_q < Q
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_q[None, :] * stride_xq,
-                    mask=m_mask[:, None] & q_mask[None, :], other=0.0)
-        if TRANS_W:
-            e = offs_p[None, :].to(tl.int64) * K + offs_q[:, None]
+        if PAIR:
+            # forward, K % BS == 0 (so K is even): the two nibbles of a byte are k = 2h and
+            # k = 2h + 1 of the same weight row, so load each byte once and split the K tile into
+            # its even and odd columns: X[:, 0::2] @ hi + X[:, 1::2] @ lo
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_q[None, :] * stride_xq,
+                        mask=m_mask[:, None] & (offs_q < Q)[None, :], other=0.0)
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_Q // 2, 2)))  # even / odd K columns
+            offs_h = q0 // 2 + tl.arange(0, BLOCK_Q // 2)
+            h_mask = offs_h < Q // 2
+            bmask = h_mask[:, None] & p_mask[None, :]
+            byte = tl.load(packed_ptr + offs_p[None, :].to(tl.int64) * (K // 2) + offs_h[:, None],
+                           mask=bmask, other=0).to(tl.int32)
+            a = _scale_at(offs_p.to(tl.int64) * KB + q0 // BS, p_mask, absmax_ptr, ncode_ptr, nabs_ptr,
+                          offset_ptr, NESTED, NBS)
+            we = tl.where(bmask, tl.load(code_ptr + (byte >> 4), mask=bmask, other=0.0) * a[None, :], 0.0)
+            wo = tl.where(bmask, tl.load(code_ptr + (byte & 15), mask=bmask, other=0.0) * a[None, :], 0.0)
+            acc = _mma(acc, xe, we.to(x_ptr.dtype.element_ty), DOT_FP32, IEEE)
+            acc = _mma(acc, xo, wo.to(x_ptr.dtype.element_ty), DOT_FP32, IEEE)
         else:
-            e = offs_q[:, None].to(tl.int64) * K + offs_p[None, :]
-        wmask = q_mask[:, None] & p_mask[None, :]
-        if ROW_SCALE:
-            # K % BS == 0 and the tile's K extent within one quantisation block: one scale per
-            # weight row of the tile instead of a scale gather per element
-            byte = tl.load(packed_ptr + (e >> 1), mask=wmask, other=0).to(tl.int32)
-            nib = tl.where((e & 1) == 0, byte >> 4, byte & 15)
-            v = tl.load(code_ptr + nib, mask=wmask, other=0.0)
-            if TRANS_W:  # weight rows along P, K along Q
-                blk = offs_p.to(tl.int64) * KB + q0 // BS
-                a = _scale_at(blk, p_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
-                w = tl.where(wmask, v * a[None, :], 0.0)
-            else:  # weight rows along Q, K along P
-                blk = offs_q.to(tl.int64) * KB + (pid_p * BLOCK_P) // BS
-                a = _scale_at(blk, q_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
-                w = tl.where(wmask, v * a[:, None], 0.0)
-        else:
-            w = _dequant_at(e, wmask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, BS, NESTED, NBS)
-        w = w.to(x_ptr.dtype.element_ty)  # the dequantised weight in the compute dtype, as bitsandbytes has it
-        if DOT_FP32:
-            if IEEE:
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            q_mask = offs_q < Q
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_q[None, :] * stride_xq,
+                        mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+            if TRANS_W:
+                e = offs_p[None, :].to(tl.int64) * K + offs_q[:, None]
             else:
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-        else:
-            acc += tl.dot(x, w)
+                e = offs_q[:, None].to(tl.int64) * K + offs_p[None, :]
+            wmask = q_mask[:, None] & p_mask[None, :]
+            if ROW_SCALE:
+                # K % BS == 0 and the tile's K extent within one quantisation block: one scale
+                # per weight row of the tile instead of a scale gather per element
+                byte = tl.load(packed_ptr + (e >> 1), mask=wmask, other=0).to(tl.int32)
+                nib = tl.where((e & 1) == 0, byte >> 4, byte & 15)
+                v = tl.load(code_ptr + nib, mask=wmask, other=0.0)
+                if TRANS_W:  # weight rows along P, K along Q
+                    blk = offs_p.to(tl.int64) * KB + q0 // BS
+                    a = _scale_at(blk, p_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+                    w = tl.where(wmask, v * a[None, :], 0.0)
+                else:  # weight rows along Q, K along P
+                    blk = offs_q.to(tl.int64) * KB + (pid_p * BLOCK_P) // BS
+                    a = _scale_at(blk, q_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+                    w = tl.where(wmask, v * a[:, None], 0.0)
+            else:
+                w = _dequant_at(e, wmask, packed_ptr, code_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
+                                BS, NESTED, NBS)
+            # the dequantised weight in the compute dtype, as bitsandbytes has it
+            acc = _mma(acc, x, w.to(x_ptr.dtype.element_ty), DOT_FP32, IEEE)
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         r_mask = offs_r < R
@@ -280,6 +311,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
             BP = 64  # dx = dy W: a 64-wide K tile keeps one scale per weight row (dequant work depends on BM, not BP)
         kw = dict(num_warps=8 if big else 4, num_stages=3)
     dummy = out
+    row_scale = K % state.blocksize == 0 and state.blocksize % (BQ if trans_w else BP) == 0
     grid = (triton.cdiv(M, BM) * triton.cdiv(P, BP),)
     _matmul_kernel[grid](
         x, out, bias if bias is not None else dummy,
@@ -294,7 +326,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
         TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=lora_mask is not None,
         BS=state.blocksize, NESTED=nested, NBS=nbs,
         DOT_FP32=dot_fp32, IEEE=x.dtype == torch.float32 or interp, LORA_FP32=lora_fp32,
-        ROW_SCALE=K % state.blocksize == 0 and state.blocksize % (BQ if trans_w else BP) == 0,
+        ROW_SCALE=row_scale, PAIR=row_scale and trans_w,
         BLOCK_M=BM, BLOCK_P=BP, BLOCK_Q=BQ, R_PAD=_pow2_at_least(R, 16), GROUP_M=GM, **kw,
     )
     return out
