@@ -276,6 +276,12 @@ def dequantize(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _pair_enabled() -> bool:
+    """``FASTPEFT_NF4_PAIR=0`` turns the forward GEMM's one-load-per-byte path off (kept as a
+    switch until it is timed on a GPU)."""
+    return os.environ.get("FASTPEFT_NF4_PAIR", "1").strip() not in ("0", "false", "False")
+
+
 def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
@@ -326,7 +332,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
         TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=lora_mask is not None,
         BS=state.blocksize, NESTED=nested, NBS=nbs,
         DOT_FP32=dot_fp32, IEEE=x.dtype == torch.float32 or interp, LORA_FP32=lora_fp32,
-        ROW_SCALE=row_scale, PAIR=row_scale and trans_w,
+        ROW_SCALE=row_scale, PAIR=row_scale and trans_w and _pair_enabled(),
         BLOCK_M=BM, BLOCK_P=BP, BLOCK_Q=BQ, R_PAD=_pow2_at_least(R, 16), GROUP_M=GM, **kw,
     )
     return out

@@ -104,6 +104,20 @@ def test_dequant_then_matmul_plan(monkeypatch, dtype):
         nf4.qlora_linear(x0, packed, st, backend="triton")
 
 
+def test_fused_forward_without_the_byte_pair_path(monkeypatch):
+    """FASTPEFT_NF4_PAIR=0: the forward GEMM's per-element path with one scale per row."""
+    monkeypatch.setenv("FASTPEFT_NF4_PAIR", "0")
+    packed, st = _quantized(40, 128, 64, True)
+    g = torch.Generator().manual_seed(5)
+    x0, dy = torch.randn(21, 128, generator=g), torch.randn(21, 40, generator=g)
+    A0, B0 = torch.randn(4, 128, generator=g) * 0.1, torch.randn(40, 4, generator=g) * 0.1
+    y_ref, g_ref = _run("reference", x0, packed, st, None, A0, B0, 2.0, 0.0, dy)
+    y_tri, g_tri = _run("triton", x0, packed, st, None, A0, B0, 2.0, 0.0, dy)
+    torch.testing.assert_close(y_tri, y_ref, **TOL[torch.float32])
+    for a, b in zip(g_tri, g_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 def test_fused_matmul_noncontiguous_input_and_no_adapter():
     packed, st = _quantized(24, 64, 64, True)
     x_big = torch.randn(40, 128)
