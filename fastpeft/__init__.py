@@ -21,7 +21,18 @@ from fastpeft.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from fastpeft.tuners import LoraConfig, LoraModel
+from fastpeft.tuners import (
+    LoraConfig,
+    LoraModel,
+    PrefixEncoder,
+    PrefixTuningConfig,
+    PromptEmbedding,
+    PromptEncoder,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from fastpeft.mapping import get_peft_model
 
 
@@ -43,6 +54,14 @@ __all__ = [
     "TaskType",
     "LoraConfig",
     "LoraModel",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEmbedding",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptEncoder",
+    "PrefixTuningConfig",
+    "PrefixEncoder",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForSeq2SeqLM",

@@ -1,9 +1,23 @@
-"""One module per PEFT method; importing this package registers every tuner."""
+"""One module per PEFT method; importing this package registers every tuner and config."""
 
 from fastpeft.config import PeftType
 from fastpeft.tuners.base import register_tuner
 from fastpeft.tuners.lora import LoraConfig, LoraModel
+from fastpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from fastpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from fastpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 
 register_tuner(PeftType.LORA, LoraModel)
 
-__all__ = ["LoraConfig", "LoraModel"]
+__all__ = [
+    "LoraConfig",
+    "LoraModel",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEmbedding",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptEncoder",
+    "PrefixTuningConfig",
+    "PrefixEncoder",
+]
