@@ -44,10 +44,16 @@ def _model_config_dict(model: nn.Module) -> Dict[str, Any]:
     if cfg is None:
         return {}
     data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    source = cfg
     if "text_config" in data and isinstance(data["text_config"], dict):
         data = data["text_config"]
-    if hasattr(cfg, "num_hidden_layers") and "num_hidden_layers" not in data:
-        data["num_hidden_layers"] = cfg.num_hidden_layers
+        source = getattr(cfg, "text_config", None)
+    # aliases a config resolves through its attribute_map (e.g. DistilBERT's hidden_size -> dim)
+    for alias in list(getattr(source, "attribute_map", None) or {}) + ["num_hidden_layers"]:
+        if data.get(alias) is None:
+            value = getattr(source, alias, None)
+            if value is not None:
+                data[alias] = value
     return data
 
 
@@ -148,9 +154,9 @@ class PromptLearningMixin:
         if "prompt_encoder" in self._modules and adapter_name in self.prompt_encoder:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name.")
         model = self.base_model
-        prepare_prompt_learning_config(peft_config, model)
         if peft_config.peft_type == PeftType.PREFIX_TUNING:
-            self._check_prefix_supported(model)
+            self._check_prefix_supported(model)  # before reading dims: the layout question is the real one
+        prepare_prompt_learning_config(peft_config, model)
         self._peft_config[adapter_name] = peft_config
         try:
             if "prompt_encoder" not in self._modules:
