@@ -34,6 +34,8 @@ from fastpeft.tuners import (
     PromptTuningInit,
 )
 from fastpeft.mapping import get_peft_model
+from fastpeft.patch import PatchReport, patch, unpatch
+from fastpeft.utils.kbit import prepare_model_for_kbit_training
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict=None, adapter_name: str = "default"):
@@ -70,6 +72,10 @@ __all__ = [
     "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction",
     "get_peft_model",
+    "patch",
+    "unpatch",
+    "PatchReport",
+    "prepare_model_for_kbit_training",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
 ]

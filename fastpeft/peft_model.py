@@ -53,6 +53,9 @@ class PeftModel(PromptLearningMixin, nn.Module):
             self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
         if _is_checkpointing(model):
             _enable_input_require_grads(model)
+        from fastpeft.integrations import install_trainer_support
+
+        install_trainer_support()
 
     # --- attributes -----------------------------------------------------------------------
     @property
@@ -191,30 +194,49 @@ class PeftModel(PromptLearningMixin, nn.Module):
         """Generate with the active adapter (transformers' ``generate``)."""
         return self.get_base_model().generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Enable gradient checkpointing on the base model, with input grads so frozen embeddings still backprop."""
+    def _enable_checkpointing(self, method: str, *args: Any, **kwargs: Any) -> None:
         base = self.get_base_model()
-        if gradient_checkpointing_kwargs is None:
-            base.gradient_checkpointing_enable()
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        fn = getattr(base, method, None)
+        if fn is None:  # older transformers: only gradient_checkpointing_enable
+            fn = base.gradient_checkpointing_enable
+            if "activation_checkpointing_kwargs" in kwargs:
+                kwargs["gradient_checkpointing_kwargs"] = kwargs.pop("activation_checkpointing_kwargs")
+        fn(*args, **kwargs)
         _enable_input_require_grads(base)
 
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Enable activation (gradient) checkpointing on the base model, with input grads so frozen embeddings still backprop."""
+        self._enable_checkpointing("activation_checkpointing_enable", *args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (transformers' older name)."""
+        name = "activation_checkpointing_enable" if hasattr(self.get_base_model(), "activation_checkpointing_enable") else "gradient_checkpointing_enable"
+        if name == "activation_checkpointing_enable" and "gradient_checkpointing_kwargs" in kwargs:
+            kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
+        self._enable_checkpointing(name, *args, **kwargs)
+
     # --- state dicts ------------------------------------------------------------------------
-    def get_adapter_state_dict(self, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
-        """The tensors of one adapter with peft's checkpoint keys (adapter name removed)."""
+    def get_adapter_state_dict(self, adapter_name: str = "default",
+                               state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The tensors of one adapter with peft's checkpoint keys (adapter name removed).
+
+        ``state_dict``: a full state dict of this model to take the tensors from instead of the live
+        parameters (e.g. the gathered one from ``accelerator.get_state_dict`` under FSDP/DeepSpeed,
+        where each process only holds shards).
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; loaded adapters: {list(self.peft_config)}")
         if self._is_prompt_learning:
             return self._prompt_learning_state_dict(adapter_name)
-        full = self.state_dict()
+        full = self.state_dict() if state_dict is None else state_dict
         out = {ck: full[mk] for ck, mk in self.base_model.adapter_key_map(adapter_name, prefix="base_model.").items()}
         for ck, mk in self.base_model.extra_state_key_map(adapter_name, prefix="base_model.").items():
             out[ck] = full[mk]
         for name, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for k, v in module.modules_to_save[adapter_name].state_dict().items():
-                    out[f"{name}.{k}"] = v
+                    live_key = f"{name}.modules_to_save.{adapter_name}.{k}"
+                    out[f"{name}.{k}"] = full[live_key] if state_dict is not None and live_key in full else v
         return out
 
     def set_adapter_state_dict(self, state_dict: Dict[str, torch.Tensor], adapter_name: str = "default", source: str = "") -> None:
@@ -269,12 +291,15 @@ class PeftModel(PromptLearningMixin, nn.Module):
         safe_serialization: bool = True,
         selected_adapters: Optional[Sequence[str]] = None,
         is_main_process: bool = True,
+        state_dict: Optional[Dict[str, torch.Tensor]] = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format).
 
         The ``default`` adapter goes into ``save_directory``, any other into
         ``save_directory/<adapter_name>`` (as peft does). Files are written atomically.
+        ``state_dict`` (a full state dict of this model, e.g. gathered under FSDP) is read instead
+        of the live parameters; ``is_main_process=False`` writes nothing.
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; give a directory.")
@@ -289,7 +314,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         for name in names:
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out_dir, exist_ok=True)
-            tensors = self.get_adapter_state_dict(name)
+            tensors = self.get_adapter_state_dict(name, state_dict=state_dict)
             atomic_save_safetensors(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt", "fastpeft_version": __version__})
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
@@ -332,25 +357,37 @@ class PeftModel(PromptLearningMixin, nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
-        """Load another saved adapter into this model under ``adapter_name`` (not made active)."""
+        """Load a saved adapter into this model under ``adapter_name`` (not made active).
+
+        If ``adapter_name`` already exists its weights are replaced (what Trainer's resume does);
+        the saved config must then be of the same method.
+        """
         model_id = os.fspath(model_id)
         subfolder = kwargs.pop("subfolder", None)
         path = model_id if subfolder is None else os.path.join(model_id, subfolder)
         config = PeftConfig.from_pretrained(path)
         config.inference_mode = not is_trainable
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; pick another adapter_name.")
-        self.add_adapter(adapter_name, config)
-        try:
+            if config.peft_type != self.peft_config[adapter_name].peft_type:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} is {self.peft_config[adapter_name].peft_type} but {path!r} holds "
+                    f"a {config.peft_type} adapter; load it under another adapter_name."
+                )
             self._load_weights_into(path, adapter_name)
-        except Exception:
-            if not self._is_prompt_learning:
-                self.delete_adapter(adapter_name)
-            raise
+        else:
+            self.add_adapter(adapter_name, config)
+            try:
+                self._load_weights_into(path, adapter_name)
+            except Exception:
+                if not self._is_prompt_learning:
+                    self.delete_adapter(adapter_name)
+                raise
         if not is_trainable:
             for n, p in self.named_parameters():
                 if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
                     p.requires_grad_(False)
+        elif adapter_name in self.active_adapters and not self._is_prompt_learning:
+            self.base_model.set_adapter(self.active_adapters)
 
     def _load_weights_into(self, path: str, adapter_name: str) -> None:
         file = os.path.join(path, WEIGHTS_NAME)
