@@ -227,7 +227,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; loaded adapters: {list(self.peft_config)}")
         if self._is_prompt_learning:
-            return self._prompt_learning_state_dict(adapter_name)
+            return self._prompt_learning_state_dict(adapter_name, state_dict)
         full = self.state_dict() if state_dict is None else state_dict
         out = {ck: full[mk] for ck, mk in self.base_model.adapter_key_map(adapter_name, prefix="base_model.").items()}
         for ck, mk in self.base_model.extra_state_key_map(adapter_name, prefix="base_model.").items():

@@ -300,12 +300,22 @@ class PromptLearningMixin:
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
 
     # --- checkpoints -----------------------------------------------------------------------
-    def _prompt_learning_state_dict(self, adapter_name: str) -> Dict[str, torch.Tensor]:
-        out = {"prompt_embeddings": self.get_prompt_embedding_to_save(adapter_name)}
+    def _prompt_learning_state_dict(self, adapter_name: str,
+                                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """peft's checkpoint tensors of a prompt-learning adapter. ``state_dict`` (a full state
+        dict of this model, e.g. gathered under FSDP) supplies the classifier heads and an
+        inference-mode table; a trainable encoder's output is computed from the live encoder."""
+        full = state_dict or {}
+        table_key = f"prompt_encoder.{adapter_name}.embedding.weight"
+        if self.peft_config[adapter_name].inference_mode and table_key in full:
+            out = {"prompt_embeddings": full[table_key].detach().cpu()}
+        else:
+            out = {"prompt_embeddings": self.get_prompt_embedding_to_save(adapter_name)}
         for name, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for k, v in module.modules_to_save[adapter_name].state_dict().items():
-                    out[f"{name}.{k}"] = v
+                    live_key = f"{name}.modules_to_save.{adapter_name}.{k}"
+                    out[f"{name}.{k}"] = full.get(live_key, v)
         return out
 
     def _load_prompt_learning_state_dict(self, state_dict: Dict[str, torch.Tensor], adapter_name: str, source: str) -> None:

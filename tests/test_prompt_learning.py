@@ -371,3 +371,16 @@ def test_prompt_tuning_checkpoint_can_resume_training(tmp_path):
     again = fastpeft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path), is_trainable=True)
     assert [n for n, p in again.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
     torch.testing.assert_close(again.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].embedding.weight)
+
+
+def test_save_pretrained_reads_a_given_full_state_dict(tmp_path):
+    """save_pretrained(state_dict=...) (what accelerate/FSDP hand over) takes the head from that dict."""
+    model = fastpeft.get_peft_model(tiny_bert(), fastpeft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in full if "modules_to_save.default" in k and k.endswith("weight"))
+    full[key] = torch.full_like(full[key], 0.25)
+    model.save_pretrained(tmp_path, state_dict=full)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    file_key = key.replace("modules_to_save.default.", "")
+    assert file_key in saved and torch.all(saved[file_key] == 0.25)
+    torch.testing.assert_close(saved["prompt_embeddings"], model.prompt_encoder["default"].embedding.weight.detach())
