@@ -26,7 +26,10 @@ then reads it. Generated tokens still go through the normal cache.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import sys
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -415,7 +418,7 @@ class PromptLearningMixin:
             t = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             dev = (input_ids if input_ids is not None else inputs_embeds).device
             kwargs["position_ids"] = (torch.arange(past, past + t, device=dev) + p).unsqueeze(0)
-        with registry.active(self._prefix_kv_shared()):
+        with _prefix_in_call(registry, self._prefix_kv_shared(), kwargs):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
     def _prompt_prepare_inputs_causal_lm(self, *args: Any, task_ids=None, **kwargs: Any) -> Dict[str, Any]:
@@ -472,6 +475,7 @@ class PromptLearningMixin:
             shared = self._prefix_kv_shared()
             p = self.active_peft_config.num_virtual_tokens
 
+            @functools.wraps(original_forward)  # generate() validates kwargs against this signature
             def forward(*f_args, **f_kwargs):
                 pos = f_kwargs.get("position_ids")
                 cache = f_kwargs.get("past_key_values")
@@ -482,7 +486,7 @@ class PromptLearningMixin:
                 if pos is None:
                     pos = torch.arange(past, past + ref.shape[1], device=ref.device).unsqueeze(0)
                 f_kwargs["position_ids"] = pos + p
-                with registry.active(shared):
+                with _prefix_in_call(registry, shared, f_kwargs):
                     return original_forward(*f_args, **f_kwargs)
 
             base.forward = forward
@@ -606,6 +610,24 @@ class PromptLearningMixin:
         cls = TokenClassifierOutput if head == "token" else SequenceClassifierOutput
         out = cls(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return out if return_dict else out.to_tuple()
+
+
+@contextlib.contextmanager
+def _prefix_in_call(registry, kvs, call_kwargs: Dict[str, Any]):
+    """Hand the shared prefix to the attention layers for one model call.
+
+    Where the registry's module names a per-call model keyword (``PREFIX_KWARG`` of
+    ``fastpeft.ops.prefix_attention``), a fresh registry rides in ``call_kwargs``: it travels
+    with the call, so activation checkpointing's recomputation sees the same prefix. Otherwise
+    the attached registry holds the layers for the duration of the call.
+    """
+    kwarg = getattr(sys.modules.get(type(registry).__module__), "PREFIX_KWARG", None)
+    if kwarg is not None:
+        call_kwargs[kwarg] = type(registry)(kvs, backend=getattr(registry, "backend", None))
+        yield
+        return
+    with registry.active(kvs):
+        yield
 
 
 def _classification_loss(model: nn.Module, logits: torch.Tensor, labels: Optional[torch.Tensor], token_level: bool):

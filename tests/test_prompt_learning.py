@@ -384,3 +384,77 @@ def test_save_pretrained_reads_a_given_full_state_dict(tmp_path):
     file_key = key.replace("modules_to_save.default.", "")
     assert file_key in saved and torch.all(saved[file_key] == 0.25)
     torch.testing.assert_close(saved["prompt_embeddings"], model.prompt_encoder["default"].embedding.weight.detach())
+
+
+# --- fused shared-prefix attention (fastpeft.ops.prefix_attention, when present) ----------------
+def _prefix_op():
+    try:
+        import fastpeft.ops.prefix_attention as op
+    except ImportError:
+        pytest.skip("fastpeft.ops.prefix_attention is not in this build (the prefix-attention branch adds it)")
+    return op
+
+
+@pytest.mark.parametrize("method", ["prefix", "prefix-proj"])
+def test_fused_prefix_registry_path_equals_peft(method):
+    """With the shared-prefix registry attached, fastpeft's Prefix Tuning keeps the prefix out of the
+    cache and the mask, and still gives peft's logits, prefix gradients and greedy tokens."""
+    op = _prefix_op()
+    ours, theirs = _pair(method, "causal-llama")
+    kw = _inputs("causal-llama")
+    kw["labels"] = kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)
+    registry = op.enable_prefix_attention(ours.get_base_model())
+    assert ours.prefix_attention_registry is registry
+    seen = []
+    orig = op.prefix_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **k):
+        seen.append((module.layer_idx, key.shape[-2]))
+        return orig(module, query, key, value, attention_mask, **k)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(op.PREFIX_ATTENTION_NAME, spy)
+    try:
+        out_t, out_o = theirs(**kw), ours(**kw, use_cache=True)
+        torch.testing.assert_close(out_o.logits, out_t.logits, atol=FP32_ATOL, rtol=0)
+        # the cache and the keys the attention sees hold only the real tokens, not the prefix
+        assert out_o.past_key_values.get_seq_length() == kw["input_ids"].shape[1]
+        assert seen and all(s == kw["input_ids"].shape[1] for _, s in seen)
+        assert len(registry) == 0
+        out_t.loss.backward()
+        out_o.loss.backward()
+        grads_t = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+        grads_o = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+        assert sorted(grads_o) == sorted(grads_t)
+        for n in grads_t:
+            torch.testing.assert_close(grads_o[n], grads_t[n], atol=FP32_ATOL, rtol=1e-4)
+        gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        kw.pop("labels")
+        with torch.no_grad():
+            assert torch.equal(ours.generate(**kw, **gen), theirs.generate(**kw, **gen))
+        assert "forward" not in ours.get_base_model().__dict__  # generate's hook was removed
+    finally:
+        AttentionInterface.register(op.PREFIX_ATTENTION_NAME, orig)
+        op.disable_prefix_attention(ours.get_base_model())
+
+
+def test_fused_prefix_path_survives_activation_checkpointing():
+    """The prefix rides with each call, so checkpointing's recomputation sees it: same gradients."""
+    op = _prefix_op()
+    ours, _ = _pair("prefix-proj", "causal-llama")
+    kw = _inputs("causal-llama")
+    kw["labels"] = kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)
+    op.enable_prefix_attention(ours.get_base_model())
+    try:
+        ours.train()
+        ours(**kw).loss.backward()
+        plain = {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
+        ours.zero_grad()
+        ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ours(**kw).loss.backward()
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, plain[n], atol=FP32_ATOL, rtol=1e-4)
+    finally:
+        op.disable_prefix_attention(ours.get_base_model())
