@@ -136,13 +136,13 @@ class PeftModel(PromptLearningMixin, nn.Module):
             raise
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter (its parameters train, the others freeze)."""
+        """Make ``adapter_name`` the active adapter (LoRA: its parameters train, the others freeze;
+        prompt learning: as peft, every prompt encoder keeps its own trainability)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; loaded adapters: {list(self.peft_config)}")
         self.active_adapter = adapter_name
         if self._is_prompt_learning:
-            for name, encoder in self.prompt_encoder.items():
-                encoder.requires_grad_(name == adapter_name and not self.peft_config[name].inference_mode)
+            # as peft: the prompt encoders keep their trainability (only the active one is in the graph)
             for module in self.base_model.modules():
                 if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                     module.set_adapter(adapter_name)
@@ -379,7 +379,9 @@ class PeftModel(PromptLearningMixin, nn.Module):
             try:
                 self._load_weights_into(path, adapter_name)
             except Exception:
-                if not self._is_prompt_learning:
+                if self._is_prompt_learning:
+                    self._remove_prompt_adapter(adapter_name)
+                else:
                     self.delete_adapter(adapter_name)
                 raise
         if not is_trainable:

@@ -199,6 +199,18 @@ class PromptLearningMixin:
                 del self.prompt_encoder[adapter_name]
             raise
 
+    def _remove_prompt_adapter(self, adapter_name: str) -> None:
+        """Drop a (half-built) prompt-learning adapter, e.g. after a failed load."""
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"Cannot remove the active adapter {adapter_name!r}.")
+        self._peft_config.pop(adapter_name, None)
+        if "prompt_encoder" in self._modules and adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
+        self.__dict__.get("prompt_tokens", {}).pop(adapter_name, None)
+        for module in self.base_model.modules():
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                del module.modules_to_save[adapter_name]
+
     def _check_prefix_supported(self, model: nn.Module) -> None:
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise ValueError("Prefix Tuning does not work with gradient checkpointing (the prefix lives in the KV cache); disable it.")

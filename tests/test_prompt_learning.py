@@ -189,6 +189,35 @@ def _eval_loss(model, batches):
         return model(**batches).loss.item()
 
 
+def test_two_adapters_switch_like_peft(tmp_path):
+    ours, theirs = _pair("ptune-mlp", "causal-llama")
+    for lib, model in ((peft, theirs), (fastpeft, ours)):
+        model.add_adapter("other", _cfg(lib, "ptune-mlp", "causal-llama"))
+    ours.prompt_encoder["other"].load_state_dict(theirs.prompt_encoder["other"].state_dict())
+    kw = _inputs("causal-llama")
+    first = _logits(ours, kw)
+    for name in ("other", "default"):
+        theirs.set_adapter(name)
+        ours.set_adapter(name)
+        torch.testing.assert_close(_logits(ours, kw), _logits(theirs, kw), atol=FP32_ATOL, rtol=0)
+        assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == sorted(
+            n for n, p in theirs.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(_logits(ours, kw), first, atol=0, rtol=0)
+    # both adapters saved (the second in a subfolder) load back into peft with the same outputs
+    ours.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    loaded.load_adapter(str(tmp_path / "other"), adapter_name="other")
+    loaded.set_adapter("other")
+    theirs.set_adapter("other")
+    torch.testing.assert_close(_logits(loaded, kw), _logits(theirs, kw), atol=FP32_ATOL, rtol=0)
+    # a failed load leaves no half-built adapter behind
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text((tmp_path / "other" / "adapter_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        ours.load_adapter(str(tmp_path / "bad"), adapter_name="broken")
+    assert "broken" not in ours.peft_config and "broken" not in ours.prompt_encoder
+
+
 def _train(model, batches, steps=20, lr=0.05):
     """Adam on the trainable parameters (train mode, dropout on); returns the eval-mode loss before and after."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -343,6 +372,12 @@ def test_prefix_on_model_without_known_attention_layout_is_a_clear_error():
     # the model is left without half-built adapters and prompt tuning still works on it
     model = fastpeft.get_peft_model(base, fastpeft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
     assert model(input_ids=torch.tensor([[3, 4, 5]])).logits.shape == (1, 2)
+
+
+def test_prefix_on_layers_of_differing_kv_shapes_is_a_clear_error():
+    # models whose layers differ in key/value shape (KV sharing across layers, per-layer head dims)
+    with pytest.raises(ValueError, match="no known attention layout.*Use Prompt Tuning or P-Tuning"):
+        fastpeft.get_peft_model(tiny_llama(num_kv_shared_layers=1), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
 
 
 def test_checkpoint_mismatch_errors(tmp_path):
