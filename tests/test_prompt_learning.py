@@ -218,6 +218,21 @@ def test_two_adapters_switch_like_peft(tmp_path):
     assert "broken" not in ours.peft_config and "broken" not in ours.prompt_encoder
 
 
+@pytest.mark.parametrize("method", ["ptune-mlp", "prefix"])
+def test_half_precision_base_matches_peft(method):
+    """bf16 base model: the fp32 prompt is cast to the model's dtype where peft casts it (same bits)."""
+    make = TASKS["causal-llama"][1]
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(make().to(torch.bfloat16), _cfg(peft, method, "causal-llama")).eval()
+    ours = fastpeft.get_peft_model(make().to(torch.bfloat16), _cfg(fastpeft, method, "causal-llama")).eval()
+    ours.load_state_dict({n: p for n, p in theirs.state_dict().items() if n.startswith("prompt_encoder.")}, strict=False)
+    assert all(p.dtype == torch.float32 for p in ours.prompt_encoder.parameters())
+    kw = _inputs("causal-llama")
+    got, want = _logits(ours, kw), _logits(theirs, kw)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def _train(model, batches, steps=20, lr=0.05):
     """Adam on the trainable parameters (train mode, dropout on); returns the eval-mode loss before and after."""
     params = [p for p in model.parameters() if p.requires_grad]
