@@ -4,7 +4,10 @@ For every method and task type (CAUSAL_LM on tiny Llama, SEQ_2_SEQ_LM on tiny T5
 TOKEN_CLS on tiny BERT): same trainable parameters and logits as peft for the same weights,
 adapters saved by either library load in the other with the same outputs, greedy generate()
 gives peft's tokens; short training runs reduce the loss touching only prompt parameters;
-TEXT / SAMPLE_VOCAB initialisation; bad input gives clear errors.
+RANDOM / TEXT / SAMPLE_VOCAB initialisation (RANDOM and SAMPLE_VOCAB draw peft's numbers under
+the same seed); trainable counts and print_trainable_parameters equal peft's; bf16 bases; two
+adapters; bad input gives clear errors. The fused shared-prefix path (registry attached by
+``fastpeft.ops.prefix_attention``) is checked against peft when that op is in the build.
 """
 
 from __future__ import annotations
