@@ -32,6 +32,13 @@ from fastpeft.tuners import (
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
     PromptTuningInit,
+    AdapterFusionConfig,
+    AdaptionPromptConfig,
+    AdaptionPromptModel,
+    BottleneckConfig,
+    BottleneckModel,
+    HoulsbyConfig,
+    PfeifferConfig,
 )
 from fastpeft.mapping import get_peft_model
 from fastpeft.patch import PatchReport, patch, unpatch
@@ -64,6 +71,13 @@ __all__ = [
     "PromptEncoder",
     "PrefixTuningConfig",
     "PrefixEncoder",
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
+    "BottleneckConfig",
+    "BottleneckModel",
+    "HoulsbyConfig",
+    "PfeifferConfig",
+    "AdapterFusionConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForSeq2SeqLM",

@@ -6,8 +6,12 @@ from fastpeft.tuners.lora import LoraConfig, LoraModel
 from fastpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from fastpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from fastpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from fastpeft.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
+from fastpeft.tuners.bottleneck import AdapterFusionConfig, BottleneckConfig, BottleneckModel, HoulsbyConfig, PfeifferConfig
 
 register_tuner(PeftType.LORA, LoraModel)
+register_tuner(PeftType.ADAPTION_PROMPT, AdaptionPromptModel)
+register_tuner(PeftType.BOTTLENECK, BottleneckModel)
 
 __all__ = [
     "LoraConfig",
@@ -20,4 +24,11 @@ __all__ = [
     "PromptEncoder",
     "PrefixTuningConfig",
     "PrefixEncoder",
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
+    "BottleneckConfig",
+    "BottleneckModel",
+    "HoulsbyConfig",
+    "PfeifferConfig",
+    "AdapterFusionConfig",
 ]
