@@ -437,6 +437,10 @@ class PromptLearningMixin:
         from transformers import Cache
 
         config = self.active_peft_config
+        if config.peft_type == PeftType.PREFIX_TUNING and kwargs.get("use_cache") is False:
+            # no cache between steps: every step runs the whole sequence behind a fresh prefix (the
+            # prefix cache handed to the previous step comes back filled; reusing it broke peft here)
+            kwargs.pop("past_key_values", None)
         model_kwargs = self._base_prepare_inputs_for_generation(*args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         ids = model_kwargs.get("input_ids")
