@@ -356,9 +356,13 @@ def test_sample_vocab_init_picks_vocabulary_rows():
         assert (vocab - row).abs().amax(dim=1).min() == 0
 
 
-def test_prefix_zero_init_is_a_noop_prefix_of_zeros():
+def test_prefix_zero_init_gives_a_zero_prefix():
     model = fastpeft.get_peft_model(tiny_llama(), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, init_weights="zero"))
     assert model.get_prompt_embedding_to_save("default").abs().max() == 0
+    proj = fastpeft.get_peft_model(tiny_llama(), fastpeft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=2, init_weights="zero", prefix_projection=True))
+    assert proj.get_prompt_embedding_to_save("default").abs().max() == 0  # zero last projection layer
+    assert proj.prompt_encoder["default"].embedding.weight.abs().max() > 0  # the table itself is random
 
 
 # --- bad input ----------------------------------------------------------------------------------
