@@ -47,7 +47,7 @@ __all__ = [
     "check_prefix_attention_args",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference only
 _MAX_HEAD_DIM = 128  # the fused kernels pad D to a power of two up to this
 
 
@@ -108,7 +108,8 @@ def check_prefix_attention_args(
             f"{[str(t.dtype) for t in (q, k, v, prefix_k, prefix_v)]}; cast the prefix to the model's dtype")
     dtype = dtypes.pop()
     if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        raise TypeError(f"{name}: dtype {dtype} is not supported; use float32, float16 or bfloat16 "
+                        "(float64 on the reference backend)")
     devices = {t.device for t in (q, k, v, prefix_k, prefix_v)}
     if key_padding_mask is not None:
         devices.add(key_padding_mask.device)
@@ -156,7 +157,7 @@ def prefix_attention_reference(
 
     Expands a shared ``[KVH, P, D]`` prefix per batch element, concatenates it before the
     sequence keys/values, repeats KV heads for GQA, masks, and computes softmax attention in
-    fp32; the result is cast to q's dtype. ``dropout_p`` drops attention probabilities (as
+    fp32 (fp64 inputs in fp64); the result is cast to q's dtype. ``dropout_p`` drops attention probabilities (as
     transformers' eager attention does in training); the fused path has no dropout.
     Gradients flow by autograd to every input (the prefix's summed over the batch).
     """
@@ -168,14 +169,15 @@ def prefix_attention_reference(
     else:
         pk, pv = prefix_k, prefix_v
     P = pk.shape[2]
-    kc = torch.cat([pk, k], dim=2).float()
-    vc = torch.cat([pv, v], dim=2).float()
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    kc = torch.cat([pk, k], dim=2).to(acc)
+    vc = torch.cat([pv, v], dim=2).to(acc)
     G = H // KVH
     if G > 1:
         kc = kc.repeat_interleave(G, dim=1)
         vc = vc.repeat_interleave(G, dim=1)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    scores = torch.matmul(q.float(), kc.transpose(-1, -2)) * scale
+    scores = torch.matmul(q.to(acc), kc.transpose(-1, -2)) * scale
     keep = _full_mask(B, T, S, P, causal, key_padding_mask, q.device)
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -254,11 +256,11 @@ def prefix_attention(
         chosen = "reference"
     else:
         chosen = choose_backend(q, k, v, prefix_k, prefix_v, backend=backend)
-    if chosen == "triton" and D > _MAX_HEAD_DIM:
+    if chosen == "triton" and (D > _MAX_HEAD_DIM or q.dtype == torch.float64):
         if requested_backend(backend) == "triton":
+            what = f"head_dim {D} (at most {_MAX_HEAD_DIM})" if D > _MAX_HEAD_DIM else "float64"
             raise ValueError(
-                f"prefix_attention: head_dim {D} is larger than the Triton kernels support ({_MAX_HEAD_DIM}); "
-                "use backend='reference'")
+                f"prefix_attention: the Triton kernels do not support {what}; use backend='reference'")
         chosen = "reference"
     if chosen == "reference":
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal,
