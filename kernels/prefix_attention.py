@@ -11,7 +11,9 @@ online softmax, first over the prefix blocks (never masked except for the ragged
 then over the sequence blocks (causal mask ``s <= t + S - T``, right-aligned so decoding
 with ``T < S`` works, and the key padding mask). One pass over both parts is the same as
 two partial attentions merged by their log-sum-exp, without writing the partials out.
-It stores the output and the base-2 log-sum-exp per row (``lse2``, fp32 ``[B, H, T]``),
+Sequence key blocks that lie wholly inside the causal triangle (and inside ``S``) run
+without the causal/bounds mask; only the diagonal blocks pay for it (the backward kernels
+split their loops the same way). It stores the output and the base-2 log-sum-exp per row (``lse2``, fp32 ``[B, H, T]``),
 which is all the backward needs besides q, k, v and the prefix.
 
 Backward (FlashAttention-2 style recomputation, no atomics, deterministic):
@@ -67,10 +69,11 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale,
-                         DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+                         APPLY_MASK: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
     # scores in the base-2 domain: qk * scale * log2(e)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    qk = tl.where(valid, qk, float("-inf"))
+    if APPLY_MASK:
+        qk = tl.where(valid, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
@@ -81,6 +84,25 @@ def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale,
     else:
         acc += tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _seq_bounds(m0, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key-block bounds over the sequence for the query rows ``[m0, m0 + BLOCK_M)``.
+
+    Returns ``(full, hi)``: blocks starting below ``full`` need no causal or bounds mask
+    (every key ``s < full`` is ``< S`` and ``<= m0 + S - T``, visible to every row of the
+    block); blocks in ``[full, hi)`` need masks; keys from ``hi`` on are invisible to all rows.
+    """
+    s_full = (S // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        off = S - T
+        hi = tl.minimum(S, m0 + BLOCK_M + off)
+        full = tl.minimum((tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N, s_full)
+    else:
+        hi = S
+        full = s_full
+    return full, hi
 
 
 @triton.jit
@@ -100,7 +122,7 @@ def _fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: b * stride can pass 2**31
     h = pid_bh % H
     kvh = h // GROUP
 
@@ -132,17 +154,28 @@ def _fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, n_ok[None, :], qk_scale,
-                                             DOT_FP32, PREC)
+                                             True, DOT_FP32, PREC)
 
-    # 2) the sequence: causal (right-aligned) and padding masks
+    # 2) the sequence: causal (right-aligned) and padding masks. Blocks below ``full`` lie
+    #    entirely inside the causal triangle and inside S: only the padding mask applies there.
+    full, hi = _seq_bounds(pid_m * BLOCK_M, T, S, CAUSAL, BLOCK_M, BLOCK_N)
     off = S - T
-    if CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + off)
-    else:
-        hi = S
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    for start in range(0, hi, BLOCK_N):
+    for start in range(0, full, BLOCK_N):
+        n = start + offs_n
+        k = tl.load(k_base + n[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        valid = n[None, :] >= 0
+        if HAS_MASK:
+            keep = tl.load(KPM + b * smb + n * sms)
+            valid = (keep != 0)[None, :]
+        acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale,
+                                             HAS_MASK, DOT_FP32, PREC)
+    for start in range(full, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < S
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -159,7 +192,7 @@ def _fwd_kernel(
         if CAUSAL:
             valid = valid & (n[None, :] <= offs_m[:, None] + off)
         acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale,
-                                             DOT_FP32, PREC)
+                                             True, DOT_FP32, PREC)
 
     out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
@@ -182,7 +215,7 @@ def _bwd_preprocess(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -196,11 +229,12 @@ def _bwd_preprocess(
 
 @triton.jit
 def _kv_block_grads(k, v, dk, dv, q, do, lse, delta, valid, qk_scale,
-                    DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+                    APPLY_MASK: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
     # transposed formulation: rows are keys [BLOCK_N], columns are queries [BLOCK_M]
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
     pT = tl.exp2(qkT - lse[None, :])
-    pT = tl.where(valid, pT, 0.0)
+    if APPLY_MASK:
+        pT = tl.where(valid, pT, 0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
     if DOT_FP32:
@@ -229,7 +263,7 @@ def _bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
-    b = pid_bk // KVH
+    b = (pid_bk // KVH).to(tl.int64)
     kvh = pid_bk % KVH
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -254,19 +288,25 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
+    # Query blocks that see this key block: from ``lo`` on (causal: query t sees key s iff
+    # s <= t + off). From ``full`` on every row sees every key of the block, so only the
+    # padding mask applies. Query rows past T load zeros and add exactly nothing (q = dO = 0,
+    # lse = delta = 0), and key rows past S are never stored: neither needs a mask.
     off = S - T
+    n0 = pid_n * BLOCK_N
     if CAUSAL:
-        # query t sees key s iff s <= t + off: the first query that sees this block is n0 - off
-        lo = tl.maximum(pid_n * BLOCK_N - off, 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+        full = ((tl.maximum(n0 + BLOCK_N - 1 - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        full = tl.minimum(full, T)
     else:
         lo = 0
+        full = 0
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
-        row_base = (b * H + h) * T
-        for start in range(lo, T, BLOCK_M):
+        row_base = (pid_bk // KVH * H + h) * T
+        for start in range(lo, full, BLOCK_M):
             offs_m = start + offs_m0
             m_ok = offs_m < T
             qm = m_ok[:, None] & d_ok[None, :]
@@ -277,10 +317,22 @@ def _bwd_dkdv_kernel(
                 do = do.to(tl.float32)
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-            valid = key_ok[:, None] & m_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offs_n[:, None] <= offs_m[None, :] + off)
-            dk, dv = _kv_block_grads(k, v, dk, dv, q, do, lse, delta, valid, qk_scale, DOT_FP32, PREC)
+            valid = key_ok[:, None] & (offs_n[:, None] <= offs_m[None, :] + off)
+            dk, dv = _kv_block_grads(k, v, dk, dv, q, do, lse, delta, valid, qk_scale,
+                                     True, DOT_FP32, PREC)
+        for start in range(full, T, BLOCK_M):
+            offs_m = start + offs_m0
+            m_ok = offs_m < T
+            qm = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=qm, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :] * sdod, mask=qm, other=0.0)
+            if DOT_FP32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+            dk, dv = _kv_block_grads(k, v, dk, dv, q, do, lse, delta, key_ok[:, None], qk_scale,
+                                     HAS_MASK, DOT_FP32, PREC)
 
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdks + offs_d[None, :] * sdkd,
@@ -322,12 +374,16 @@ def _bwd_dprefix_kernel(
 
     b_lo = split * B_PER_SPLIT
     b_hi = tl.minimum(b_lo + B_PER_SPLIT, B)
+    q_b = Q + b_lo.to(tl.int64) * sqb  # pointers advance by one batch stride per iteration
+    do_b = DO + b_lo.to(tl.int64) * sdob
     for b in range(b_lo, b_hi):
         for g in range(0, GROUP):
             h = kvh * GROUP + g
-            q_base = Q + b * sqb + h * sqh
-            do_base = DO + b * sdob + h * sdoh
+            q_base = q_b + h * sqh
+            do_base = do_b + h * sdoh
             row_base = (b * H + h) * T
+            # rows past T add exactly nothing (q = dO = 0, lse = delta = 0); prefix keys past P
+            # are masked so their (never stored) rows stay finite
             for start in range(0, T, BLOCK_M):
                 offs_m = start + offs_m0
                 m_ok = offs_m < T
@@ -339,9 +395,10 @@ def _bwd_dprefix_kernel(
                     do = do.to(tl.float32)
                 lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
                 delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-                valid = n_ok[:, None] & m_ok[None, :]
-                dpk, dpv = _kv_block_grads(pk, pv, dpk, dpv, q, do, lse, delta, valid, qk_scale,
-                                           DOT_FP32, PREC)
+                dpk, dpv = _kv_block_grads(pk, pv, dpk, dpv, q, do, lse, delta, n_ok[:, None], qk_scale,
+                                           True, DOT_FP32, PREC)
+        q_b += sqb
+        do_b += sdob
 
     dpk = dpk * sm_scale
     # partial buffers are contiguous fp32 [NSPLIT, KVH, P, HEAD_D]
@@ -349,6 +406,22 @@ def _bwd_dprefix_kernel(
     ptrs = part + offs_n[:, None] * HEAD_D + offs_d[None, :]
     tl.store(DPK + ptrs, dpk, mask=kv_mask)
     tl.store(DPV + ptrs, dpv, mask=kv_mask)
+
+
+@triton.jit
+def _dq_step(q, do, lse, delta, k, v, dq, valid, qk_scale,
+             APPLY_MASK: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.exp2(qk - lse[:, None])
+    if APPLY_MASK:
+        p = tl.where(valid, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    if DOT_FP32:
+        dq += tl.dot(ds, k, input_precision=PREC)
+    else:
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
 
 
 @triton.jit
@@ -369,7 +442,7 @@ def _bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     kvh = h // GROUP
 
@@ -385,6 +458,7 @@ def _bwd_dq_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
+    # rows past T load zeros (q = dO = 0, lse = delta = 0): their terms are finite and never stored
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -400,23 +474,25 @@ def _bwd_dq_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.where(n_ok[None, :] & m_ok[:, None], tl.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        if DOT_FP32:
-            dq += tl.dot(ds, k, input_precision=PREC)
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        dq = _dq_step(q, do, lse, delta, k, v, dq, n_ok[None, :], qk_scale, True, DOT_FP32, PREC)
 
+    full, hi = _seq_bounds(pid_m * BLOCK_M, T, S, CAUSAL, BLOCK_M, BLOCK_N)
     off = S - T
-    if CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + off)
-    else:
-        hi = S
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    for start in range(0, hi, BLOCK_N):
+    for start in range(0, full, BLOCK_N):
+        n = start + offs_n
+        k = tl.load(k_base + n[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        valid = n[None, :] >= 0
+        if HAS_MASK:
+            keep = tl.load(KPM + b * smb + n * sms)
+            valid = (keep != 0)[None, :]
+        dq = _dq_step(q, do, lse, delta, k, v, dq, valid, qk_scale, HAS_MASK, DOT_FP32, PREC)
+    for start in range(full, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < S
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -429,17 +505,10 @@ def _bwd_dq_kernel(
         if HAS_MASK:
             keep = tl.load(KPM + b * smb + n * sms, mask=n_ok, other=0)
             key_ok = key_ok & (keep != 0)
-        valid = key_ok[None, :] & m_ok[:, None]
+        valid = key_ok[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= offs_m[:, None] + off)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.where(valid, tl.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        if DOT_FP32:
-            dq += tl.dot(ds, k, input_precision=PREC)
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        dq = _dq_step(q, do, lse, delta, k, v, dq, valid, qk_scale, True, DOT_FP32, PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :] * sdqd,
