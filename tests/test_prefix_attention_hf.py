@@ -160,7 +160,7 @@ def test_dense_mask_path_matches_reference_on_concatenation():
     mod = Attn()
     reg = PrefixKVRegistry()
     reg.set(0, pk, pv)
-    mod._fastpeft_prefix_kv = reg
+    mod._fastpeft_prefix_registry = reg
     out, _ = prefix_attention_forward(mod, q, k, v, window.expand(B, 1, T, S), scaling=0.25)
     # oracle: softmax over the explicit concatenation with the window mask and an all-visible prefix
     kc = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(H // KVH, 1)

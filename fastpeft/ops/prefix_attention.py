@@ -291,7 +291,7 @@ def prefix_attention(
 # ``training``) but does nothing else with it; all the math stays in the op above.
 
 PREFIX_ATTENTION_NAME = "fastpeft_prefix"
-_REGISTRY_ATTR = "_fastpeft_prefix_kv"
+_REGISTRY_ATTR = "_fastpeft_prefix_registry"  # the name fastpeft.prompt_learning looks up
 _PREV_IMPL_ATTR = "_fastpeft_prev_attn_implementation"
 
 __all__ += [
