@@ -183,3 +183,45 @@ def test_split_prefix_kv_layout_and_errors():
         split_prefix_kv(flat[:, :-1], L, KVH, D)
     with pytest.raises(ValueError, match="kv_heads, prefix_len"):
         PrefixKVRegistry().set(0, kvs[0][0], kvs[0][1][:, :2])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_cached_decoding_matches_peft_style_cache(monkeypatch, backend):
+    """Prefill then single-token steps with a KV cache (T < S, left padding): same logits as peft's path."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    model = _model()
+    ids, mask = _batch(left_pad=True)
+    flat = _prefix()
+    B, T = ids.shape
+    steps = 3
+
+    # peft's path first (plain sdpa, prefix in the cache, ones prepended to the mask)
+    past = flat.unsqueeze(0).expand(B, -1, -1).view(B, P, L * 2, KVH, D).permute(2, 0, 3, 1, 4).split(2)
+    cache_ref = DynamicCache()
+    for layer, kv in enumerate(past):
+        cache_ref.update(kv[0], kv[1], layer)
+    mask_ref = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+    refs, inputs, step_ids = [], [], ids
+    for _ in range(steps):
+        ref = model(input_ids=step_ids, attention_mask=mask_ref, past_key_values=cache_ref, use_cache=True).logits
+        refs.append(ref)
+        inputs.append(step_ids)
+        step_ids = ref[:, -1:].argmax(-1)
+        mask_ref = torch.cat([mask_ref, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+
+    registry = enable_prefix_attention(model)
+    cache_ours, mask_ours, start = DynamicCache(), mask, 0
+    try:
+        with registry.active(split_prefix_kv(flat, L, KVH, D)):
+            for step_ids, ref in zip(inputs, refs):
+                n = step_ids.shape[1]
+                pos = torch.arange(P + start, P + start + n).unsqueeze(0).expand(B, -1)
+                ours = model(input_ids=step_ids, attention_mask=mask_ours, past_key_values=cache_ours,
+                             position_ids=pos, use_cache=True).logits
+                torch.testing.assert_close(ours, ref, **TOL)
+                start += n
+                mask_ours = torch.cat([mask_ours, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+        assert cache_ours.get_seq_length() == T + steps - 1  # the cache holds only the real tokens
+        assert cache_ref.get_seq_length() == P + T + steps - 1
+    finally:
+        disable_prefix_attention(model)
