@@ -272,3 +272,18 @@ def test_trl_sft_trainer_trains_and_saves_adapter(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_prepare_model_for_kbit_training_freezes_upcasts_and_checkpoints(ids):
+    base = tiny_llama().to(torch.bfloat16)
+    model = fastpeft.prepare_model_for_kbit_training(base)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.is_gradient_checkpointing
+    peft_model = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.train()
+    out = peft_model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
