@@ -293,9 +293,11 @@ def prefix_attention(
 PREFIX_ATTENTION_NAME = "fastpeft_prefix"
 _REGISTRY_ATTR = "_fastpeft_prefix_registry"  # the name fastpeft.prompt_learning looks up
 _PREV_IMPL_ATTR = "_fastpeft_prev_attn_implementation"
+PREFIX_KWARG = "fastpeft_prefix"  # per-call model keyword carrying a PrefixKVRegistry
 
 __all__ += [
     "PREFIX_ATTENTION_NAME",
+    "PREFIX_KWARG",
     "PrefixKVRegistry",
     "prefix_attention_forward",
     "register_prefix_attention",
@@ -307,16 +309,27 @@ __all__ += [
 
 
 class PrefixKVRegistry:
-    """Per-model store of the shared prefix keys/values, keyed by ``layer_idx``.
+    """Store of the shared prefix keys/values, keyed by ``layer_idx``.
 
     Each entry is ``(prefix_k, prefix_v)``, both ``[num_kv_heads, P, head_dim]`` (shared by the
     batch; they may carry autograd history, e.g. a prefix encoder's output, so set them for
-    every forward). Layers without an entry run plain SDPA attention.
+    every forward). Layers without an entry run plain SDPA attention. ``backend`` is handed to
+    :func:`prefix_attention` (None: automatic, honouring ``FASTPEFT_BACKEND``).
+
+    Two ways to reach the attention function: attached to the model's attention modules by
+    :func:`enable_prefix_attention` (the per-model registry), or passed per call as the model
+    keyword argument ``fastpeft_prefix=PrefixKVRegistry(kvs)`` (transformers forwards it to
+    the attention function; it then takes precedence, and activation checkpointing's
+    recomputation sees the same prefix because the keyword travels with the call).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kvs: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                 backend: Optional[str] = None) -> None:
         self._kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._mask_cache = None  # (weakref to the 4D mask, its _version, key, result)
+        self.backend = backend  # passed to prefix_attention (None: automatic / FASTPEFT_BACKEND)
+        if kvs is not None:
+            self.set_layers(kvs)
 
     def set(self, layer_idx: int, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
         """Set layer ``layer_idx``'s prefix (``[KVH, P, D]`` each)."""
@@ -408,14 +421,19 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout:
                              scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers-5 attention function (``AttentionInterface``) with a shared prefix per layer.
 
-    Reads ``(prefix_k, prefix_v)`` for ``module.layer_idx`` from the registry attached by
+    Reads ``(prefix_k, prefix_v)`` for ``module.layer_idx`` from the per-call registry passed
+    as the model keyword ``fastpeft_prefix=`` if any, else from the registry attached by
     :func:`enable_prefix_attention`; layers without one (or without a registry) run
     transformers' SDPA attention unchanged. ``query [B, H, T, D]``, ``key/value [B, KVH, S, D]``
     (the sequence only: the prefix is not in the cache and not in the mask). Masks that are
     "causal and/or padding" go to the fused op; any other pattern, and attention dropout in
     training, run the reference on the concatenation. Returns ``([B, T, H, D], None)``.
     """
-    registry = getattr(module, _REGISTRY_ATTR, None)
+    registry = kwargs.pop(PREFIX_KWARG, None)
+    if registry is None:
+        registry = getattr(module, _REGISTRY_ATTR, None)
+    elif not isinstance(registry, PrefixKVRegistry):
+        raise TypeError(f"prefix attention: {PREFIX_KWARG}= must be a PrefixKVRegistry, got {type(registry).__name__}")
     entry = registry.get(getattr(module, "layer_idx", None)) if registry is not None else None
     if entry is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -446,7 +464,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout:
                                          dropout_p=p, seq_mask=seq_mask)
     else:
         out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=structure[1],
-                               key_padding_mask=structure[2], scale=scaling)
+                               key_padding_mask=structure[2], scale=scaling, backend=registry.backend)
     return out.transpose(1, 2).contiguous(), None
 
 
