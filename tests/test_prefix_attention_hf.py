@@ -225,3 +225,30 @@ def test_cached_decoding_matches_peft_style_cache(monkeypatch, backend):
         assert cache_ref.get_seq_length() == P + T + steps - 1
     finally:
         disable_prefix_attention(model)
+
+
+def test_per_call_prefix_keyword_takes_precedence_and_carries_backend(monkeypatch):
+    """fastpeft_prefix=PrefixKVRegistry(kvs, backend=...) overrides the attached registry; wrong types fail clearly."""
+    import fastpeft.ops.prefix_attention as op
+
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    calls = []
+    fused = op.PrefixAttentionFunction.apply
+    monkeypatch.setattr(op.PrefixAttentionFunction, "apply", lambda *a: calls.append(1) or fused(*a))
+
+    class Attn(torch.nn.Module):
+        layer_idx, is_causal = 0, True
+
+    B, T = 2, 6
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=g), torch.randn(B, KVH, T, D, generator=g),
+               torch.randn(B, KVH, T, D, generator=g))
+    kvs = [(torch.randn(KVH, P, D, generator=g), torch.randn(KVH, P, D, generator=g))]
+    mod = Attn()
+    mod._fastpeft_prefix_registry = PrefixKVRegistry([(kvs[0][0] + 1, kvs[0][1])])  # a different prefix
+    out, _ = prefix_attention_forward(mod, q, k, v, None, fastpeft_prefix=PrefixKVRegistry(kvs, backend="triton"))
+    assert calls == [1]  # the per-call backend reached the op (automatic would pick the reference on CPU)
+    ref = op.prefix_attention_reference(q, k, v, *kvs[0])
+    torch.testing.assert_close(out, ref.transpose(1, 2), **TOL)
+    with pytest.raises(TypeError, match="fastpeft_prefix= must be a PrefixKVRegistry"):
+        prefix_attention_forward(mod, q, k, v, None, fastpeft_prefix=kvs)

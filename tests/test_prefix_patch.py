@@ -221,3 +221,22 @@ def test_prefix_adapter_not_fitting_base_is_a_clear_error():
     pm.peft_config["default"].num_layers = 3
     with pytest.raises(ValueError, match=r"num_layers=3.*needs num_layers=2"):
         fastpeft.patch(pm)
+
+
+def test_patched_adapter_loaded_for_inference(monkeypatch, tmp_path):
+    """An adapter loaded with PeftModel.from_pretrained (inference_mode: the saved prefix is used as is)."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    trained = _prefix_model(projection=True)
+    trained.save_pretrained(str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(_base(), str(tmp_path))
+    assert pm.active_peft_config.inference_mode
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ref, trained(input_ids=ids, attention_mask=mask).logits, **TOL)
+        fastpeft.patch(pm)
+        try:
+            out = pm(input_ids=ids, attention_mask=mask).logits
+        finally:
+            fastpeft.unpatch(pm)
+    torch.testing.assert_close(out, ref, **TOL)
