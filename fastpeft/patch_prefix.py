@@ -30,6 +30,7 @@ This module never imports peft; its models are recognised by their class's modul
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -244,6 +245,10 @@ class _PatchedMethod:
 
     def __call__(self, *args, **kwargs):
         return _IMPLS[self._name](self._model, *args, **kwargs)
+
+    @property
+    def __signature__(self):  # inspect.signature (Trainer, generate) sees the original method's
+        return inspect.signature(getattr(type(self._model), self._name).__get__(self._model))
 
     def __reduce__(self):
         return (_PatchedMethod, (self._model, self._name))

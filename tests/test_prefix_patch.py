@@ -240,3 +240,38 @@ def test_patched_adapter_loaded_for_inference(monkeypatch, tmp_path):
         finally:
             fastpeft.unpatch(pm)
     torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_patched_peft_prefix_trains_under_trainer(monkeypatch, tmp_path):
+    """transformers.Trainer on the patched peft model: loss goes down, only the prefix encoder changes."""
+    import inspect
+
+    from transformers import Trainer, TrainingArguments
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    import fastpeft.ops.prefix_attention as op
+
+    calls = []
+    ref_op = op.prefix_attention_reference
+    monkeypatch.setattr(op, "prefix_attention_reference", lambda *a, **k: calls.append(1) or ref_op(*a, **k))
+    pm = _prefix_model()
+    fastpeft.patch(pm)
+    assert "input_ids" in inspect.signature(pm.forward).parameters
+    g = torch.Generator().manual_seed(5)
+    rows = [{"input_ids": torch.randint(1, 16, (8,), generator=g)} for _ in range(8)]  # a small vocabulary: learnable
+    data = [{"input_ids": r["input_ids"], "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": r["input_ids"]} for r in rows]
+    frozen = {n: p.detach().clone() for n, p in pm.named_parameters() if not p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12, learning_rate=0.3,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=pm, args=args, train_dataset=data)
+    try:
+        trainer.train()
+    finally:
+        fastpeft.unpatch(pm)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.03
+    assert calls and len(calls) >= 12 * 2  # every step's two layers went through the prefix op
+    for n, p in pm.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
