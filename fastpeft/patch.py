@@ -303,7 +303,10 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
 
     prefix = patch_prefix(model, explicit)
     if prefix is not None:
-        report.patched.append(PatchedModule(**prefix))
+        if "reason" in prefix:
+            report.skipped.append(SkippedModule(**prefix))
+        else:
+            report.patched.append(PatchedModule(**prefix))
 
     for name, module in model.named_modules():
         lib = _library(module)

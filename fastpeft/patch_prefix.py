@@ -261,28 +261,29 @@ class _PatchedMethod:
 def patch_prefix(model: nn.Module, backend: Optional[str]) -> Optional[Dict[str, str]]:
     """Route ``model``'s Prefix Tuning through the shared-prefix op; None if it has no prefix.
 
-    Returns ``{"name", "kind", "note"}`` for the patch report. Raises ``ValueError`` when the
-    base model's attention layout is unknown (see :data:`PREFIX_MODEL_TYPES`) or the adapter
-    does not fit the base model. Patching again only updates ``backend``.
+    Returns ``{"name", "kind", "note"}`` for the patch report (``{"name", "kind", "reason"}``
+    when the model is left as it is: task types other than causal LM). Raises ``ValueError``
+    when a causal LM's attention layout is unknown (see :data:`PREFIX_MODEL_TYPES`) or the
+    adapter does not fit the base model. Patching again only updates ``backend``.
     """
     lib = find_prefix_model(model)
     if lib is None:
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model.base_model
+    kind = f"{lib} PrefixTuning ({_task_type(model.active_peft_config)}) on {type(base).__name__}"
+    cls_name = type(model).__name__
+    if cls_name != "PeftModelForCausalLM":
+        return {"name": "base_model", "kind": kind,
+                "reason": (f"shared-prefix attention is routed for {lib}'s PeftModelForCausalLM only; {cls_name} keeps "
+                           "the KV-cache prefix")}
     layout = _check_layout(model, base, lib)
     L = layout[0]
-    kind = f"{lib} PrefixTuning ({_task_type(model.active_peft_config)}) on {type(base).__name__}"
     if lib == "fastpeft":
         registry = enable_prefix_attention(base)
         registry.backend = backend
         model.__dict__[_STATE_ATTR] = {"lib": lib, "backend": backend, "layout": layout, "base": base, "orig": {}}
         return {"name": "base_model", "kind": kind,
                 "note": f"shared-prefix attention registry on {L} layers (fastpeft's forward fills it)"}
-    cls_name = type(model).__name__
-    if cls_name != "PeftModelForCausalLM":
-        raise ValueError(
-            f"fastpeft.patch: shared-prefix attention is routed for peft's PeftModelForCausalLM; this model is "
-            f"{cls_name} (task type {_task_type(model.active_peft_config)}). Use it without fastpeft.patch.")
     state = model.__dict__.get(_STATE_ATTR)
     if state is not None:
         state["backend"] = backend

@@ -275,3 +275,22 @@ def test_patched_peft_prefix_trains_under_trainer(monkeypatch, tmp_path):
     for n, p in pm.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_other_peft_task_types_are_reported_and_left_alone():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    base = transformers.LlamaForSequenceClassification(cfg).eval()
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+        report = fastpeft.patch(pm)
+        assert not report.patched and len(report.skipped) == 1
+        assert "PeftModelForCausalLM only" in report.skipped[0].reason and "KV-cache prefix" in report.skipped[0].reason
+        assert "forward" not in pm.__dict__ and pm.base_model.config._attn_implementation != "fastpeft_prefix"
+        torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, ref, atol=0, rtol=0)
+    assert fastpeft.unpatch(pm) == []
