@@ -294,3 +294,34 @@ def test_other_peft_task_types_are_reported_and_left_alone():
         assert "forward" not in pm.__dict__ and pm.base_model.config._attn_implementation != "fastpeft_prefix"
         torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, ref, atol=0, rtol=0)
     assert fastpeft.unpatch(pm) == []
+
+
+@pytest.mark.skipif(not hasattr(fastpeft, "PrefixTuningConfig"), reason="fastpeft's prompt-learning tuners not merged")
+def test_patch_routes_fastpeft_prefix_model(monkeypatch):
+    """fastpeft.patch on fastpeft's own prefix model attaches the registry its forward fills: same numbers."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    import fastpeft.ops.prefix_attention as op
+
+    calls = []
+    ref_op = op.prefix_attention_reference
+    monkeypatch.setattr(op, "prefix_attention_reference", lambda *a, **k: calls.append(1) or ref_op(*a, **k))
+    pm = fastpeft.get_peft_model(_base(), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    ids, mask = _batch()
+    ref_logits, ref_loss, ref_grads = _step(pm, ids, mask)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ref_gen = pm.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert not calls
+    report = fastpeft.patch(pm)
+    try:
+        assert [p.kind for p in report.patched] == ["fastpeft PrefixTuning (CAUSAL_LM) on LlamaForCausalLM"]
+        logits, loss, grads = _step(pm, ids, mask)
+        assert len(calls) == 2  # both layers through the prefix op
+        gen = pm.generate(input_ids=ids, attention_mask=mask, **kw)
+    finally:
+        assert fastpeft.unpatch(pm) == ["base_model"]
+    assert pm.prefix_attention_registry is None
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], **TOL)
+    assert torch.equal(gen, ref_gen)
