@@ -289,7 +289,8 @@ def patch_prefix(model: nn.Module, backend: Optional[str]) -> Optional[Dict[str,
         state["backend"] = backend
     else:
         state = {"lib": lib, "backend": backend, "layout": layout, "base": base, "generating": None,
-                 "orig": {n: getattr(model, n) for n in _PATCHED_METHODS},
+                 # the class's methods (an instance attribute may be peft's disable_adapter() swap)
+                 "orig": {n: getattr(type(model), n).__get__(model) for n in _PATCHED_METHODS},
                  "orig_instance": {n: model.__dict__[n] for n in _PATCHED_METHODS if n in model.__dict__}}
         enable_prefix_attention(base)  # the attention function; prefixes arrive per call
         model.__dict__[_STATE_ATTR] = state
