@@ -8,7 +8,8 @@ generate() tokens, and unpatch must restore peft's own path.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+# conftest.py sets TRITON_INTERPRET=1 on machines without CUDA (before triton is imported);
+# on a CUDA machine the kernels run compiled and the interpreter-only tests skip.
 
 import pytest
 import torch
@@ -94,6 +95,7 @@ def test_patched_logits_and_prefix_grads_match_peft_reference(monkeypatch, proje
     assert "prefix" in str(report)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU models reach Triton only under TRITON_INTERPRET=1")
 def test_patched_triton_kernels_match_peft_one_layer(monkeypatch):
     """The Triton kernels (interpreter) behind the patched model, 1 layer: logits and grads equal peft's."""
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
