@@ -25,6 +25,11 @@ fastpeft's own prompt-learning ``PeftModel`` reads the registry that
 ``_fastpeft_prefix_registry`` on the attention modules); for those models this module only
 attaches it.
 
+One deliberate difference: with a sliding-window attention (Mistral's ``sliding_window``,
+Qwen2's ``use_sliding_window``) the prefix stays visible to every token, whereas in peft's
+cache it sits at positions ``0..P-1`` and slides out of the window of tokens more than
+``window - P`` positions later. Below that length the two agree.
+
 This module never imports peft; its models are recognised by their class's module name.
 """
 
