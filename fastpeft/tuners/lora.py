@@ -1,0 +1,380 @@
+"""LoRA: ``LoraConfig``, the LoRA linear layer and ``LoraModel`` (the tuner).
+
+The layer mirrors Hugging Face peft's ``lora.Linear``: it keeps the original module as
+``base_layer`` and per-adapter ``lora_A``/``lora_B`` (``nn.Linear`` without bias),
+``lora_dropout`` and ``scaling``. Its forward runs the fused op
+:func:`fastpeft.ops.lora_linear.lora_linear` for the first active adapter, which picks the
+Triton kernel on CUDA and the reference path on CPU.
+
+Other base-layer types (e.g. bitsandbytes ``Linear4bit``) plug in through
+:func:`register_lora_dispatcher`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Literal, Optional, Union
+
+import torch
+from torch import nn
+
+from fastpeft.config import PeftConfig, PeftType, register_config
+from fastpeft.ops.lora_linear import lora_delta, lora_linear
+from fastpeft.tuners.base import BaseTuner, BaseTunerLayer
+from fastpeft.utils.constants import DEFAULT_LORA_TARGET_MODULES
+from fastpeft.utils.modules import pattern_key
+
+
+@register_config
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (Hugging Face peft's ``LoraConfig`` fields and defaults).
+
+    Args:
+        r: LoRA rank (> 0).
+        target_modules: module-name suffixes (list), a full-match regex (str), or ``"all-linear"``
+            (every linear layer but the output head). None: the default for the model type.
+        exclude_modules: names or a regex never to target.
+        lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / r``
+            (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the LoRA branch input.
+        fan_in_fan_out: True when the base layer stores its weight as (in, out), e.g. GPT-2's Conv1D.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"``: which biases train (and are saved).
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero: a no-op at start), ``"gaussian"``
+            (A normal with std 1/r, B zero) or ``False`` (random A and B, for tests).
+        layers_to_transform: only these block indices; ``layers_pattern`` names the block list.
+        rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha`` keyed by a
+            regex on the module name.
+        use_dora: weight-decomposed LoRA (DoRA).
+        lora_bias: a trainable bias on ``lora_B`` (not supported).
+    """
+
+    _peft_type = PeftType.LORA
+
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    target_modules: Optional[Union[List[str], str]] = field(default=None)
+    exclude_modules: Optional[Union[List[str], str]] = field(default=None)
+    lora_alpha: int = field(default=8)
+    lora_dropout: float = field(default=0.0)
+    fan_in_fan_out: bool = field(default=False)
+    bias: Literal["none", "all", "lora_only"] = field(default="none")
+    use_rslora: bool = field(default=False)
+    modules_to_save: Optional[List[str]] = field(default=None)
+    init_lora_weights: Union[bool, str] = field(default=True)
+    layers_to_transform: Optional[Union[List[int], int]] = field(default=None)
+    layers_pattern: Optional[Union[List[str], str]] = field(default=None)
+    rank_pattern: Optional[dict] = field(default_factory=dict)
+    alpha_pattern: Optional[dict] = field(default_factory=dict)
+    megatron_config: Optional[dict] = field(default=None)
+    megatron_core: Optional[str] = field(default="megatron.core")
+    trainable_token_indices: Optional[Any] = field(default=None)
+    loftq_config: Union[dict, Any] = field(default_factory=dict)
+    eva_config: Optional[Any] = field(default=None)
+    corda_config: Optional[Any] = field(default=None)
+    use_dora: bool = field(default=False)
+    use_qalora: bool = field(default=False)
+    qalora_group_size: int = field(default=16)
+    layer_replication: Optional[List[List[int]]] = field(default=None)
+    lora_bias: bool = field(default=False)
+    target_parameters: Optional[List[str]] = field(default=None)
+    ensure_weight_tying: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got r={self.r!r}. Typical values: 8, 16, 64.")
+        for key, val in (self.rank_pattern or {}).items():
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {val!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() != "gaussian":
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft; use True, False or 'gaussian'."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only works together with layers_to_transform; set layers_to_transform too.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string.")
+        unsupported = {
+            "lora_bias": self.lora_bias,
+            "use_qalora": self.use_qalora,
+            "layer_replication": self.layer_replication,
+            "target_parameters": self.target_parameters,
+            "trainable_token_indices": self.trainable_token_indices,
+            "megatron_config": self.megatron_config,
+            "eva_config": self.eva_config,
+            "corda_config": self.corda_config,
+        }
+        for name, value in unsupported.items():
+            if value:
+                raise NotImplementedError(f"LoraConfig({name}=...) is not supported by fastpeft yet; leave it at its default.")
+        if self.loftq_config:
+            raise NotImplementedError("LoftQ initialisation is not supported by fastpeft; leave loftq_config empty.")
+
+
+class LoraLayer(BaseTunerLayer):
+    """Per-adapter LoRA state shared by every LoRA layer type."""
+
+    adapter_layer_names = ("lora_A", "lora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def _init_lora(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        self._init_tuner_layer(base_layer)
+        self.r: Dict[str, int] = {}
+        self.lora_alpha: Dict[str, float] = {}
+        self.scaling: Dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.use_dora: Dict[str, bool] = {}
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights, use_rslora: bool) -> None:
+        """Create (or replace) adapter ``adapter_name`` on this layer."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_dora[adapter_name] = False
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
+        if init_lora_weights is False:
+            return  # nn.Linear's default init for both: a non-zero update (tests use it)
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        else:  # "gaussian"
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def _move_adapter_to_base(self, adapter_name: str) -> None:
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        if dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32  # adapters train in fp32 on half-precision bases (peft's autocast_adapter_dtype)
+        for attr in ("lora_A", "lora_B"):
+            getattr(self, attr)[adapter_name].to(device=weight.device if weight.device.type != "meta" else None, dtype=dtype)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    def _dropout_p(self, adapter: str) -> float:
+        drop = self.lora_dropout[adapter]
+        return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+
+
+class Linear(nn.Module, LoraLayer):
+    """LoRA on ``nn.Linear`` (or on GPT-2's ``Conv1D`` with ``fan_in_fan_out=True``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        use_rslora: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        weight = base_layer.weight
+        if fan_in_fan_out:
+            in_features, out_features = weight.shape
+        else:
+            out_features, in_features = weight.shape
+        self._init_lora(base_layer, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+
+    def _base_weight(self) -> torch.Tensor:
+        w = self.get_base_layer().weight
+        return w.t() if self.fan_in_fan_out else w  # always [out, in]
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's layout and dtype."""
+        weight = self.get_base_layer().weight
+        a = self.lora_A[adapter].weight
+        b = self.lora_B[adapter].weight
+        compute_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) and weight.device.type == "cpu" else a.dtype
+        delta = (b.to(compute_dtype) @ a.to(compute_dtype)) * self.scaling[adapter]
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        return delta.to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+        """Add the adapters' ``scaling * B A`` into the base weight (``safe_merge`` checks for NaN/inf first)."""
+        names = [a for a in (adapter_names or self.active_adapters) if a in self.lora_A and a not in self.merged_adapters]
+        base = self.get_base_layer()
+        for adapter in names:
+            delta = self.get_delta_weight(adapter)
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs or infs in the merged weights of adapter {adapter!r}; the adapter seems broken.")
+                base.weight.data = merged
+            else:
+                base.weight.data += delta
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's update from the base weight."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                base.weight.data -= self.get_delta_weight(adapter)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged or not active or args or kwargs:
+            result = self.base_layer(x, *args, **kwargs)
+            if self.merged:
+                return result
+            for a in active:
+                result = result + lora_delta(x.to(self.lora_A[a].weight.dtype), self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], self.lora_dropout[a]).to(result.dtype)
+            return result
+        first, rest = active[0], active[1:]
+        base = self.get_base_layer()
+        A = self.lora_A[first].weight
+        B = self.lora_B[first].weight
+        result = lora_linear(
+            x,
+            self._base_weight(),
+            base.bias,
+            A,
+            B,
+            self.scaling[first],
+            dropout_p=self._dropout_p(first),
+            training=self.training,
+        )
+        for a in rest:
+            result = result + lora_delta(x.to(self.lora_A[a].weight.dtype), self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], self.lora_dropout[a]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+# ---- dispatch: which LoRA layer wraps which base module --------------------------------
+LoraDispatcher = Callable[..., Optional[nn.Module]]
+_DISPATCHERS: List[LoraDispatcher] = []
+
+
+def register_lora_dispatcher(fn: LoraDispatcher, first: bool = True) -> LoraDispatcher:
+    """Register ``fn(target, adapter_name, lora_config, **kwargs) -> module | None``.
+
+    Dispatchers are tried in order; the first to return a module wins. Used to add LoRA
+    layers for other base types (e.g. bitsandbytes ``Linear4bit``).
+    """
+    if fn not in _DISPATCHERS:
+        _DISPATCHERS.insert(0 if first else len(_DISPATCHERS), fn)
+    return fn
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Linear) and type(base).__name__ not in ("Linear4bit", "Linear8bitLt"):
+        if kwargs.get("fan_in_fan_out"):
+            warnings.warn("fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False.")
+            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = False
+        return Linear(target, adapter_name, **kwargs)
+    if _is_conv1d(base):
+        if not kwargs.get("fan_in_fan_out"):
+            warnings.warn("The target is a Conv1D (GPT-2 style, weight stored (in, out)); setting fan_in_fan_out=True.")
+            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = True
+        return Linear(target, adapter_name, **kwargs)
+    return None
+
+
+register_lora_dispatcher(dispatch_default, first=False)
+
+
+class LoraModel(BaseTuner):
+    """The LoRA tuner: wraps a transformers model and injects :class:`Linear` layers.
+
+    Usually built through :func:`fastpeft.get_peft_model`.
+    """
+
+    prefix = "lora_"
+
+    def _prepare_adapter_config(self, config: LoraConfig, model_config: Dict[str, Any]) -> LoraConfig:
+        if config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in DEFAULT_LORA_TARGET_MODULES:
+                raise ValueError(
+                    f"No default LoRA target modules for model type {model_type!r}; set target_modules "
+                    "(e.g. ['q_proj', 'v_proj'] or 'all-linear')."
+                )
+            config.target_modules = set(DEFAULT_LORA_TARGET_MODULES[model_type])
+        return config
+
+    def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        if config.use_dora and not _dora_available():
+            raise NotImplementedError("use_dora=True is not supported by this fastpeft build yet.")
+
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str) -> None:
+        rank_key = pattern_key((config.rank_pattern or {}).keys(), current_key)
+        alpha_key = pattern_key((config.alpha_pattern or {}).keys(), current_key)
+        r = config.rank_pattern[rank_key] if rank_key else config.r
+        alpha = config.alpha_pattern[alpha_key] if alpha_key else config.lora_alpha
+        kwargs = dict(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=config.lora_dropout,
+            fan_in_fan_out=config.fan_in_fan_out,
+            init_lora_weights=config.init_lora_weights,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+        )
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora)
+            return
+        for dispatcher in _DISPATCHERS:
+            new = dispatcher(target, adapter_name, config, **kwargs)
+            if new is not None:
+                break
+        else:
+            raise ValueError(
+                f"Target module {current_key!r} is a {type(target).__module__}.{type(target).__name__}, which LoRA "
+                "does not support. Supported: torch.nn.Linear, transformers' Conv1D"
+                + (", bitsandbytes Linear4bit" if len(_DISPATCHERS) > 1 else "")
+                + ". Target other modules (e.g. target_modules='all-linear')."
+            )
+        if adapter_name not in self.active_adapters:
+            new.set_adapter(self.active_adapters)
+            new.requires_grad_(False)
+        setattr(parent, target_name, new)
+
+
+def _dora_available() -> bool:
+    return False

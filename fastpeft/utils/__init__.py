@@ -1,0 +1,1 @@
+"""Shared helpers: atomic file IO, model-type constants, module surgery."""
