@@ -14,7 +14,7 @@ from fastpeft.cli.train import IGNORE_INDEX, completion_loss, collate, encode_ro
 
 LETTERS = list("abcdefgh")
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
-WORDS = LETTERS + ["copy", "reverse", ":", "user", "assistant", "system"]
+WORDS = LETTERS + ["copy", "reverse", "next", ":", "user", "assistant", "system"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
     "{% if add_generation_prompt %}assistant : {% endif %}"
@@ -38,14 +38,18 @@ def _tokenizer(chat: bool = False):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random LlamaForCausalLM + word-level tokenizer saved as a transformers checkpoint."""
+    """A tiny random LlamaForCausalLM + word-level tokenizer saved as a transformers checkpoint.
+
+    initializer_range=0.3: with the default 0.02 the frozen lm_head of a 32-wide model caps logits
+    near 0.6 after the final norm, so no adapter could fit any task.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("tiny-llama")
     tok = _tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -57,20 +61,21 @@ def _write_rows(path: Path, rows) -> Path:
     return path
 
 
-def _copy_rows(n: int, seed: int):
+def _task_rows(n: int, seed: int):
+    """A task a LoRA on a frozen random model learns in a few steps: "next : c" -> "d e" (the two following letters)."""
     import random
     r = random.Random(seed)
     rows = []
     for _ in range(n):
-        w = " ".join(r.choice(LETTERS) for _ in range(3))
-        rows.append({"prompt": f"copy : {w} :", "completion": w})
+        i = r.randrange(len(LETTERS) - 2)
+        rows.append({"prompt": f"next : {LETTERS[i]}", "completion": f"{LETTERS[i + 1]} {LETTERS[i + 2]}"})
     return rows
 
 
 @pytest.fixture(scope="module")
-def copy_data(tmp_path_factory):
+def task_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    return _write_rows(d / "train.jsonl", _copy_rows(64, 1)), _write_rows(d / "eval.jsonl", _copy_rows(12, 2))
+    return _write_rows(d / "train.jsonl", _task_rows(64, 1)), _write_rows(d / "eval.jsonl", _task_rows(12, 2))
 
 
 # ----------------------------------------------------------------------------- data handling
@@ -106,8 +111,11 @@ def test_truncation_that_removes_the_completion_drops_the_row():
     tok = _tokenizer()
     row = {"prompt": "copy : a b c d e f :", "completion": "a b"}
     assert encode_row(tok, row, use_chat=False, max_length=5) is None
-    ex = encode_row(tok, row, use_chat=False, max_length=10)
-    assert len(ex.input_ids) == 10 and ex.labels[-1] != IGNORE_INDEX
+    # <bos> + 9 prompt words = 10 prompt tokens: 10 leaves no target, 11 keeps the first one
+    assert encode_row(tok, row, use_chat=False, max_length=10) is None
+    ex = encode_row(tok, row, use_chat=False, max_length=11)
+    assert len(ex.input_ids) == 11 and ex.labels[-1] == tok.convert_tokens_to_ids("a")
+    assert ex.labels[:-1] == [IGNORE_INDEX] * 10
 
 
 def test_collate_and_loss_ignore_padding():
@@ -138,9 +146,9 @@ def test_missing_data_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad, needle", [
     ('{"prompt": "x", "completion": "y"', "not valid JSON"),
-    ('{"text": "x"}', "needs 'prompt' and 'completion', or 'messages'"),
-    ('{"prompt": "x", "completion": 3}', "must be strings"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "last message must be the assistant's"),
+    ('{"text": "x"}', "a row needs 'prompt' and 'completion', or 'messages' (got keys ['text'])"),
+    ('{"prompt": "x", "completion": 3}', "'prompt' and 'completion' must be strings"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "the last message must be the assistant's"),
     ('[1, 2]', "expected a JSON object"),
 ])
 def test_bad_jsonl_row_names_the_line(tmp_path, capsys, bad, needle):
@@ -153,8 +161,8 @@ def test_bad_jsonl_row_names_the_line(tmp_path, capsys, bad, needle):
         read_jsonl(p)
 
 
-def test_unknown_model_path(tmp_path, copy_data, capsys):
-    train, ev = copy_data
+def test_unknown_model_path(tmp_path, task_data, capsys):
+    train, ev = task_data
     code = main(["train", "--model", str(tmp_path / "no-such-model"), "--data", str(train),
                  "--eval-data", str(ev), "--output-dir", str(tmp_path / "out")])
     assert code == 2
@@ -166,8 +174,8 @@ def test_unknown_model_path(tmp_path, copy_data, capsys):
     (["--lr", "0"], "--lr must be > 0"),
     (["--lora-dropout", "1.5"], "--lora-dropout"),
 ])
-def test_bad_arguments(tmp_path, copy_data, capsys, args, needle):
-    train, ev = copy_data
+def test_bad_arguments(tmp_path, task_data, capsys, args, needle):
+    train, ev = task_data
     assert main(["train", "--data", str(train), "--eval-data", str(ev), *args]) == 2
     assert needle in capsys.readouterr().err
 
@@ -175,47 +183,69 @@ def test_bad_arguments(tmp_path, copy_data, capsys, args, needle):
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_end_to_end_tiny_model(tiny_model, copy_data, tmp_path, capsys):
-    from fastpeft.cli.train import Example, evaluate  # noqa: F401
+def _eval_loss_and_logits(model, tok, ev_path):
+    from fastpeft.cli.train import encode_rows, evaluate
+
+    ex = encode_rows(tok, read_jsonl(ev_path), False, 256, "eval")
+    res = evaluate(model, tok, ex, torch.device("cpu"), False, 16, 4)
+    b = collate(ex, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return res, logits
+
+
+def test_end_to_end_tiny_model(tiny_model, task_data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    train, ev = copy_data
+    import fastpeft
+
+    train, ev = task_data
     out = tmp_path / "run"
     code = main(["train", "--model", str(tiny_model), "--data", str(train), "--eval-data", str(ev),
-                 "--output-dir", str(out), "--steps", "24", "--batch-size", "8", "--grad-accum", "2",
-                 "--lr", "2e-2", "--r", "8", "--save-every", "10", "--seed", "3", "--device", "cpu"])
+                 "--output-dir", str(out), "--steps", "20", "--batch-size", "8", "--grad-accum", "2",
+                 "--lr", "3e-2", "--r", "8", "--save-every", "8", "--seed", "3", "--device", "cpu",
+                 "--max-new-tokens", "4"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     text = captured.out
-    assert "exact match (held-out, n=12):" in text and "eval loss:" in text and "adapter (PEFT format)" in text
-    assert "train" in captured.err and "tok_s=" in captured.err  # the tqdm bar with loss and tokens/s
+    assert "eval before: loss" in text and "eval after: loss" in text
+    assert "exact match (held-out, n=12):" in text and "adapter (PEFT format)" in text
+    assert "tok_s=" in captured.err and "loss=" in captured.err  # the tqdm bar with loss and tokens/s
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 24 and len(summary["train_losses"]) == 24
-    assert summary["train_loss_last"] < summary["train_loss_first"] * 0.8
-    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    assert summary["steps"] == 20 and len(summary["train_losses"]) == 20
+    assert summary["train_loss_last"] < 0.5 * summary["train_loss_first"]
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["exact_match"] >= 0.5 > before["exact_match"]
 
     # adapters in PEFT format at the end and every --save-every steps; no temp dirs left behind
-    for d in (out / "adapter", out / "checkpoint-10", out / "checkpoint-20"):
+    for d in (out / "adapter", out / "checkpoint-8", out / "checkpoint-16"):
         assert (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
-    assert not [p for p in os.listdir(out) if p.startswith(".")]
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoint-16", "checkpoint-8", "summary.json"]
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
 
-    # the saved adapter loads and reproduces the post-training eval loss
-    from peft import PeftModel
-    from fastpeft.cli.train import encode_rows, read_jsonl as rj
+    # the saved adapter loads in fastpeft and in peft, and both reproduce the post-training eval
+    import peft
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    loaded = PeftModel.from_pretrained(base, out / "adapter")
-    ex = encode_rows(tok, rj(ev), False, 256, "eval")
-    res = evaluate(loaded, tok, ex, torch.device("cpu"), False, 16, 8)
-    assert res["loss"] == pytest.approx(summary["eval_after"]["loss"], rel=1e-4)
-    assert res["exact_match"] == pytest.approx(summary["eval_after"]["exact_match"])
+    ours = fastpeft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "adapter")
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "adapter")
+    res_ours, logits_ours = _eval_loss_and_logits(ours.eval(), tok, ev)
+    res_theirs, logits_theirs = _eval_loss_and_logits(theirs.eval(), tok, ev)
+    torch.testing.assert_close(logits_ours, logits_theirs, atol=1e-5, rtol=1e-5)
+    assert res_ours["loss"] == pytest.approx(after["loss"], rel=1e-4)
+    assert res_ours["exact_match"] == after["exact_match"] == res_theirs["exact_match"]
+
+    # an intermediate checkpoint is a different, earlier adapter
+    ckpt = fastpeft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "checkpoint-8")
+    res_ckpt, _ = _eval_loss_and_logits(ckpt.eval(), tok, ev)
+    assert res_ckpt["loss"] > res_ours["loss"]
 
 
-def test_held_out_split_and_seed_reproducibility(tiny_model, copy_data, tmp_path, capsys):
-    train, _ = copy_data
+def test_held_out_split_and_seed_reproducibility(tiny_model, task_data, tmp_path, capsys):
+    train, _ = task_data
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name

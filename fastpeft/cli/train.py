@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# The CLI reaches the library only through fastpeft's public API.
-from peft import LoraConfig, get_peft_model  # noqa: E402  (switched to fastpeft once it lands)
+# The CLI reaches the library only through fastpeft's public API (never `peft`: that is the tests' oracle).
+from fastpeft import LoraConfig, get_peft_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -86,6 +86,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--lora-dropout", type=float, default=0.05)
     lo.add_argument("--target-modules", default="all-linear",
                     help="'all-linear' or a comma-separated list of module names (e.g. q_proj,v_proj)")
+    lo.add_argument("--qlora", action="store_true",
+                    help="QLoRA: load the base in 4-bit NF4 (bitsandbytes, double quantization), "
+                         "prepare it for k-bit training, paged 8-bit AdamW on CUDA")
 
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-examples", type=int, default=None, help="held-out rows to evaluate (default: all)")
@@ -319,19 +322,39 @@ def resolve_model(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def _bnb_4bit_config(device):
+    """The QLoRA quantization config: NF4, double quantization, bf16 compute on CUDA, fp32 on CPU."""
+    import torch
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainError("--qlora needs bitsandbytes: `pip install bitsandbytes` (or `pip install fastpeft[gpu]`)") from None
+    from transformers import BitsAndBytesConfig
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
 def load_base_model(name: str, device, dtype, quantization: str | None = None):
     """Load (tokenizer, base causal LM) for --model.
 
-    Hook for QLoRA: ``quantization="nf4"`` is where a 4-bit load slots in (build the
-    quantization config here and pass it to ``from_pretrained``); today only None is accepted.
+    ``quantization="nf4"`` loads the base 4-bit through bitsandbytes (``--qlora``); a .gguf
+    file is de-quantized by transformers, so QLoRA needs a transformers checkpoint (the
+    embedded default is converted to one and cached).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if quantization is not None:
-        raise TrainError(f"quantization {quantization!r} is not supported by this build of fastpeft train")
+    if quantization not in (None, "nf4"):
+        raise TrainError(f"quantization {quantization!r} is not supported (only 'nf4', i.e. --qlora)")
     path, kw = resolve_model(name)
+    extra = {}
+    if quantization == "nf4":
+        if "gguf_file" in kw:
+            raise TrainError(f"--qlora needs a transformers checkpoint, not a .gguf file ({name}); convert it "
+                             "first (AutoModelForCausalLM.from_pretrained(dir, gguf_file=...).save_pretrained(out))")
+        extra = {"quantization_config": _bnb_4bit_config(device), "device_map": {"": device}}
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw, **extra)
     except (OSError, ValueError) as exc:
         raise TrainError(f"could not load model {name!r}: {exc}") from None
     if tok.pad_token_id is None:
@@ -340,15 +363,21 @@ def load_base_model(name: str, device, dtype, quantization: str | None = None):
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
         raise TrainError(f"the tokenizer of {name!r} has no EOS token (needed to end completions)")
-    return tok, model.to(device)
+    if quantization is None:
+        model = model.to(device)
+    return tok, model
 
 
 def build_model(args: argparse.Namespace, device, use_bf16: bool):
-    """Base model + LoRA adapter, ready to train. A --qlora load plugs in via load_base_model."""
+    """Base model + LoRA adapter, ready to train (with --qlora: a 4-bit NF4 base prepared for k-bit training)."""
     import torch
     base_dtype = torch.bfloat16 if (use_bf16 and device.type == "cuda") else torch.float32
-    tok, base = load_base_model(args.model, device, base_dtype, quantization=getattr(args, "quantization", None))
+    qlora = getattr(args, "qlora", False)
+    tok, base = load_base_model(args.model, device, base_dtype, quantization="nf4" if qlora else None)
     base.config.use_cache = False
+    if qlora:
+        from fastpeft import prepare_model_for_kbit_training
+        base = prepare_model_for_kbit_training(base)
     targets = args.target_modules.strip()
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -359,6 +388,9 @@ def build_model(args: argparse.Namespace, device, use_bf16: bool):
     try:
         model = get_peft_model(base, cfg)
     except ValueError as exc:
+        if qlora and "Linear4bit" in str(exc):
+            raise TrainError("--qlora: this build of fastpeft has no LoRA layer for bitsandbytes Linear4bit "
+                             f"modules yet ({exc}); train without --qlora") from None
         raise TrainError(f"could not apply LoRA (--target-modules {args.target_modules}): {exc}") from None
     for p in model.parameters():  # adapters train in fp32 even over a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
@@ -410,7 +442,7 @@ def evaluate(model, tok, examples: list[Example], device, use_bf16: bool, batch_
             with _autocast(device, use_bf16):
                 out = model.generate(input_ids=g["input_ids"].to(device),
                                      attention_mask=g["attention_mask"].to(device),
-                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                      pad_token_id=pad, eos_token_id=tok.eos_token_id)
             new = out[:, g["input_ids"].shape[1]:]
             for e, row in zip(chunk, new):
@@ -433,6 +465,15 @@ def _batches(examples: list[Example], batch_size: int, gen):
             if len(idx) < batch_size and len(order) >= batch_size:
                 break  # drop the ragged tail; the next epoch reshuffles
             yield [examples[j] for j in idx]
+
+
+def make_optimizer(params, args: argparse.Namespace, device):
+    """AdamW; with --qlora on CUDA, bitsandbytes' paged 8-bit AdamW (optimizer state paged out under pressure)."""
+    import torch
+    if getattr(args, "qlora", False) and device.type == "cuda":
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay), "paged 8-bit AdamW"
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay), "AdamW"
 
 
 def save_adapter(model, dest: Path) -> Path:
@@ -526,10 +567,13 @@ def run_train(args: argparse.Namespace) -> dict:
         ref_lens = [len(tok(e.reference, add_special_tokens=False)["input_ids"]) for e in eval_ex] or [16]
         max_new = max(ref_lens) + 8
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, opt_name = make_optimizer(params, args, device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model} on {device} ({'bf16 autocast' if use_bf16 else 'fp32'}), loaded in {load_s:.1f}s; "
-          f"LoRA r={args.r} alpha={args.lora_alpha:g} on {args.target_modules}: "
+    print(f"model {args.model} on {device} ({'bf16 autocast' if use_bf16 else 'fp32'}"
+          f"{', 4-bit NF4 base (QLoRA)' if args.qlora else ''}), loaded in {load_s:.1f}s; "
+          f"{opt_name}; LoRA r={args.r} alpha={args.lora_alpha:g} on {args.target_modules}: "
           f"{n_train:,} trainable / {n_all:,} params ({100 * n_train / n_all:.2f}%)")
     print(f"data: {len(train_ex)} training rows from {train_path}; {len(eval_ex)} eval rows ({eval_src}); "
           f"{'chat template' if use_chat else 'plain text'} format")
@@ -544,10 +588,16 @@ def run_train(args: argparse.Namespace) -> dict:
         _show_samples(label, res)
         return res
 
+    if device.type == "cuda":
+        import fastpeft
+        report = fastpeft.patch(model)
+        print(f"fastpeft.patch: backend {report.backend}; {len(report.patched)} patched, {len(report.native)} native "
+              f"(fastpeft LoRA layers, already fused), {len(report.skipped)} left as they are"
+              + (f" ({report.backend_note})" if report.backend_note else ""))
+        torch.cuda.reset_peak_memory_stats(device)
+
     before = run_eval("before")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
 
     def lr_lambda(step):  # step counts finished optimizer steps
@@ -575,7 +625,7 @@ def run_train(args: argparse.Namespace) -> dict:
                                attention_mask=c["attention_mask"].to(device)).logits
             s, _ = completion_loss(logits, c["labels"])
             (s / n_target).backward()
-            step_loss += float(s) / n_target
+            step_loss += float(s.detach()) / n_target
             tokens_seen += int(c["attention_mask"].sum())
         if not math.isfinite(step_loss):
             bar.close()
@@ -598,6 +648,7 @@ def run_train(args: argparse.Namespace) -> dict:
     after = run_eval("after")
     adapter_dir = save_adapter(model, out_dir / "adapter")
     total_s = time.perf_counter() - t_start
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     def first_last(xs, k=5):
         k = min(k, len(xs))
@@ -613,6 +664,7 @@ def run_train(args: argparse.Namespace) -> dict:
         "eval_after": {k: v for k, v in (after or {}).items() if k != "samples"} or None,
         "tokens_per_s": tokens_seen / train_s, "train_seconds": train_s, "total_seconds": total_s,
         "adapter_dir": str(adapter_dir), "checkpoints": saved,
+        "qlora": bool(args.qlora), "optimizer": opt_name, "peak_gpu_memory_gib": peak_gib,
     }
     _write_json(out_dir / "summary.json", summary)
 
@@ -624,6 +676,8 @@ def run_train(args: argparse.Namespace) -> dict:
     print(f"  train loss (first/last 5 steps): {l0:.4f} -> {l1:.4f}")
     print(f"  time: {total_s:.1f}s total ({load_s:.1f}s load, {train_s:.1f}s for {args.steps} steps, "
           f"{tokens_seen / train_s:.0f} tokens/s)")
+    if peak_gib is not None:
+        print(f"  peak GPU memory: {peak_gib:.2f} GiB (torch.cuda.max_memory_allocated)")
     print(f"  adapter (PEFT format): {adapter_dir}")
     if saved:
         print(f"  checkpoints: {', '.join(saved)}")
