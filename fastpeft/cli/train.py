@@ -94,7 +94,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--eval-examples", type=int, default=None, help="held-out rows to evaluate (default: all)")
     e.add_argument("--eval-batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation budget for exact match (default: longest reference completion + 8 tokens)")
+                   help="generation budget for exact match (default: longest reference completion + 4 tokens)")
 
 
 def _check_args(a: argparse.Namespace) -> None:
@@ -107,8 +107,10 @@ def _check_args(a: argparse.Namespace) -> None:
         raise TrainError(f"--lr must be > 0 (got {a.lr})")
     if not 0 <= a.lora_dropout < 1:
         raise TrainError(f"--lora-dropout must be in [0, 1) (got {a.lora_dropout})")
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        raise TrainError(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
     for name, v in {"--save-every": a.save_every, "--eval-examples": a.eval_examples,
-                    "--max-new-tokens": a.max_new_tokens, "--warmup-steps": a.warmup_steps}.items():
+                    "--warmup-steps": a.warmup_steps}.items():
         if v is not None and v < 0:
             raise TrainError(f"{name} must be >= 0 (got {v})")
     if a.device == "cuda":
@@ -420,15 +422,18 @@ def completion_loss(logits, labels):
 
 
 def evaluate(model, tok, examples: list[Example], device, use_bf16: bool, batch_size: int,
-             max_new_tokens: int) -> dict:
-    """Mean completion loss and greedy exact match over ``examples``."""
+             max_new_tokens: int, desc: str | None = None) -> dict:
+    """Mean completion loss and greedy exact match over ``examples`` (a progress bar when ``desc`` is given)."""
     import torch
+    from tqdm.auto import tqdm
     was_training = model.training
     model.eval()
     loss_sum, n_tok, hits, samples = 0.0, 0, 0, []
     pad = tok.pad_token_id
+    starts = range(0, len(examples), batch_size)
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
+        for i in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None, file=sys.stderr,
+                      dynamic_ncols=True):
             chunk = examples[i:i + batch_size]
             b = collate(chunk, pad)
             with _autocast(device, use_bf16):
@@ -517,6 +522,7 @@ def run_train(args: argparse.Namespace) -> dict:
 
     _check_args(args)
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
@@ -566,7 +572,7 @@ def run_train(args: argparse.Namespace) -> dict:
         max_new = args.max_new_tokens
     else:
         ref_lens = [len(tok(e.reference, add_special_tokens=False)["input_ids"]) for e in eval_ex] or [16]
-        max_new = max(ref_lens) + 8
+        max_new = max(ref_lens) + 4  # room for the end-of-turn token and a little overrun
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt, opt_name = make_optimizer(params, args, device)
@@ -583,7 +589,7 @@ def run_train(args: argparse.Namespace) -> dict:
         if not eval_ex:
             return None
         t = time.perf_counter()
-        res = evaluate(model, tok, eval_ex, device, use_bf16, args.eval_batch_size, max_new)
+        res = evaluate(model, tok, eval_ex, device, use_bf16, args.eval_batch_size, max_new, desc=f"eval {label}")
         print(f"eval {label}: loss {res['loss']:.4f}, exact match {res['exact_match']:.1%} "
               f"({round(res['exact_match'] * res['n'])}/{res['n']}) [{time.perf_counter() - t:.1f}s]")
         _show_samples(label, res)
@@ -654,6 +660,7 @@ def run_train(args: argparse.Namespace) -> dict:
     after = run_eval("after")
     adapter_dir = save_adapter(model, out_dir / "adapter")
     total_s = time.perf_counter() - t_start
+    cpu_s = time.process_time() - cpu_start
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     def first_last(xs, k=5):
@@ -669,6 +676,7 @@ def run_train(args: argparse.Namespace) -> dict:
         "eval_before": {k: v for k, v in (before or {}).items() if k != "samples"} or None,
         "eval_after": {k: v for k, v in (after or {}).items() if k != "samples"} or None,
         "tokens_per_s": tokens_seen / train_s, "train_seconds": train_s, "total_seconds": total_s,
+        "process_cpu_seconds": cpu_s,
         "adapter_dir": str(adapter_dir), "checkpoints": saved,
         "qlora": bool(args.qlora), "optimizer": opt_name, "peak_gpu_memory_gib": peak_gib,
     }
@@ -681,7 +689,7 @@ def run_train(args: argparse.Namespace) -> dict:
         print(f"  eval loss:                      {before['loss']:.4f} -> {after['loss']:.4f}")
     print(f"  train loss (first/last 5 steps): {l0:.4f} -> {l1:.4f}")
     print(f"  time: {total_s:.1f}s total ({load_s:.1f}s load, {train_s:.1f}s for {args.steps} steps, "
-          f"{tokens_seen / train_s:.0f} tokens/s)")
+          f"{tokens_seen / train_s:.0f} tokens/s; {cpu_s:.0f} s of CPU time in this process)")
     if peak_gib is not None:
         print(f"  peak GPU memory: {peak_gib:.2f} GiB (torch.cuda.max_memory_allocated)")
     print(f"  adapter (PEFT format): {adapter_dir}")

@@ -1,12 +1,17 @@
 """Generate the task shipped with ``fastpeft train`` (``train.jsonl``, ``eval.jsonl`` next to this file).
 
-The task: reverse the order of a short list of words. ``{"prompt": "Reverse the order of the
-words: cat dog sun map", "completion": "map sun dog cat"}``. The answer is exact, so the
-held-out exact match is a clean measure; SmolLM2-135M-Instruct gets it wrong (it echoes the
-list, reverses letters, or chats), and a LoRA run of a few dozen steps learns it.
+The task: reverse the order of a short list of words, as chat rows::
+
+    {"messages": [{"role": "system", "content": "Answer with the words only."},
+                  {"role": "user", "content": "Reverse the order of the words: cat dog sun"},
+                  {"role": "assistant", "content": "sun dog cat"}]}
+
+The answer is exact, so the held-out exact match is a clean measure; SmolLM2-135M-Instruct
+gets it wrong (it chats about the words, or echoes them), and a LoRA run of a few dozen steps
+learns it. The short system turn replaces SmolLM2's default system prompt (about 20 tokens).
 
 Every word is a single token for SmolLM2's tokenizer (with and without a leading space), so
-rows stay short (about 45 tokens with the chat template), which keeps the default run to a few
+rows stay short (about 35 tokens with the chat template), which keeps the default run to a few
 minutes on CPU. Held-out rows are word lists that never appear in the training rows.
 
 The output is deterministic (fixed seed, sorted keys); regenerate with::
@@ -29,11 +34,12 @@ WORDS = (
     "cat dog sun tree book fish bird milk rain star ship king road door moon wolf rock gold salt corn "
     "bear leaf hat cup pen box key map egg bus car bed ring sock coat rose lion pig owl fox bee ant"
 ).split()
+SYSTEM = "Answer with the words only."
 PROMPT = "Reverse the order of the words: {}"
 SEED = 1234
 N_TRAIN = 480
-N_EVAL = 40
-MIN_WORDS, MAX_WORDS = 3, 5
+N_EVAL = 32
+MIN_WORDS, MAX_WORDS = 3, 4
 
 
 def _rows(rng: random.Random, n: int, seen: set) -> list:
@@ -44,7 +50,11 @@ def _rows(rng: random.Random, n: int, seen: set) -> list:
         if words in seen:
             continue
         seen.add(words)
-        rows.append({"prompt": PROMPT.format(" ".join(words)), "completion": " ".join(reversed(words))})
+        rows.append({"messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": PROMPT.format(" ".join(words))},
+            {"role": "assistant", "content": " ".join(reversed(words))},
+        ]})
     return rows
 
 
