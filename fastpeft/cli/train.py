@@ -363,7 +363,10 @@ def load_base_model(name: str, device, dtype, quantization: str | None = None):
         if "gguf_file" in kw:
             raise TrainError(f"--qlora needs a transformers checkpoint, not a .gguf file ({name}); convert it "
                              "first (AutoModelForCausalLM.from_pretrained(dir, gguf_file=...).save_pretrained(out))")
-        extra = {"quantization_config": _bnb_4bit_config(device), "device_map": {"": device}}
+        import torch
+        where = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else "cpu"
+        extra = {"quantization_config": _bnb_4bit_config(device), "device_map": {"": where}}
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw, **extra)
