@@ -415,3 +415,14 @@ def test_qlora_rejects_a_gguf_file(tmp_path, task_data, capsys):
     assert main(["train", "--model", str(g), "--qlora", "--data", str(train), "--eval-data", str(ev),
                  "--output-dir", str(tmp_path / "out")]) == 2
     assert "--qlora needs a transformers checkpoint, not a .gguf file" in capsys.readouterr().err
+
+
+def test_cli_does_not_import_peft(tmp_path):
+    """peft is the tests' oracle only: the command runs on fastpeft's own API."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastpeft.cli.main, fastpeft.cli.train; print(sorted(m for m in sys.modules if m.split('.')[0] == 'peft'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
