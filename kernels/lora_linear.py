@@ -128,23 +128,38 @@ def _down_configs():
     return out
 
 
-def _prune_by_rank(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    rp = args["R_PAD"]
-    m = args["M"]
-    keep = []
-    for c in configs:
-        bm = c.kwargs.get("BLOCK_M", 64)
-        br = args.get("BLOCK_R", rp)
-        if bm * min(br, rp) > 128 * 128:  # accumulator register budget
-            continue
-        if bm > 16 and bm >= 2 * triton.next_power_of_2(max(m, 1)):  # tiny M: small tiles only
-            continue
-        bn = c.kwargs.get("BLOCK_N")
-        if bn is not None and bm * bn + bm * rp > 128 * 256 + 128 * 16:  # fused: both accumulators
-            continue
-        keep.append(c)
-    return keep or configs[:1]
+def _regs_ok(c, args, acc_elems: int, rng_elems: int, acc_limit: int = 64, total_limit: int = 80) -> bool:
+    """Register budget per thread (fp32 elements), checked against the sm_90 compiler's spills
+    (benchmarks/aot_lora_linear.py): the accumulator(s), plus one Philox value per element of the
+    tile that carries the dropout mask."""
+    threads = 32 * c.num_warps
+    acc = acc_elems / threads
+    rng = rng_elems / threads if args.get("HAS_DROPOUT", True) else 0
+    return acc <= acc_limit and rng <= 32 and acc + rng <= total_limit
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        rp, m = args["R_PAD"], args["M"]
+        keep = []
+        for c in configs:
+            bm, bk = c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_K", 64)
+            if bm > 16 and bm >= 2 * triton.next_power_of_2(max(m, 1)):  # tiny M: small row blocks only
+                continue
+            if kind == "down":
+                ok = _regs_ok(c, args, bm * rp, bm * bk)
+            elif kind == "dx":
+                ok = _regs_ok(c, args, bm * bk, bm * bk, acc_limit=32, total_limit=64)
+            elif kind == "da":
+                ok = _regs_ok(c, args, args["BLOCK_R"] * bk, bm * bk)
+            else:  # fused: [BM, BN] and [BM, R_PAD] accumulators
+                ok = _regs_ok(c, args, bm * c.kwargs["BLOCK_N"] + bm * rp, bm * bk, acc_limit=80, total_limit=104)
+            if ok:
+                keep.append(c)
+        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_K", 64) / c.num_warps)]
+
+    return prune
 
 
 def _dx_configs():
@@ -163,7 +178,7 @@ def _da_configs():
         return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
     out = []
     for bm in (32, 64, 128):
-        for bk in (64, 128):
+        for bk in (32, 64, 128):
             for w in (4, 8):
                 out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
     return out
@@ -175,14 +190,14 @@ def _fused_configs():
     out = []
     for bm, bn, bk, w, s in (
         (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 256, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 8, 4),
         (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
+        (64, 128, 64, 8, 4),
         (64, 64, 64, 4, 4),
         (16, 128, 128, 4, 4),  # decode-sized M
-        (16, 64, 256, 4, 3),
-        (32, 128, 128, 4, 4),
+        (16, 64, 128, 4, 4),
+        (32, 128, 64, 4, 4),
     ):
         out.append(_cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s))
     return out
@@ -198,7 +213,7 @@ def _dropout_tile(x, seed, offs_m, offs_k, K, p, scale):
 
 
 # ----------------------------------------------------------------------------- kernels
-@_autotune(_down_configs(), key=["K", "R_PAD", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune_by_rank})
+@_autotune(_down_configs(), key=["K", "R_PAD", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune("down")})
 @triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, u_ptr,
@@ -235,7 +250,7 @@ def _lora_down_kernel(
 
 
 @_autotune(_dx_configs(), key=["K", "R_PAD", "M_BUCKET"], restore_value=["dx_ptr"],
-           prune_configs_by={"early_config_prune": _prune_by_rank})
+           prune_configs_by={"early_config_prune": _prune("dx")})
 @triton.jit
 def _lora_dx_add_kernel(
     dx_ptr, g_ptr, a_ptr,
@@ -271,7 +286,7 @@ def _lora_dx_add_kernel(
 
 
 @_autotune(_da_configs(), key=["K", "R_PAD", "M_BUCKET"], reset_to_zero=["da_ptr"],
-           prune_configs_by={"early_config_prune": _prune_by_rank})
+           prune_configs_by={"early_config_prune": _prune("da")})
 @triton.jit
 def _lora_grad_a_kernel(
     da_ptr, g_ptr, x_ptr,
@@ -315,7 +330,7 @@ def _lora_grad_a_kernel(
 
 
 @_autotune(_fused_configs(), key=["N", "K", "R_PAD", "M_BUCKET"],
-           prune_configs_by={"early_config_prune": _prune_by_rank})
+           prune_configs_by={"early_config_prune": _prune("fused")})
 @triton.jit
 def _lora_fused_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
@@ -371,14 +386,16 @@ def _lora_fused_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
-    u = uacc.to(u_ptr.dtype.element_ty)  # round u like the two-GEMM path does
+    u = uacc.to(u_ptr.dtype.element_ty)  # u as saved for backward (rounded like the split path)
+    # s folded into the rounded operand (one rounding, like u itself) so the LoRA product
+    # accumulates straight into acc: no second [BM, BN] accumulator (registers)
+    us = (uacc * s).to(u_ptr.dtype.element_ty)
     bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=n_ok[None, :] & r_ok[:, None], other=0.0)  # B^T tile [R_PAD, BN]
     if UPCAST:
-        lora = tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+        acc = tl.dot(us.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
     else:
-        lora = tl.dot(u, bt, input_precision=PRECISION)
-    acc += s * lora
+        acc = tl.dot(us, bt, acc, input_precision=PRECISION)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     if WRITE_U:
