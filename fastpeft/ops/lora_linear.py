@@ -23,6 +23,7 @@ a plain linear.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
 import torch
@@ -250,18 +251,25 @@ def lora_linear(
     inside the kernels.
     """
     check_lora_shapes(x, weight, lora_A, lora_B)
-    if lora_A.dtype != weight.dtype and x.dtype == weight.dtype:
-        lora_A = lora_A.to(weight.dtype)
-    if lora_B.dtype != weight.dtype and x.dtype == weight.dtype:
-        lora_B = lora_B.to(weight.dtype)
+    # One compute dtype for every operand: the autocast dtype inside autocast, else x's dtype.
+    # Casts are differentiable, so fp32 adapter weights on a bf16 base still get fp32 grads;
+    # the Function then runs with autocast off, so its backward sees the same dtypes.
+    device_type = x.device.type
+    autocast_on = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
+    x, weight, lora_A, lora_B = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B))
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     which = choose_backend(x, weight, backend=backend)
-    if which == "triton":
-        y = _triton_lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training),
-                                impl, seed)
-    else:
-        y = LoraLinearReference.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
+    with torch.autocast(device_type, enabled=False) if autocast_on else _nullcontext():
+        if which == "triton":
+            y = _triton_lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                                    bool(training), impl, seed)
+        else:
+            y = LoraLinearReference.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                                          bool(training))
     return y.reshape(*lead, weight.shape[0])
 
 
