@@ -283,6 +283,22 @@ def test_autocast_dtype_wins_on_both_backends():
         _assert_close([(f"y[{backend}]", y, want)], torch.float16)
 
 
+def test_auto_backend_is_triton_for_cuda_tensors_reference_on_cpu(monkeypatch):
+    """The automatic choice (what fastpeft's LoRA layers use): Triton for CUDA tensors, the
+    reference path for CPU ones; FASTPEFT_BACKEND overrides it."""
+    from fastpeft.ops import backend as bk
+
+    class FakeCuda:
+        is_cuda = True
+
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    cpu = torch.zeros(1)
+    assert bk.choose_backend(cpu, cpu) == "reference"
+    assert bk.choose_backend(FakeCuda(), cpu) == ("triton" if bk.triton_available() else "reference")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    assert bk.choose_backend(FakeCuda()) == "reference"
+
+
 def test_merge_matches_unmerged_and_unmerge_restores():
     x, W, b, A, B = _operands(9, 24, 12, 4)
     conv_w = W.t().contiguous()  # Conv1D layout: merge through the W.T view
