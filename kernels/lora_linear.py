@@ -128,7 +128,8 @@ def _down_configs():
     return out
 
 
-def _regs_ok(c, args, acc_elems: int, rng_elems: int, acc_limit: int = 64, total_limit: int = 80) -> bool:
+def _regs_ok(c, args, acc_elems: int, rng_elems: int, acc_limit: int = 64, total_limit: int = 80,
+             operand_elems: int = 0) -> bool:
     """Heuristic register budget per thread (fp32 elements): the accumulator(s), plus one Philox
     value per element of the tile that carries the dropout mask. It drops the configs that are
     sure to spill; ``benchmarks/aot_lora_linear.py`` compiles what it keeps for sm_90 and reports
@@ -137,7 +138,8 @@ def _regs_ok(c, args, acc_elems: int, rng_elems: int, acc_limit: int = 64, total
     threads = 32 * c.num_warps
     acc = acc_elems / threads
     rng = rng_elems / threads if args.get("HAS_DROPOUT", True) else 0
-    return acc <= acc_limit and rng <= 32 and acc + rng <= total_limit
+    opnd = operand_elems / (2 * threads)  # a 16-bit operand tile held in registers (two per 32-bit register)
+    return acc <= acc_limit and rng <= 32 and acc + rng + opnd <= total_limit
 
 
 def _prune(kind):
@@ -149,8 +151,8 @@ def _prune(kind):
             bm, bk = c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_K", 64)
             if bm > 16 and bm >= 2 * triton.next_power_of_2(max(m, 1)):  # tiny M: small row blocks only
                 continue
-            if kind == "down":
-                ok = _regs_ok(c, args, bm * rp, bm * bk)
+            if kind == "down":  # + the A^T tile [BK, R_PAD]: large ranks spilled without it (aot script)
+                ok = _regs_ok(c, args, bm * rp, bm * bk, total_limit=72, operand_elems=bk * rp)
             elif kind == "dx":
                 ok = _regs_ok(c, args, bm * bk, bm * bk, acc_limit=32, total_limit=64)
             elif kind == "da":
