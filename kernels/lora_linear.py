@@ -156,7 +156,8 @@ def _prune(kind):
             elif kind == "dx":
                 ok = _regs_ok(c, args, bm * bk, bm * bk, acc_limit=32, total_limit=64)
             elif kind == "da":
-                ok = _regs_ok(c, args, args["BLOCK_R"] * bk, bm * bk)
+                br = args["BLOCK_R"]  # + the g^T [BR, BM] and x [BM, BK] operand tiles
+                ok = _regs_ok(c, args, br * bk, bm * bk, total_limit=72, operand_elems=br * bm + bm * bk)
             else:  # fused: [BM, BN] and [BM, R_PAD] accumulators
                 ok = _regs_ok(c, args, bm * c.kwargs["BLOCK_N"] + bm * rp, bm * bk, acc_limit=80, total_limit=104)
             if ok:
