@@ -1,8 +1,11 @@
 """fastpeft.patch / unpatch on Hugging Face peft models (the oracle) and on fastpeft models.
 
-Oracle: the same peft model before patching (and after unpatch). Patched layers must give the
-same logits and the same LoRA gradients, keep save_pretrained / merging / adapter switching
-working, and the report must name what was patched and what was left (with reasons).
+Oracle: the same model before patching (and after unpatch), peft's or fastpeft's. Patched layers
+must give the same logits and the same LoRA gradients (reference backend; Triton interpreter on a
+1-layer model), keep save_pretrained / merging / adapter switching / disabling working in both
+libraries, compute only the active adapter, and the report must name what was patched and what
+was left untouched (with reasons). fastpeft's own layers run the op without patching; forcing
+FASTPEFT_BACKEND=triton under the interpreter checks them against the reference.
 """
 
 from __future__ import annotations
@@ -183,14 +186,18 @@ def test_unpatch_restores(ids, op_calls, monkeypatch):
     assert fastpeft.unpatch(model) == []
 
 
-def test_report_lists_skipped_modules_with_reasons(monkeypatch):
+def test_report_lists_skipped_modules_with_reasons(ids, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
-    model = _peft_llama(targets=["q_proj", "embed_tokens"])
+    model = _peft_llama(targets=["q_proj", "embed_tokens"]).eval()
+    before = _logits(model, ids)
     report = fastpeft.patch(model)
     assert len(report.patched) == 2
     skipped = {s.name: s.reason for s in report.skipped}
     emb = [n for n in skipped if n.endswith("embed_tokens")]
     assert len(emb) == 1 and "Embedding" in skipped[emb[0]]
+    emb_layer = model.get_submodule(emb[0])
+    assert not patch_mod.is_patched(emb_layer) and "forward" not in emb_layer.__dict__  # left untouched
+    _assert_same(_logits(model, ids), before)
     assert "skipped" in str(report) and "embed_tokens" in str(report)
     assert report.as_dict()["patched"][0]["name"].endswith("q_proj")
     dora = _peft_llama(targets=["v_proj"], use_dora=True)
