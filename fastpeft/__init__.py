@@ -21,7 +21,17 @@ from fastpeft.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from fastpeft.tuners import LoraConfig, LoraModel
+from fastpeft.tuners import (
+    AdapterFusionConfig,
+    AdaptionPromptConfig,
+    AdaptionPromptModel,
+    BottleneckConfig,
+    BottleneckModel,
+    HoulsbyConfig,
+    LoraConfig,
+    LoraModel,
+    PfeifferConfig,
+)
 from fastpeft.mapping import get_peft_model
 from fastpeft.patch import PatchReport, patch, unpatch
 from fastpeft.utils.kbit import prepare_model_for_kbit_training
@@ -45,6 +55,13 @@ __all__ = [
     "TaskType",
     "LoraConfig",
     "LoraModel",
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
+    "BottleneckConfig",
+    "BottleneckModel",
+    "HoulsbyConfig",
+    "PfeifferConfig",
+    "AdapterFusionConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForSeq2SeqLM",
