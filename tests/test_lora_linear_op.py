@@ -185,6 +185,20 @@ def test_saves_no_mask_and_no_dropped_copy(impl):
 
 
 @interp
+@pytest.mark.parametrize("impl", ["split", "kernels", "fused"])
+def test_empty_batch(impl):
+    """M = 0 tokens (an empty 3-D batch): empty output, zero LoRA gradients, no kernel launch."""
+    _, W, b, A, B = _operands(1, 16, 8, 2)
+    x = torch.randn(2, 0, 16, requires_grad=True)
+    A_, B_ = _leaf(A), _leaf(B)
+    y = lora_linear(x, W, b, A_, B_, 1.0, 0.3, True, backend="triton", impl=impl)
+    assert y.shape == (2, 0, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(A_.grad, torch.zeros_like(A)) and torch.equal(B_.grad, torch.zeros_like(B))
+
+
+@interp
 def test_mask_properties():
     m1 = K_.dropout_mask(SEED, 0.3, 64, 96)
     assert torch.equal(m1, K_.dropout_mask(SEED, 0.3, 64, 96))
