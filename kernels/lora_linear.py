@@ -51,10 +51,14 @@ is a pure function of ``(seed, m * K + k)`` with int64 offsets, identical in eve
 to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong) and a single small config is
 used per kernel (no autotuning on CPU).
 
-Autotuning: configs for H100 (block sizes 64-128 x 32-128, 4-8 warps, 3-4 stages), keyed on
-``K``, the padded rank, N, and a power-of-two bucket of M (not M itself, so a new sequence length
-does not retune). Triton caches the choice per key in-process; ``cache_results=True`` also keeps
-it on disk where the installed triton supports it, so tuning happens once per shape.
+Autotuning: configs for H100 (row blocks 16-128, column/K blocks 32-128, 4-8 warps, 3-4
+stages; 64+ row blocks take Hopper's ``wgmma`` path), pruned before tuning by a per-thread
+register budget and, for tiny M, to small row blocks (``_prune``); keyed on ``K``, the padded
+rank, N, and a power-of-two bucket of M (not M itself, so a new sequence length does not
+retune). Triton caches the choice per key in-process; ``cache_results=True`` (checked in triton 3.6 and 3.9;
+skipped where absent) also keeps it on disk, so tuning happens once per shape.
+``benchmarks/aot_lora_linear.py`` compiles every config for sm_90 without a GPU and reports
+registers and spills (benchmarks/NOTES-lora-linear.md).
 """
 
 from __future__ import annotations
