@@ -198,6 +198,31 @@ def test_empty_batch(impl):
     assert torch.equal(A_.grad, torch.zeros_like(A)) and torch.equal(B_.grad, torch.zeros_like(B))
 
 
+def test_h100_config_pruning(monkeypatch):
+    """The H100 autotune lists (built as on a GPU) are pruned to a non-empty set for every kernel,
+    rank and M; decode-sized M keeps only the smallest row blocks; configs that spilled when
+    compiled for sm_90 with triton 3.6 (benchmarks/NOTES-lora-linear.md) are dropped."""
+    monkeypatch.setattr(K_, "_INTERPRET", False)
+    lists = {"down": K_._down_configs(), "dx": K_._dx_configs(), "da": K_._da_configs(), "fused": K_._fused_configs()}
+    assert all(len(v) > 1 for v in lists.values())
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N"), c.kwargs["BLOCK_K"], c.num_warps)  # noqa: E731
+    for kind, configs in lists.items():
+        for r in (1, 16, 64, 256):
+            if kind == "fused" and r > K_.MAX_FUSED_RANK:
+                continue
+            rp = K_._pad_rank(r)
+            for M in (1, 16, 4096):
+                for drop in (False, True):
+                    kept = K_._prune(kind)(configs, dict(R_PAD=rp, M=M, HAS_DROPOUT=drop, BLOCK_R=min(rp, 128)))
+                    assert kept, (kind, r, M, drop)
+                    if M <= 16:
+                        assert {c.kwargs["BLOCK_M"] for c in kept} == {min(c.kwargs["BLOCK_M"] for c in configs)}
+    down256 = {shape(c) for c in K_._prune("down")(lists["down"], dict(R_PAD=256, M=4096, HAS_DROPOUT=True))}
+    assert down256 and not down256 & {(16, None, 64, 4), (16, None, 128, 8), (32, None, 64, 4), (64, None, 64, 8)}
+    da64 = {shape(c) for c in K_._prune("da")(lists["da"], dict(R_PAD=64, M=4096, HAS_DROPOUT=True, BLOCK_R=64))}
+    assert da64 and not da64 & {(64, None, 64, 4), (64, None, 128, 8), (128, None, 64, 8)}
+
+
 @interp
 def test_mask_properties():
     m1 = K_.dropout_mask(SEED, 0.3, 64, 96)
