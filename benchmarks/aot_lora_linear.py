@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all-configs", action="store_true")
     ap.add_argument("--first", action="store_true", help="only the first kept config per kernel/rank/dropout (quick check)")
     ap.add_argument("--dropout", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--precision", choices=["ieee", "tf32"], default=None,
+                    help="fp32 dot precision (default ieee: what the op uses unless torch allows tf32)")
     args = ap.parse_args(argv)
 
     import triton
@@ -85,12 +87,14 @@ def main(argv=None) -> int:
                 continue
             for has_dropout in {"both": (False, True), "on": (True,), "off": (False,)}[args.dropout]:
                 const = dict(HAS_DROPOUT=has_dropout, R_PAD=rp, UPCAST=False,
-                             PRECISION="ieee" if dt == "fp32" else "tf32")
+                             PRECISION=(args.precision or "ieee") if dt == "fp32" else "tf32")
+                if kind == "dx":
+                    const["R_CHUNK"] = K._dx_rank_chunk(rp, const["PRECISION"])
                 if kind == "da":
                     const["BLOCK_R"] = min(rp, 128)
                 if kind == "fused":
                     const.update(HAS_BIAS=True, WRITE_U=True, GROUP_M=8)
-                prune_args = dict(const, M=args.m)
+                prune_args = dict(const, M=args.m, ELEM_BYTES=4 if dt == "fp32" else 2)
                 kept_list = K._prune(kind)(configs, prune_args)
                 kept = {id(c) for c in kept_list}
                 for c in (kept_list[:1] if args.first else configs):

@@ -142,8 +142,18 @@ def _regs_ok(c, args, acc_elems: int, rng_elems: int, acc_limit: int = 64, total
     threads = 32 * c.num_warps
     acc = acc_elems / threads
     rng = rng_elems / threads if args.get("HAS_DROPOUT", True) else 0
-    opnd = operand_elems / (2 * threads)  # a 16-bit operand tile held in registers (two per 32-bit register)
+    # operand tiles held in registers: two 16-bit values per 32-bit register, one fp32 value
+    opnd = operand_elems * _elem_bytes(args) / (4 * threads)
     return acc <= acc_limit and rng <= 32 and acc + rng + opnd <= total_limit
+
+
+def _elem_bytes(args) -> int:
+    """Bytes per input element: from the first tensor argument, else ``ELEM_BYTES`` (default 2)."""
+    for name in ("x_ptr", "g_ptr"):
+        t = args.get(name)
+        if hasattr(t, "element_size"):
+            return t.element_size()
+    return int(args.get("ELEM_BYTES", 2))
 
 
 def _prune(kind):
@@ -270,26 +280,32 @@ def _lora_dx_add_kernel(
     M, K, R, M_BUCKET,
     stride_dxm, stride_dxk, stride_gm, stride_gr, stride_ar, stride_ak,
     seed, p, scale,
-    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx[m, k] += mask[m, k] * sum_r g[m, r] A[r, k]  (in place)."""
+    """dx[m, k] += mask[m, k] * sum_r g[m, r] A[r, k]  (in place).
+
+    The rank is reduced in chunks of ``R_CHUNK``: one dot over the whole padded rank compiled for
+    sm_90 into kilobytes of local memory per thread for fp32 "ieee" dots at r >= 64
+    (benchmarks/aot_lora_linear.py)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
     m_ok = offs_m < M
     k_ok = offs_k < K
-    r_ok = offs_r < R
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-    if UPCAST:
-        d = tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
-    else:
-        d = tl.dot(g, a, input_precision=PRECISION)
+    d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_ok = offs_r < R
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            d = tl.dot(g.to(tl.float32), a.to(tl.float32), d, input_precision=PRECISION)
+        else:
+            d = tl.dot(g, a, d, input_precision=PRECISION)
     if HAS_DROPOUT:
         d = _dropout_tile(d, seed, offs_m, offs_k, K, p, scale)
     ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -462,6 +478,11 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int = 0, p: float = 0
     return u
 
 
+def _dx_rank_chunk(r_pad: int, precision: str) -> int:
+    # fp32 "ieee" dots are FMA loops: keep their reduction short; tensor-core dots take 64 at once
+    return 16 if precision == "ieee" else min(r_pad, 64)
+
+
 def lora_dx_add(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, seed: int = 0, p: float = 0.0) -> torch.Tensor:
     """In place: ``dx += (g @ A) * mask`` (mask regenerated from ``seed``); returns ``dx``."""
     M, K = dx.shape
@@ -476,7 +497,8 @@ def lora_dx_add(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, seed: i
         dx, g, lora_A, M, K, R, _m_bucket(M),
         dx.stride(0), dx.stride(1), g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1),
         seed, p, scale,
-        HAS_DROPOUT=has, R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(dx.dtype),
+        HAS_DROPOUT=has, R_PAD=_pad_rank(R), R_CHUNK=_dx_rank_chunk(_pad_rank(R), _precision(dx.dtype)),
+        UPCAST=_INTERPRET, PRECISION=_precision(dx.dtype),
     )
     return dx
 
