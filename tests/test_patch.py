@@ -364,3 +364,22 @@ def test_import_fastpeft_does_not_import_peft():
     code = "import sys, fastpeft; fastpeft.patch; assert 'peft' not in sys.modules, 'peft imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton kernels)")
+@pytest.mark.parametrize("impl", ["split", "fused"])
+def test_cuda_patched_peft_llama_matches_unpatched(ids, monkeypatch, impl):
+    """On a GPU the automatic backend is Triton: a patched peft model (fp32, no dropout) gives
+    the unpatched model's logits and LoRA gradients."""
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    monkeypatch.setenv("FASTPEFT_LORA_IMPL", impl)
+    model = _peft_llama().cuda()
+    ids = ids.cuda()
+    logits0, grads0 = _train_step(model, ids)
+    report = fastpeft.patch(model)
+    assert report.backend.startswith("auto (triton")
+    logits1, grads1 = _train_step(model, ids)
+    _assert_same(logits1, logits0, atol=1e-4)
+    for n in grads0:
+        _assert_same(grads1[n], grads0[n], atol=1e-4)
