@@ -1,8 +1,11 @@
-"""One module per PEFT method; importing this package registers every tuner."""
+"""One module per PEFT method; importing this package registers every tuner and config."""
 
 from fastpeft.config import PeftType
 from fastpeft.tuners.base import register_tuner
 from fastpeft.tuners.lora import LoraConfig, LoraModel
+from fastpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from fastpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from fastpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from fastpeft.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from fastpeft.tuners.bottleneck import AdapterFusionConfig, BottleneckConfig, BottleneckModel, HoulsbyConfig, PfeifferConfig
 
@@ -13,6 +16,14 @@ register_tuner(PeftType.BOTTLENECK, BottleneckModel)
 __all__ = [
     "LoraConfig",
     "LoraModel",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEmbedding",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptEncoder",
+    "PrefixTuningConfig",
+    "PrefixEncoder",
     "AdaptionPromptConfig",
     "AdaptionPromptModel",
     "BottleneckConfig",
