@@ -21,7 +21,7 @@ from fastpeft.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from fastpeft.tuners import LoraConfig, LoraModel
+from fastpeft.tuners import AdaLoraConfig, AdaLoraModel, IA3Config, IA3Model, LoraConfig, LoraModel
 from fastpeft.mapping import get_peft_model
 
 
@@ -43,6 +43,10 @@ __all__ = [
     "TaskType",
     "LoraConfig",
     "LoraModel",
+    "IA3Config",
+    "IA3Model",
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForSeq2SeqLM",

@@ -204,7 +204,7 @@ class PeftModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for k, v in module.modules_to_save[adapter_name].state_dict().items():
                     out[f"{name}.{k}"] = v
-        return out
+        return self.base_model._adapter_state_dict_for_save(adapter_name, out)
 
     def _prompt_learning_state_dict(self, adapter_name: str) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -218,6 +218,7 @@ class PeftModel(nn.Module):
         if self._is_prompt_learning:
             self._load_prompt_learning_state_dict(state_dict, adapter_name, source)
             return
+        state_dict = self.base_model._prepare_adapter_state_dict_load(adapter_name, dict(state_dict))
         key_map = dict(self.base_model.adapter_key_map(adapter_name, prefix="base_model."))
         key_map.update(self.base_model.extra_state_key_map(adapter_name, prefix="base_model."))
         for name, module in self.named_modules():

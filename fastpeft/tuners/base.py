@@ -377,6 +377,16 @@ class BaseTuner(nn.Module):
                         mapping[f"{base}.{attr}.{k}"] = f"{base}.{attr}.{adapter_name}.{k}"
         return mapping
 
+    def _adapter_state_dict_for_save(self, adapter_name: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Hook: adjust the checkpoint tensors of ``adapter_name`` before they are returned/saved
+        (e.g. AdaLoRA keeps only the ranks its rank_pattern kept). Default: unchanged."""
+        return state_dict
+
+    def _prepare_adapter_state_dict_load(self, adapter_name: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Hook: prepare the model (and the tensors) before checkpoint tensors are loaded into
+        ``adapter_name`` (e.g. AdaLoRA resizes its layers to the saved rank_pattern). Default: unchanged."""
+        return state_dict
+
     def extra_state_key_map(self, adapter_name: str, prefix: str = "") -> Dict[str, str]:
         """``{checkpoint key: model key}`` of tensors saved besides the adapter's own (learnable biases).
 
