@@ -204,6 +204,8 @@ class BaseTuner(nn.Module):
         self._check_new_adapter_config(config)
         model_config = _model_config_dict(model)
         config = self._prepare_adapter_config(config, model_config)
+        targets = getattr(config, "target_modules", None)
+        expanded_all_linear = isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
         resolve_all_linear(config, model)
         self.peft_config[adapter_name] = config
         modules_to_save = set(getattr(config, "modules_to_save", None) or [])
@@ -233,7 +235,8 @@ class BaseTuner(nn.Module):
                 f"Module names that look close: {hint}. Set target_modules to names that exist "
                 "(a list of name suffixes, a regex, or 'all-linear')."
             )
-        compact_target_modules(config, model, matched)
+        if expanded_all_linear:  # user-given names (e.g. IA3's "mlp.c_proj") are saved as given, like peft
+            compact_target_modules(config, model, matched)
         set_modules_to_save(model, sorted(modules_to_save), adapter_name)
         self.set_adapter(self.active_adapters if adapter_name in self.active_adapters else self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
