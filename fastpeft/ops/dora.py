@@ -1,0 +1,111 @@
+"""The DoRA op: weight-decomposed LoRA, ``y = m / ||W + s B A||_row * (x W^T + s x A^T B^T) + b``.
+
+DoRA (https://arxiv.org/abs/2402.09353) splits the adapted weight into a learned magnitude
+``m`` (one entry per output feature) and a direction ``W + s B A`` normalised per output row
+(the "column norm" of the paper, whose weights are stored in-by-out). Following the paper
+(section 4.3) and Hugging Face peft, the norm is treated as a constant: it is detached, so
+gradients reach ``m``, ``A``, ``B`` (and ``x``) only through the numerator.
+
+Shapes: ``x`` ``[..., K]``; ``weight`` ``[N, K]`` (pass ``W.T`` for GPT-2's Conv1D);
+``bias`` ``[N]`` or None; ``lora_A`` ``[r, K]``; ``lora_B`` ``[N, r]``; ``magnitude`` ``[N]``.
+
+Backends (see :mod:`fastpeft.ops.backend`):
+
+* the weight norm: ``reference`` forms ``W + s B A`` in fp32 (the oracle); ``triton`` runs
+  :func:`fastpeft.kernels.dora.dora_weight_norm`, which streams ``W`` once and never writes the
+  merged ``[N, K]`` weight.
+* the matmuls run through :func:`fastpeft.ops.lora_linear.lora_linear` (``x W^T + s x A^T B^T``
+  in one op), so DoRA inherits the fused LoRA-linear kernel where it exists.
+
+With dropout active (training, ``p > 0``) the output is peft's exactly:
+``x W^T + b + (m/n - 1) * (dx W^T) + m/n * s * dx A^T B^T`` with ``dx = dropout(x)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastpeft.ops.backend import choose_backend
+from fastpeft.ops.lora_linear import check_lora_shapes, lora_linear
+
+__all__ = ["dora_weight_norm", "dora_weight_norm_reference", "dora_linear", "dora_delta"]
+
+
+def dora_weight_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """fp32 ``[N]``: ``||weight + scaling * lora_B @ lora_A||`` per row (materialises the sum; the oracle)."""
+    merged = weight.float() + float(scaling) * (lora_B.float() @ lora_A.float())
+    return torch.linalg.norm(merged, dim=1)
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, backend: Optional[str] = None) -> torch.Tensor:
+    """Detached fp32 ``[N]`` row norms of ``weight + scaling * lora_B @ lora_A``.
+
+    ``backend`` (or ``FASTPEFT_BACKEND``) forces ``"reference"`` or ``"triton"``; by default CUDA
+    tensors use the fused Triton kernel and CPU tensors the reference.
+    """
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError("dora_weight_norm: weight, lora_A and lora_B must be 2-D ([N, K], [r, K], [N, r])")
+    N, K = weight.shape
+    if lora_A.shape[1] != K or lora_B.shape != (N, lora_A.shape[0]):
+        raise ValueError(
+            f"dora_weight_norm: shapes do not fit: weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)} "
+            f"(expected [r, {K}]), lora_B {tuple(lora_B.shape)} (expected [{N}, r])"
+        )
+    with torch.no_grad():
+        if choose_backend(weight, lora_A, lora_B, backend=backend) == "triton":
+            from fastpeft.kernels.dora import dora_weight_norm as _triton_norm
+
+            return _triton_norm(weight.detach(), lora_A.detach(), lora_B.detach(), float(scaling))
+        return dora_weight_norm_reference(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+
+
+def _magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    # m / ||W + sBA||, gradient only to m
+    return magnitude / norm.to(magnitude.dtype)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: Optional[str] = None,
+    norm_backend: Optional[str] = None,
+) -> torch.Tensor:
+    """DoRA linear output for ``x`` ``[..., K]`` (peft's ``lora.Linear`` with ``use_dora=True``).
+
+    ``backend`` picks the matmul backend (and the norm's, unless ``norm_backend`` is given).
+    """
+    check_lora_shapes(x, weight, lora_A, lora_B)
+    if magnitude.shape != (weight.shape[0],):
+        raise ValueError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)}, expected [{weight.shape[0]}] (out_features)")
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend=norm_backend if norm_backend is not None else backend)
+    scale = _magnitude_scale(magnitude, norm)
+    if training and dropout_p > 0.0:
+        dx = F.dropout(x, dropout_p, training=True)
+        result = F.linear(x, weight, bias)
+        return result + dora_delta(dx, F.linear(dx, weight), lora_A, lora_B, scale, scaling).to(result.dtype)
+    y = lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend)
+    y = y * scale.to(y.dtype)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def dora_delta(x: torch.Tensor, base_no_bias: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor, scaling: float) -> torch.Tensor:
+    """What DoRA adds on top of a base output: ``(scale - 1) * base_no_bias + scale * s * x A^T B^T``.
+
+    ``scale`` is ``magnitude / weight_norm`` (``[N]``); ``base_no_bias`` is ``x W^T`` for the
+    same ``x`` (peft's formula; with several active adapters it is the running output).
+    Plain PyTorch autograd.
+    """
+    lora = (x @ lora_A.t()) @ lora_B.t()
+    return (scale - 1) * base_no_bias + scale * lora * scaling
