@@ -23,6 +23,8 @@ from fastpeft.peft_model import (
 )
 from fastpeft.tuners import AdaLoraConfig, AdaLoraModel, IA3Config, IA3Model, LoraConfig, LoraModel
 from fastpeft.mapping import get_peft_model
+from fastpeft.patch import PatchReport, patch, unpatch
+from fastpeft.utils.kbit import prepare_model_for_kbit_training
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict=None, adapter_name: str = "default"):
@@ -55,6 +57,10 @@ __all__ = [
     "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction",
     "get_peft_model",
+    "patch",
+    "unpatch",
+    "PatchReport",
+    "prepare_model_for_kbit_training",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
 ]

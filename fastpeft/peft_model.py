@@ -52,6 +52,9 @@ class PeftModel(nn.Module):
             self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
         if _is_checkpointing(model):
             _enable_input_require_grads(model)
+        from fastpeft.integrations import install_trainer_support
+
+        install_trainer_support()
 
     # --- attributes -----------------------------------------------------------------------
     @property
@@ -180,14 +183,26 @@ class PeftModel(nn.Module):
         """Generate with the active adapter (transformers' ``generate``)."""
         return self.get_base_model().generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Enable gradient checkpointing on the base model, with input grads so frozen embeddings still backprop."""
+    def _enable_checkpointing(self, method: str, *args: Any, **kwargs: Any) -> None:
         base = self.get_base_model()
-        if gradient_checkpointing_kwargs is None:
-            base.gradient_checkpointing_enable()
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        fn = getattr(base, method, None)
+        if fn is None:  # older transformers: only gradient_checkpointing_enable
+            fn = base.gradient_checkpointing_enable
+            if "activation_checkpointing_kwargs" in kwargs:
+                kwargs["gradient_checkpointing_kwargs"] = kwargs.pop("activation_checkpointing_kwargs")
+        fn(*args, **kwargs)
         _enable_input_require_grads(base)
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Enable activation (gradient) checkpointing on the base model, with input grads so frozen embeddings still backprop."""
+        self._enable_checkpointing("activation_checkpointing_enable", *args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (transformers' older name)."""
+        name = "activation_checkpointing_enable" if hasattr(self.get_base_model(), "activation_checkpointing_enable") else "gradient_checkpointing_enable"
+        if name == "activation_checkpointing_enable" and "gradient_checkpointing_kwargs" in kwargs:
+            kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
+        self._enable_checkpointing(name, *args, **kwargs)
 
     # --- state dicts ------------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
@@ -328,25 +343,37 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
-        """Load another saved adapter into this model under ``adapter_name`` (not made active)."""
+        """Load a saved adapter into this model under ``adapter_name`` (not made active).
+
+        If ``adapter_name`` already exists its weights are replaced (what Trainer's resume does);
+        the saved config must then be of the same method.
+        """
         model_id = os.fspath(model_id)
         subfolder = kwargs.pop("subfolder", None)
         path = model_id if subfolder is None else os.path.join(model_id, subfolder)
         config = PeftConfig.from_pretrained(path)
         config.inference_mode = not is_trainable
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; pick another adapter_name.")
-        self.add_adapter(adapter_name, config)
-        try:
+            if config.peft_type != self.peft_config[adapter_name].peft_type:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} is {self.peft_config[adapter_name].peft_type} but {path!r} holds "
+                    f"a {config.peft_type} adapter; load it under another adapter_name."
+                )
             self._load_weights_into(path, adapter_name)
-        except Exception:
-            if not self._is_prompt_learning:
-                self.delete_adapter(adapter_name)
-            raise
+        else:
+            self.add_adapter(adapter_name, config)
+            try:
+                self._load_weights_into(path, adapter_name)
+            except Exception:
+                if not self._is_prompt_learning:
+                    self.delete_adapter(adapter_name)
+                raise
         if not is_trainable:
             for n, p in self.named_parameters():
                 if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
                     p.requires_grad_(False)
+        elif adapter_name in self.active_adapters and not self._is_prompt_learning:
+            self.base_model.set_adapter(self.active_adapters)
 
     def _load_weights_into(self, path: str, adapter_name: str) -> None:
         file = os.path.join(path, WEIGHTS_NAME)

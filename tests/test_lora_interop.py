@@ -146,3 +146,51 @@ def test_two_adapters_switch_like_peft(ids, tmp_path):
     ours.delete_adapter("other")
     assert list(ours.peft_config) == ["default"]
     assert not any(".other." in n for n, _ in ours.named_parameters())
+
+
+def test_seq2seq_t5_default_targets_match_peft(tmp_path):
+    from conftest import tiny_t5
+
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
+    ours = fastpeft.get_peft_model(tiny_t5(), fastpeft.LoraConfig(**kw)).eval()
+    assert isinstance(ours, fastpeft.PeftModelForSeq2SeqLM)
+    assert ours.peft_config["default"].target_modules == {"q", "v"}
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_t5(), tmp_path).eval()
+    src = torch.randint(1, 128, (2, 7))
+    labels = torch.randint(1, 128, (2, 5))
+    with torch.no_grad():
+        a = ours(input_ids=src, labels=labels)
+        b = theirs(input_ids=src, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(a.loss, b.loss, atol=FP32_ATOL, rtol=0)
+    ga = ours.generate(input_ids=src, max_new_tokens=5, do_sample=False)
+    gb = theirs.generate(input_ids=src, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("task", ["TOKEN_CLS", "FEATURE_EXTRACTION"])
+def test_bert_token_cls_and_feature_extraction_match_peft(task, ids, tmp_path):
+    from conftest import tiny_bert_tokens
+
+    def make():
+        if task == "TOKEN_CLS":
+            return tiny_bert_tokens()
+        from transformers import BertModel
+
+        return BertModel(tiny_bert_tokens().config).eval()
+
+    torch.manual_seed(0)
+    base_ours, base_theirs = make(), None
+    base_theirs = copy.deepcopy(base_ours)
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["query", "key", "dense"], task_type=task)
+    ours = fastpeft.get_peft_model(base_ours, fastpeft.LoraConfig(**kw)).eval()
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base_theirs, tmp_path).eval()
+    with torch.no_grad():
+        a, b = ours(input_ids=ids), theirs(input_ids=ids)
+    key = "logits" if task == "TOKEN_CLS" else "last_hidden_state"
+    torch.testing.assert_close(a[key], b[key], atol=FP32_ATOL, rtol=0)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    # TOKEN_CLS trains and saves the classifier head in full, as peft does
+    assert ("base_model.model.classifier.weight" in saved) == (task == "TOKEN_CLS")

@@ -10,19 +10,27 @@ Two backends behind one entry point, :func:`lora_linear`:
   the oracle in tests and the CPU path. Its dropout draws the mask exactly as
   ``torch.nn.functional.dropout`` does on CPU (``bernoulli_(1 - p)``), so with the same
   seed it reproduces Hugging Face peft's outputs.
-* ``triton`` - fused kernels from ``fastpeft.kernels.lora_linear`` (added by the fused
-  LoRA-linear work); chosen by :func:`fastpeft.ops.backend.choose_backend`.
+* ``triton`` - :class:`LoraLinearTriton`, on the kernels of ``fastpeft.kernels.lora_linear``
+  (their module docstring argues the split between cuBLAS and Triton); chosen by
+  :func:`fastpeft.ops.backend.choose_backend`. Its dropout mask comes from Philox on
+  ``(seed, m * K + k)``, so it differs from the reference's draw; tests compare the two with
+  the kernel's own mask (``dropout_mask``).
+
+The merged-weights inference path is :func:`lora_merge` (``W += s B A`` in place) followed by
+a plain linear.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
 import torch
 
 from fastpeft.ops.backend import choose_backend
 
-__all__ = ["lora_linear", "lora_delta", "LoraLinearReference", "check_lora_shapes"]
+__all__ = ["lora_linear", "lora_delta", "lora_merge", "lora_impl", "LoraLinearReference", "LoraLinearTriton", "check_lora_shapes"]
 
 
 def check_lora_shapes(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -84,9 +92,135 @@ class LoraLinearReference(torch.autograd.Function):
         return dx, dW, db, dA, dB, None, None, None
 
 
-def _triton_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training):
-    # Replaced by the fused Triton autograd Function (fastpeft.kernels.lora_linear).
-    raise NotImplementedError("the Triton LoRA-linear backend is not built yet; use FASTPEFT_BACKEND=reference")
+IMPLS = ("split", "kernels", "fused")
+
+
+def lora_impl(impl: Optional[str] = None) -> str:
+    """The Triton implementation plan: argument, else ``FASTPEFT_LORA_IMPL``, else ``"split"``.
+
+    * ``split`` - cuBLAS for the base GEMM and every dropout-free LoRA product (LoRA branch
+      accumulated into the base output with beta = 1), Triton kernels where the dropout mask
+      must be regenerated (``u``, ``dx``, ``dA``).
+    * ``kernels`` - as ``split`` but the Triton down/dx/dA kernels even without dropout.
+    * ``fused`` - one Triton kernel for the whole forward (r <= 64; larger r uses ``split``).
+    """
+    value = (impl if impl is not None else os.environ.get("FASTPEFT_LORA_IMPL", "")).strip().lower() or "split"
+    if value not in IMPLS:
+        raise ValueError(f"Unknown LoRA-linear implementation {value!r}; use one of {IMPLS} (FASTPEFT_LORA_IMPL).")
+    return value
+
+
+def _new_seed() -> int:
+    # Drawn from torch's default CPU generator: torch.manual_seed reproduces it, and activation
+    # checkpointing (which restores RNG state) recomputes the same mask.
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+class LoraLinearTriton(torch.autograd.Function):
+    """Fused LoRA linear on the Triton kernels of ``fastpeft.kernels.lora_linear`` (2-D ``x``).
+
+    Saves ``x``, ``u = dropout(x) A^T`` and an integer seed: no mask and no dropped copy of x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool,
+                impl: str, seed: Optional[int]):
+        from fastpeft.kernels import lora_linear as K
+
+        p = float(dropout_p) if training else 0.0
+        if p > 0.0 and seed is None:
+            seed = _new_seed()
+        seed = int(seed or 0)
+        r = lora_A.shape[0]
+        if impl == "fused" and r <= K.MAX_FUSED_RANK:
+            y, u = K.lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, seed, p)
+        else:
+            if p > 0.0 or impl != "split":
+                u = K.lora_down(x, lora_A, seed, p)
+            else:
+                u = torch.mm(x, lora_A.t())
+            y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+            y.addmm_(u, lora_B.t(), alpha=scaling)  # beta = 1: LoRA branch accumulated in the epilogue
+        need = ctx.needs_input_grad
+        # x only for dA / dW, u only for dB: frozen adapters (or inference) keep less alive
+        ctx.save_for_backward(x if (need[1] or need[3]) else None, weight, lora_A, lora_B, u if need[4] else None)
+        ctx.scaling, ctx.p, ctx.seed, ctx.impl = scaling, p, seed, impl
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastpeft.kernels import lora_linear as K
+
+        x, weight, lora_A, lora_B, u = ctx.saved_tensors
+        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        use_kernels = p > 0.0 or ctx.impl != "split"
+        dx = dW = db = dA = dB = None
+        need_x, need_A = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        g = torch.mm(dy, lora_B).mul_(s) if (need_x or need_A) else None  # [M, r]
+        if need_x:
+            dx = torch.mm(dy, weight)
+            if use_kernels:
+                K.lora_dx_add(dx, g, lora_A, seed, p)
+            else:
+                dx.addmm_(g, lora_A)
+        if ctx.needs_input_grad[1]:
+            dW = torch.mm(dy.t(), x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        if need_A:
+            dA = K.lora_grad_a(g, x, seed, p) if use_kernels else torch.mm(g.t(), x)
+        if ctx.needs_input_grad[4]:
+            dB = torch.mm(dy.t(), u).mul_(s)
+        return dx, dW, db, dA, dB, None, None, None, None, None
+
+
+def _triton_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training, impl=None, seed=None):
+    dev = x2.device.type
+    if torch.is_autocast_enabled(dev) if _AUTOCAST_TAKES_DEVICE else (dev == "cuda" and torch.is_autocast_enabled()):
+        dt = torch.get_autocast_dtype(dev) if hasattr(torch, "get_autocast_dtype") else torch.get_autocast_gpu_dtype()
+        x2, weight, lora_A, lora_B = (t.to(dt) for t in (x2, weight, lora_A, lora_B))
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return _triton_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training, impl, seed)
+    dts = {t.dtype for t in (x2, weight, lora_A, lora_B, bias) if t is not None}
+    if len(dts) != 1:
+        raise ValueError(
+            "lora_linear (triton): x, weight, bias, lora_A and lora_B must share one dtype, got "
+            f"x={x2.dtype}, weight={weight.dtype}, lora_A={lora_A.dtype}, lora_B={lora_B.dtype}"
+            f"{', bias=' + str(bias.dtype) if bias is not None else ''}; cast them (or run under torch.autocast)."
+        )
+    dt = dts.pop()
+    if dt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"lora_linear (triton): dtype {dt} is not supported (float32, float16, bfloat16).")
+    from fastpeft.kernels.lora_linear import MAX_RANK
+
+    if lora_A.shape[0] > MAX_RANK:
+        raise ValueError(f"lora_linear (triton): rank {lora_A.shape[0]} > {MAX_RANK}; use backend='reference'.")
+    return LoraLinearTriton.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
+                                  lora_impl(impl), seed)
+
+
+try:
+    torch.is_autocast_enabled("cpu")
+    _AUTOCAST_TAKES_DEVICE = True
+except TypeError:  # pragma: no cover - older torch
+    _AUTOCAST_TAKES_DEVICE = False
+
+
+def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+               sign: float = 1.0) -> torch.Tensor:
+    """Merged-weights inference path: ``weight += sign * scaling * B A`` in place (one GEMM with
+    beta = 1, no ``[N, K]`` temporary); works on non-contiguous views such as Conv1D's ``W.T``.
+    ``sign=-1`` unmerges. Returns ``weight``."""
+    if tuple(weight.shape) != (lora_B.shape[0], lora_A.shape[1]) or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(
+            f"lora_merge: weight {tuple(weight.shape)} does not match lora_B {tuple(lora_B.shape)} @ "
+            f"lora_A {tuple(lora_A.shape)} (expected weight [N, K], B [N, r], A [r, K])."
+        )
+    with torch.no_grad():
+        weight.addmm_(lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=sign * float(scaling))
+    return weight
 
 
 def lora_linear(
@@ -99,20 +233,43 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     backend: Optional[str] = None,
+    *,
+    impl: Optional[str] = None,
+    seed: Optional[int] = None,
 ) -> torch.Tensor:
     """``x W^T + b + scaling * dropout(x) A^T B^T`` for ``x`` of shape ``[..., K]``.
 
     ``backend`` (or ``FASTPEFT_BACKEND``) forces ``"reference"`` or ``"triton"``; by default
-    CUDA tensors use Triton and CPU tensors the reference path.
+    CUDA tensors use Triton and CPU tensors the reference path. Triton-only keywords:
+    ``impl`` picks the kernel plan (see :func:`lora_impl`), ``seed`` fixes the dropout mask
+    (``fastpeft.kernels.lora_linear.dropout_mask(seed, p, M, K)`` materialises it; by default
+    a seed is drawn from torch's CPU generator).
+
+    LoRA factors stored in another dtype than the base weight (fp32 adapters on a bf16 base, as
+    peft and fastpeft create them) are cast to the weight's dtype, differentiably (their
+    gradients arrive in their own dtype): the op computes in the base dtype, accumulating in fp32
+    inside the kernels.
     """
     check_lora_shapes(x, weight, lora_A, lora_B)
+    # One compute dtype for every operand: the autocast dtype inside autocast, else x's dtype.
+    # Casts are differentiable, so fp32 adapter weights on a bf16 base still get fp32 grads;
+    # the Function then runs with autocast off, so its backward sees the same dtypes.
+    device_type = x.device.type
+    autocast_on = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
+    x, weight, lora_A, lora_B = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B))
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     which = choose_backend(x, weight, backend=backend)
-    if which == "triton":
-        y = _triton_lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
-    else:
-        y = LoraLinearReference.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
+    with torch.autocast(device_type, enabled=False) if autocast_on else _nullcontext():
+        if which == "triton":
+            y = _triton_lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                                    bool(training), impl, seed)
+        else:
+            y = LoraLinearReference.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                                          bool(training))
     return y.reshape(*lead, weight.shape[0])
 
 

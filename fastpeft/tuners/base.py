@@ -238,7 +238,7 @@ class BaseTuner(nn.Module):
         if expanded_all_linear:  # user-given names (e.g. IA3's "mlp.c_proj") are saved as given, like peft
             compact_target_modules(config, model, matched)
         set_modules_to_save(model, sorted(modules_to_save), adapter_name)
-        self.set_adapter(self.active_adapters if adapter_name in self.active_adapters else self.active_adapters)
+        self.set_adapter(self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
         if getattr(config, "inference_mode", False):
             for n, p in model.named_parameters():

@@ -1,0 +1,150 @@
+"""Shared helpers for fastpeft benchmarks: timing, peak memory, environment header, writers.
+
+See benchmarks/README.md for the protocol a benchmark module follows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+
+def device() -> torch.device:
+    """The device benchmarks run on: CUDA when present, else CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment() -> Dict[str, str]:
+    """Header facts for a results file: device, versions, date (UTC), commit."""
+    env = {
+        "device": gpu_name(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = "not installed"
+    if torch.cuda.is_available():
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+def bench(fn: Callable[[], object], warmup: int = 10, rep: int = 50, min_time_s: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    CUDA: each call timed with CUDA events (device time, launches included), after ``warmup``
+    calls. CPU: ``time.perf_counter`` around each call. ``min_time_s`` extends the repetitions
+    until that much time was spent (stable medians for very short calls).
+    """
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times: List[float] = []
+    start_all = time.perf_counter()
+    while len(times) < rep or (time.perf_counter() - start_all) < min_time_s:
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * rep:
+            break
+    return statistics.median(times)
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> Optional[float]:
+    """Peak device memory allocated during one ``fn()`` above what was allocated before (MiB);
+    None on CPU (no allocator statistics)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(rows: Iterable[Dict[str, object]]) -> str:
+    """Rows (dicts with the same keys, in column order of the first row) as a markdown table."""
+    rows = list(rows)
+    if not rows:
+        return "_(no rows)_\n"
+    cols = list(rows[0].keys())
+    for r in rows[1:]:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,355 @@
+"""``fastpeft.patch(model)``: route the LoRA layers of a model to fastpeft's fused op.
+
+Works on a fastpeft ``PeftModel`` and on a Hugging Face ``peft`` ``PeftModel`` (or any
+``nn.Module`` holding their LoRA layers). For each LoRA layer on ``nn.Linear`` or GPT-2's
+``Conv1D`` the instance's ``forward`` is replaced by one that calls
+:func:`fastpeft.ops.lora_linear.lora_linear` (one fused op for base + LoRA branch, Triton on
+CUDA) in the plain case and the layer's own forward otherwise, so every feature of the
+library that built the layer keeps working:
+
+* plain case (decided at each call): adapters enabled, not merged, exactly one active adapter
+  present on the layer, no DoRA / LoRA variant and no ``lora_bias`` for it, an ``nn.Dropout`` or
+  identity dropout, input in the base weight's dtype, no extra forward arguments (e.g. peft's
+  ``adapter_names`` mixed batches);
+* anything else (merged weights, several active adapters, disabled adapters, ...) calls the
+  original forward.
+
+Only ``forward`` changes, on the instance: parameters, buffers, module names and the class
+are untouched, so ``save_pretrained``, loading, merging (``merge_adapter``,
+``merge_and_unload``), adapter switching and ``disable_adapter()`` keep working in either
+library. :func:`unpatch` restores the original forwards.
+
+Layers fastpeft cannot route (LoRA on embeddings or convolutions, quantized bases, DoRA-only
+layers, base layers with accelerate hooks, other peft tuners) are left untouched and listed
+in the :class:`PatchReport` with the reason. fastpeft's own LoRA layers already call the op;
+they are reported as ``native`` and are only re-routed when ``backend`` is given.
+
+peft is never imported here: its layers are recognised by their class's module name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fastpeft.ops.backend import choose_backend, fallback_reason, requested_backend
+from fastpeft.ops.lora_linear import lora_linear
+
+__all__ = ["patch", "unpatch", "PatchReport", "PatchedModule", "SkippedModule"]
+
+logger = logging.getLogger("fastpeft")
+
+_STATE_ATTR = "_fastpeft_patch_state"
+
+
+@dataclass
+class PatchedModule:
+    name: str
+    kind: str  # e.g. "peft lora.Linear on Linear"
+    note: str = ""
+
+
+@dataclass
+class SkippedModule:
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did.
+
+    Attributes:
+        backend: the backend the patched layers use (``"triton"``/``"reference"``; "auto"
+            when chosen per call from the input's device).
+        backend_note: why Triton is not used (None when it is).
+        patched: LoRA layers whose forward now runs the fused op.
+        native: fastpeft LoRA layers, which run the op already (left as they are).
+        skipped: LoRA / tuner layers left untouched, each with the reason.
+    """
+
+    backend: str
+    backend_note: Optional[str] = None
+    patched: List[PatchedModule] = field(default_factory=list)
+    native: List[PatchedModule] = field(default_factory=list)
+    skipped: List[SkippedModule] = field(default_factory=list)
+
+    @property
+    def patched_names(self) -> List[str]:
+        return [p.name for p in self.patched]
+
+    @property
+    def skipped_names(self) -> List[str]:
+        return [s.name for s in self.skipped]
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "backend_note": self.backend_note,
+            "patched": [vars(p) for p in self.patched],
+            "native": [vars(p) for p in self.native],
+            "skipped": [vars(s) for s in self.skipped],
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"fastpeft.patch: {len(self.patched)} patched, {len(self.native)} native, "
+            f"{len(self.skipped)} skipped; backend={self.backend}"
+            + (f" ({self.backend_note})" if self.backend_note else "")
+        ]
+        for p in self.patched:
+            lines.append(f"  patched  {p.name}: {p.kind}" + (f" [{p.note}]" if p.note else ""))
+        for p in self.native:
+            lines.append(f"  native   {p.name}: {p.kind}" + (f" [{p.note}]" if p.note else ""))
+        for s in self.skipped:
+            lines.append(f"  skipped  {s.name}: {s.kind}: {s.reason}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- detection
+def _cls_path(obj: Any) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__name__}"
+
+
+def _library(module: nn.Module) -> Optional[str]:
+    """"peft" or "fastpeft" for a tuner layer of that library, else None."""
+    mod = type(module).__module__
+    if mod.startswith("peft.tuners.") and hasattr(module, "base_layer"):
+        return "peft"
+    if mod.startswith("fastpeft.tuners.") and hasattr(module, "base_layer"):
+        return "fastpeft"
+    return None
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling", "lora_dropout"))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+_QUANTIZED_NAMES = {"Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "EetqLinear", "Int8DynamicActivationInt4WeightLinear"}
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    base = module.base_layer
+    while hasattr(base, "base_layer"):  # nested tuner layers
+        base = base.base_layer
+    return base
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        getattr(module, "_hf_hook", None) is not None
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(module, "_forward_hooks_with_kwargs", None)
+    )
+
+
+def _static_skip_reason(module: nn.Module) -> Optional[str]:
+    """Why this LoRA layer can never use the op (None if it can, at least for some calls)."""
+    base = _base_of(module)
+    if type(base).__name__ in _QUANTIZED_NAMES or getattr(getattr(base, "weight", None), "quant_state", None) is not None:
+        return f"quantized base layer {_cls_path(base)} (the LoRA-linear op needs a dense weight; see the QLoRA op)"
+    if type(module).__name__ != "Linear":
+        return (f"LoRA layer {type(module).__name__} on {type(base).__name__}: the fused op covers LoRA on "
+                "nn.Linear and Conv1D only")
+    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+        return f"base layer {_cls_path(base)} is neither torch.nn.Linear nor transformers' Conv1D"
+    if _is_conv1d(base) and not getattr(module, "fan_in_fan_out", False):
+        return "Conv1D base without fan_in_fan_out=True"
+    if isinstance(base, nn.Linear) and getattr(module, "fan_in_fan_out", False):
+        return "nn.Linear base with fan_in_fan_out=True (weight layout mismatch)"
+    if _has_hooks(base) or _has_hooks(module):
+        return "the layer or its base layer has forward hooks (e.g. accelerate offloading); bypassing them would break it"
+    adapters = list(module.lora_A.keys())
+    plain = [a for a in adapters if _adapter_skip_reason(module, a) is None]
+    if adapters and not plain:
+        return _adapter_skip_reason(module, adapters[0])
+    return None
+
+
+def _adapter_skip_reason(module: nn.Module, adapter: str) -> Optional[str]:
+    if getattr(module, "use_dora", {}).get(adapter, False):
+        return f"adapter {adapter!r} uses DoRA (use_dora=True), which the fused op does not implement"
+    if adapter in getattr(module, "lora_variant", {}):
+        return f"adapter {adapter!r} is a LoRA variant ({type(module.lora_variant[adapter]).__name__})"
+    if getattr(module, "lora_bias", {}).get(adapter, False):
+        return f"adapter {adapter!r} has a LoRA bias (lora_bias=True)"
+    drop = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
+    if drop is not None and not isinstance(drop, (nn.Dropout, nn.Identity)):
+        return f"adapter {adapter!r} uses dropout module {_cls_path(drop)}"
+    lin = module.lora_A[adapter]
+    if getattr(lin, "bias", None) is not None or getattr(module.lora_B[adapter], "bias", None) is not None:
+        return f"adapter {adapter!r} has biases on lora_A/lora_B"
+    return None
+
+
+# ----------------------------------------------------------------------------- forward
+def _fallback(module: nn.Module, state: Dict[str, Any], x, args, kwargs):
+    orig = state.get("orig_forward")
+    if orig is not None:
+        return orig(x, *args, **kwargs)
+    return type(module).forward(module, x, *args, **kwargs)
+
+
+def _plain_adapter(module: nn.Module, x: torch.Tensor, args, kwargs) -> Optional[str]:
+    """The active adapter when this call can use the op, else None."""
+    if args or kwargs or module.disable_adapters or module.merged:
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return None
+    a = active[0]
+    if _adapter_skip_reason(module, a) is not None:
+        return None
+    if getattr(module, "cast_input_dtype_enabled", True) is False:
+        return None
+    if x.dtype != _base_of(module).weight.dtype:
+        return None
+    return a
+
+
+def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    state = self.__dict__[_STATE_ATTR]
+    adapter = _plain_adapter(self, x, args, kwargs)
+    if adapter is None:
+        return _fallback(self, state, x, args, kwargs)
+    base = _base_of(self)
+    weight = base.weight.t() if state["fan_in_fan_out"] else base.weight  # always [out, in]
+    drop = self.lora_dropout[adapter]
+    p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+    return lora_linear(
+        x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+        float(self.scaling[adapter]), dropout_p=p, training=self.training, backend=state["backend"],
+    )
+
+
+class _PatchedForward:
+    """Instance ``forward`` of a patched layer (a callable object, not a bound method, so the
+    module still deep-copies and pickles)."""
+
+    def __init__(self, module: nn.Module):
+        self._module_ref = module
+
+    def __call__(self, x, *args, **kwargs):
+        return _patched_forward(self._module_ref, x, *args, **kwargs)
+
+    def __reduce__(self):  # pickle: re-created by unpickling the module's state
+        return (_PatchedForward, (self._module_ref,))
+
+    def __deepcopy__(self, memo):
+        return _PatchedForward(memo.get(id(self._module_ref), self._module_ref))
+
+
+# ----------------------------------------------------------------------------- API
+def _probe_tensor(model: nn.Module) -> Optional[torch.Tensor]:
+    for prm in model.parameters():
+        return prm
+    return None
+
+
+def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
+    """Route the LoRA layers of ``model`` to fastpeft's fused LoRA-linear op.
+
+    Args:
+        model: a fastpeft or Hugging Face peft ``PeftModel`` (or any module containing their
+            LoRA layers).
+        backend: ``"triton"`` or ``"reference"`` to force one for the patched layers (also
+            re-routes fastpeft's own layers); None: automatic per call (Triton for CUDA
+            tensors), honouring ``FASTPEFT_BACKEND``.
+
+    Returns:
+        A :class:`PatchReport` listing patched, native and skipped layers (with reasons); it
+        is also logged at INFO level on the ``fastpeft`` logger.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError / RuntimeError: an unknown backend, or ``"triton"`` where it cannot run
+            (no triton, or CPU tensors without ``TRITON_INTERPRET=1``).
+
+    Calling ``patch`` again updates the backend of already patched layers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastpeft.patch expects a torch.nn.Module (a PeftModel), got {type(model).__name__}")
+    explicit = requested_backend(backend) if backend is not None else None  # baked into the layers
+    forced = requested_backend(backend)  # explicit, else FASTPEFT_BACKEND (read again at each call)
+    probe = _probe_tensor(model)
+    if forced is not None:
+        shown = choose_backend(probe, backend=forced)  # raises when the forced backend cannot run
+        label = shown if explicit is not None else f"{shown} (FASTPEFT_BACKEND)"
+        note = None if shown == "triton" else f"forced {shown}"
+    else:
+        why = fallback_reason(probe) if probe is not None else "model has no parameters"
+        shown = "triton" if why is None else "reference"
+        label, note = f"auto ({shown} for this model's device)", why
+    report = PatchReport(backend=label, backend_note=note)
+
+    for name, module in model.named_modules():
+        lib = _library(module)
+        if lib is None:
+            continue
+        parts = type(module).__module__.split(".")
+        tuner = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1]
+        kind = f"{lib} {tuner}.{type(module).__name__}"
+        if not _is_lora_layer(module):
+            report.skipped.append(SkippedModule(name, kind, "not a LoRA layer (another tuner); the fused op covers LoRA"))
+            continue
+        reason = _static_skip_reason(module)
+        base = _base_of(module)
+        kind = f"{kind} on {type(base).__name__}"
+        if reason is not None:
+            report.skipped.append(SkippedModule(name, kind, reason))
+            continue
+        if lib == "fastpeft" and explicit is None:
+            report.native.append(PatchedModule(name, kind, "runs the fused op already"))
+            continue
+        _install(module, explicit)
+        notes = [a for a in module.lora_A.keys() if _adapter_skip_reason(module, a) is not None]
+        note = "original forward when merged, disabled or several adapters are active"
+        if notes:
+            note += f"; adapters {notes} always use the original forward"
+        report.patched.append(PatchedModule(name, kind, note))
+    logger.info("%s", report)
+    return report
+
+
+def _install(module: nn.Module, backend: Optional[str]) -> None:
+    state = module.__dict__.get(_STATE_ATTR)
+    if state is not None:  # already patched: only update the backend
+        state["backend"] = backend
+        return
+    module.__dict__[_STATE_ATTR] = {
+        "backend": backend,
+        "fan_in_fan_out": bool(getattr(module, "fan_in_fan_out", False)) or _is_conv1d(_base_of(module)),
+        "orig_forward": module.__dict__.get("forward"),  # an instance forward set by someone else
+    }
+    module.forward = _PatchedForward(module)
+
+
+def unpatch(model: nn.Module) -> List[str]:
+    """Restore the original forward of every layer :func:`patch` changed; returns their names."""
+    restored = []
+    for name, module in model.named_modules():
+        state = module.__dict__.pop(_STATE_ATTR, None)
+        if state is None:
+            continue
+        if state.get("orig_forward") is not None:
+            module.forward = state["orig_forward"]
+        else:
+            module.__dict__.pop("forward", None)
+        restored.append(name)
+    return restored
+
+
+def is_patched(module: nn.Module) -> bool:
+    """True when ``module`` (a LoRA layer) currently runs through :func:`patch`'s forward."""
+    return _STATE_ATTR in module.__dict__

@@ -1,0 +1,527 @@
+"""Triton kernels and launchers for the LoRA linear ``y = x W^T + b + s * dropout(x) A^T B^T``.
+
+Launchers only (no autograd): :mod:`fastpeft.ops.lora_linear` wires them into a
+``torch.autograd.Function``. Shapes: ``x [M, K]`` (any strides), ``W [N, K]`` (any strides:
+GPT-2's Conv1D passes ``W.T``), ``A [r, K]``, ``B [N, r]``, ``u = dropout(x) A^T [M, r]``,
+``1 <= r <= 256``.
+
+Design (argued, to be confirmed by ``benchmarks/lora_linear.py`` on an H100)
+---------------------------------------------------------------------------
+FLOPs and bytes for a Llama projection (K = N = 4096, bf16, r = 16, M = 4096): the base GEMM is
+2 M N K = 137 GFLOP (~0.2 ms on an H100 at ~700 TFLOP/s dense bf16); the LoRA branch adds
+2 M r (K + N) = 1 GFLOP (<1 %), but done eagerly it moves bytes: peft's forward writes a dropout
+copy of x (M K), reads it for ``x A^T``, writes ``u B^T`` (M N) and reads it back for the add:
+~4 extra passes of 32 MiB, ~45 us at ~3 TB/s, i.e. ~20 % on top of the GEMM, more in backward.
+So the fusion targets are *memory passes*, not FLOPs, and the big GEMM should stay as fast as
+the best library GEMM. Hence the default plan (``impl="split"``):
+
+forward
+    ``y = addmm(b, x, W^T)`` (cuBLAS, bias in its epilogue);
+    ``u = dropout(x) A^T`` by :func:`lora_down` - one Triton pass over x, the mask regenerated
+    from ``(seed, m * K + k)`` with Philox (``tl.rand``), never stored;
+    ``y.addmm_(u, B^T, alpha=s)`` - cuBLAS with beta = 1 accumulates the LoRA branch into y in
+    the GEMM epilogue: no separate add pass, no M x N temporary.
+    Saved for backward: x (an input anyway), u (M r, tiny) and the integer seed. No mask, no
+    dropped copy of x.
+backward (``g = s dy B``, ``[M, r]``)
+    ``dB = s dy^T u`` (u reused, x A^T never recomputed);
+    ``dx = dy W`` (cuBLAS), then with dropout :func:`lora_dx_add` adds ``(g A) * mask`` into dx
+    in place (mask regenerated), without dropout ``dx.addmm_(g, A)`` (cuBLAS, beta = 1);
+    ``dA = g^T (x * mask)`` by :func:`lora_grad_a` - reads x once, regenerates the mask, splits
+    M across programs (fp32 atomics) so the [r, K] output still fills the GPU; without dropout
+    it is ``g^T x`` in cuBLAS.
+With dropout 0 every LoRA GEMM is a plain cuBLAS call with beta = 1 where it adds, which is the
+fastest option for the skinny products; ``impl="kernels"`` forces the Triton down/dx/dA kernels
+anyway (tests, benchmarks).
+
+``impl="fused"`` is the single-kernel alternative: one Triton GEMM whose K loop loads each x
+tile once and feeds two dots (x W^T into the [BM, BN] accumulator, dropout(x) A^T into a
+[BM, r] accumulator), then the epilogue adds bias and ``s * u B^T`` and the ``pid_n == 0``
+programs write u for backward. It reads x once instead of twice and launches one kernel
+instead of three (the win for decoding-sized M), but every column block recomputes u
+(r / BN extra tensor-core work, 12 % at r = 16, 50 % at r = 64) and competes with cuBLAS on
+the big GEMM; it is limited to r <= 64 (register budget). ``benchmarks/lora_linear.py`` times
+split / kernels / fused side by side; the op's default stays ``split`` until an H100 run shows
+otherwise (``FASTPEFT_LORA_IMPL`` selects one).
+
+Numerics: all dots accumulate in fp32; fp32 inputs use exact ("ieee") dots unless
+``torch.backends.cuda.matmul.allow_tf32`` is set, matching cuBLAS' behaviour. The dropout mask
+is a pure function of ``(seed, m * K + k)`` with int64 offsets, identical in every kernel
+(:func:`dropout_mask` materialises it for tests). Under ``TRITON_INTERPRET=1`` tiles are cast
+to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong) and a single small config is
+used per kernel (no autotuning on CPU).
+
+Autotuning: configs for H100 (block sizes 64-128 x 32-128, 4-8 warps, 3-4 stages), keyed on
+``K``, the padded rank, N, and a power-of-two bucket of M (not M itself, so a new sequence length
+does not retune). Triton caches the choice per key in-process; ``cache_results=True`` also keeps
+it on disk where the installed triton supports it, so tuning happens once per shape.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "lora_down",
+    "lora_dx_add",
+    "lora_grad_a",
+    "lora_fused_forward",
+    "dropout_mask",
+    "interpreting",
+    "MAX_RANK",
+    "MAX_FUSED_RANK",
+]
+
+MAX_RANK = 256
+MAX_FUSED_RANK = 64
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+_INTERPRET = interpreting()
+
+
+def _pad_rank(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _m_bucket(M: int) -> int:
+    return triton.next_power_of_2(max(M, 1))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32: exact dots unless torch allows tf32 (as cuBLAS does); 16-bit inputs: the tensor-core
+    # default (the precision setting only matters for fp32 operands).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _autotune(configs, key, **kw):
+    params = inspect.signature(triton.autotune).parameters
+    if "cache_results" in params and not _INTERPRET:
+        kw["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **kw)
+
+
+def _cfg(kw, warps, stages):
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+# ----------------------------------------------------------------------------- configs
+def _down_configs():
+    if _INTERPRET:
+        return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
+    out = []
+    for bm in (16, 32, 64, 128):
+        for bk in (64, 128):
+            for w in (4, 8):
+                out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
+    return out
+
+
+def _prune_by_rank(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    rp = args["R_PAD"]
+    m = args["M"]
+    keep = []
+    for c in configs:
+        bm = c.kwargs.get("BLOCK_M", 64)
+        br = args.get("BLOCK_R", rp)
+        if bm * min(br, rp) > 128 * 128:  # accumulator register budget
+            continue
+        if bm > 16 and bm >= 2 * triton.next_power_of_2(max(m, 1)):  # tiny M: small tiles only
+            continue
+        bn = c.kwargs.get("BLOCK_N")
+        if bn is not None and bm * bn + bm * rp > 128 * 256 + 128 * 16:  # fused: both accumulators
+            continue
+        keep.append(c)
+    return keep or configs[:1]
+
+
+def _dx_configs():
+    if _INTERPRET:
+        return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
+    out = []
+    for bm in (32, 64, 128):
+        for bk in (64, 128):
+            for w in (4, 8):
+                out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
+    return out
+
+
+def _da_configs():
+    if _INTERPRET:
+        return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
+    out = []
+    for bm in (32, 64, 128):
+        for bk in (64, 128):
+            for w in (4, 8):
+                out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
+    return out
+
+
+def _fused_configs():
+    if _INTERPRET:
+        return [_cfg({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 1)]
+    out = []
+    for bm, bn, bk, w, s in (
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (16, 128, 128, 4, 4),  # decode-sized M
+        (16, 64, 256, 4, 3),
+        (32, 128, 128, 4, 4),
+    ):
+        out.append(_cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s))
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _dropout_tile(x, seed, offs_m, offs_k, K, p, scale):
+    """x * mask for one tile; mask = scale where Philox(seed, m*K+k) >= p, else 0 (fp32)."""
+    rng_off = offs_m[:, None].to(tl.int64) * K + offs_k[None, :].to(tl.int64)
+    keep = tl.rand(seed, rng_off) >= p
+    return tl.where(keep, x.to(tl.float32) * scale, 0.0)
+
+
+# ----------------------------------------------------------------------------- kernels
+@_autotune(_down_configs(), key=["K", "R_PAD", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune_by_rank})
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, a_ptr, u_ptr,
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
+    seed, p, scale,
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # A^T tile [BK, R_PAD]
+        if HAS_DROPOUT:
+            x = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
+            if not UPCAST:
+                x = x.to(a.dtype)
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+             acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@_autotune(_dx_configs(), key=["K", "R_PAD", "M_BUCKET"], restore_value=["dx_ptr"],
+           prune_configs_by={"early_config_prune": _prune_by_rank})
+@triton.jit
+def _lora_dx_add_kernel(
+    dx_ptr, g_ptr, a_ptr,
+    M, K, R, M_BUCKET,
+    stride_dxm, stride_dxk, stride_gm, stride_gr, stride_ar, stride_ak,
+    seed, p, scale,
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx[m, k] += mask[m, k] * sum_r g[m, r] A[r, k]  (in place)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    if UPCAST:
+        d = tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
+    else:
+        d = tl.dot(g, a, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        d = _dropout_tile(d, seed, offs_m, offs_k, K, p, scale)
+    ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    io_mask = m_ok[:, None] & k_ok[None, :]
+    dx = tl.load(ptrs, mask=io_mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (dx + d).to(dx_ptr.dtype.element_ty), mask=io_mask)
+
+
+@_autotune(_da_configs(), key=["K", "R_PAD", "M_BUCKET"], reset_to_zero=["da_ptr"],
+           prune_configs_by={"early_config_prune": _prune_by_rank})
+@triton.jit
+def _lora_grad_a_kernel(
+    da_ptr, g_ptr, x_ptr,
+    M, K, R, M_BUCKET,
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_dar, stride_dak,
+    seed, p, scale,
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dA[r, k] += sum_m g[m, r] * (x * mask)[m, k] over this program's slice of M (fp32 atomics)."""
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    chunk = tl.cdiv(tl.cdiv(M, n_split), BLOCK_M) * BLOCK_M
+    m_start = pid_s * chunk
+    m_end = tl.minimum(m_start + chunk, M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        gt = tl.load(g_ptr + offs_r[:, None] * stride_gr + offs_m[None, :] * stride_gm,
+                     mask=r_ok[:, None] & m_ok[None, :], other=0.0)  # g^T tile [BR, BM]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
+            if not UPCAST:
+                x = x.to(gt.dtype)
+        if UPCAST:
+            acc = tl.dot(gt.to(tl.float32), x.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(gt, x, acc, input_precision=PRECISION)
+    if m_start < M:
+        tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
+                      mask=r_ok[:, None] & k_ok[None, :])
+
+
+@_autotune(_fused_configs(), key=["N", "K", "R_PAD", "M_BUCKET"],
+           prune_configs_by={"early_config_prune": _prune_by_rank})
+@triton.jit
+def _lora_fused_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_um, stride_ur,
+    seed, p, scale, s,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_U: tl.constexpr,
+    R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    """y = x W^T + b + s * (dropout(x) A^T) B^T in one K loop; writes u = dropout(x) A^T once."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    uacc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # W^T tile [BK, BN]
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # A^T tile [BK, R_PAD]
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), wt.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+        xd = x
+        if HAS_DROPOUT:
+            xd = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
+            if not UPCAST:
+                xd = xd.to(x.dtype)
+        if UPCAST:
+            uacc = tl.dot(xd.to(tl.float32), at.to(tl.float32), uacc, input_precision=PRECISION)
+        else:
+            uacc = tl.dot(xd, at, uacc, input_precision=PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    u = uacc.to(u_ptr.dtype.element_ty)  # round u like the two-GEMM path does
+    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=n_ok[None, :] & r_ok[:, None], other=0.0)  # B^T tile [R_PAD, BN]
+    if UPCAST:
+        lora = tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+    else:
+        lora = tl.dot(u, bt, input_precision=PRECISION)
+    acc += s * lora
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if WRITE_U:
+        if pid_n == 0:
+            tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u,
+                     mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, M, K, seed, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
+    mk = _dropout_tile(ones, seed, offs_m, offs_k, K, p, scale)
+    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], mk,
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+# ----------------------------------------------------------------------------- launchers
+def _dropout_args(p: float) -> Tuple[bool, float, float]:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    has = p > 0.0
+    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    return has, float(p), float(scale)
+
+
+def _check_rank(r: int) -> None:
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"LoRA rank r={r} is outside the Triton kernels' range 1..{MAX_RANK}; "
+                         "use the reference backend (FASTPEFT_BACKEND=reference) for larger ranks.")
+
+
+def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int = 0, p: float = 0.0,
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``u = dropout(x) A^T`` (``[M, r]``) in one pass over ``x``; the mask comes from ``seed``."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    _check_rank(R)
+    has, p, scale = _dropout_args(p)
+    u = torch.empty((M, R), device=x.device, dtype=out_dtype or x.dtype)
+    if M == 0:
+        return u
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    _lora_down_kernel[grid](
+        x, lora_A, u, M, K, R, _m_bucket(M),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
+        seed, p, scale,
+        HAS_DROPOUT=has, R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(x.dtype),
+    )
+    return u
+
+
+def lora_dx_add(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, seed: int = 0, p: float = 0.0) -> torch.Tensor:
+    """In place: ``dx += (g @ A) * mask`` (mask regenerated from ``seed``); returns ``dx``."""
+    M, K = dx.shape
+    R = lora_A.shape[0]
+    _check_rank(R)
+    has, p, scale = _dropout_args(p)
+    g = g.to(lora_A.dtype)
+    if M == 0:
+        return dx
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
+    _lora_dx_add_kernel[grid](
+        dx, g, lora_A, M, K, R, _m_bucket(M),
+        dx.stride(0), dx.stride(1), g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1),
+        seed, p, scale,
+        HAS_DROPOUT=has, R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(dx.dtype),
+    )
+    return dx
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def lora_grad_a(g: torch.Tensor, x: torch.Tensor, seed: int = 0, p: float = 0.0,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``dA = g^T (x * mask)`` (``[r, K]``), reading ``x`` once and regenerating the mask."""
+    M, K = x.shape
+    R = g.shape[1]
+    _check_rank(R)
+    has, p, scale = _dropout_args(p)
+    g = g.to(x.dtype)
+    da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
+    if M > 0:
+        sms = _num_sms(x.device)
+
+        block_r = min(_pad_rank(R), 128)  # r = 256: two row blocks (x read twice) to bound registers
+
+        def grid(meta):
+            tiles = triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(R, block_r)
+            split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 4 * meta["BLOCK_M"])))
+            return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split)
+
+        _lora_grad_a_kernel[grid](
+            da, g, x, M, K, R, _m_bucket(M),
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
+            seed, p, scale,
+            HAS_DROPOUT=has, R_PAD=_pad_rank(R), BLOCK_R=block_r, UPCAST=_INTERPRET,
+            PRECISION=_precision(x.dtype),
+        )
+    return da.to(out_dtype or x.dtype)
+
+
+def lora_fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, seed: int = 0,
+                       p: float = 0.0, write_u: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One-kernel forward: returns ``(y, u)`` (``u`` None unless ``write_u``). ``r <= 64``."""
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    if not 1 <= R <= MAX_FUSED_RANK:
+        raise ValueError(f"the fused single-kernel LoRA forward supports r <= {MAX_FUSED_RANK}, got r={R}; "
+                         "use impl='split'.")
+    has, p, scale = _dropout_args(p)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    u = torch.empty((M, R), device=x.device, dtype=x.dtype) if write_u else None
+    if M == 0:
+        return y, u
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    u_arg = u if u is not None else y
+    _lora_fused_fwd_kernel[grid](
+        x, weight, bias if bias is not None else y, lora_A, lora_B, y, u_arg,
+        M, N, K, R, _m_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), u_arg.stride(0), u_arg.stride(1),
+        seed, p, scale, float(scaling),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has, WRITE_U=u is not None,
+        R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(x.dtype),
+    )
+    return y, u
+
+
+def dropout_mask(seed: int, p: float, M: int, K: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """The ``[M, K]`` dropout mask (0 or ``1/(1-p)``) the kernels use for ``seed`` (for tests)."""
+    has, p, scale = _dropout_args(p)
+    out = torch.empty((M, K), device=device, dtype=torch.float32)
+    if not has:
+        return out.fill_(1.0).to(dtype)
+    if M and K:
+        grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+        _dropout_mask_kernel[grid](out, M, K, seed, p, scale, BLOCK_M=32, BLOCK_K=32)
+    return out.to(dtype)

@@ -1,0 +1,228 @@
+"""fastpeft.patch / unpatch on Hugging Face peft models (the oracle) and on fastpeft models.
+
+Oracle: the same peft model before patching (and after unpatch). Patched layers must give the
+same logits and the same LoRA gradients, keep save_pretrained / merging / adapter switching
+working, and the report must name what was patched and what was left (with reasons).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+
+import fastpeft
+from conftest import FP32_ATOL, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+patch_mod = sys.modules["fastpeft.patch"]
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_llama(layers=2, dropout=0.0, targets=LLAMA_TARGETS, **kw):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets,
+                          lora_dropout=dropout, task_type="CAUSAL_LM", **kw)
+    torch.manual_seed(0)
+    return peft.get_peft_model(tiny_llama(layers=layers), cfg)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _train_step(model, ids, seed=0):
+    """Logits and LoRA gradients of one training-mode forward/backward."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(".lora_" in n for n in grads)
+    return out.logits.detach(), grads
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls of the fused op from patched layers (proves the forward was routed)."""
+    calls = []
+    real = patch_mod.lora_linear
+
+    def counting(*a, **k):
+        calls.append(k.get("backend"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(patch_mod, "lora_linear", counting)
+    return calls
+
+
+def _assert_same(a, b, atol=FP32_ATOL):
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_peft_llama_logits_and_grads_equal_unpatched(ids, op_calls, monkeypatch, dropout):
+    """Reference backend on CPU; with dropout the op's reference draws the mask like
+    torch.nn.Dropout does, so with the same seed peft and the patched model agree exactly."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    model = _peft_llama(dropout=dropout)
+    logits0, grads0 = _train_step(model, ids)
+    report = fastpeft.patch(model)
+    assert len(report.patched) == 2 * len(LLAMA_TARGETS) and not report.skipped
+    assert report.backend == "reference (FASTPEFT_BACKEND)"
+    logits1, grads1 = _train_step(model, ids)
+    assert len(op_calls) == 2 * len(LLAMA_TARGETS)
+    _assert_same(logits1, logits0)
+    assert grads1.keys() == grads0.keys()
+    for n in grads0:
+        _assert_same(grads1[n], grads0[n])
+    model.eval()
+    _assert_same(_logits(model, ids), _logits(copy.deepcopy(model), ids))
+
+
+def test_peft_llama_triton_interpreter_one_layer(ids, op_calls, monkeypatch):
+    """FASTPEFT_BACKEND=triton under TRITON_INTERPRET=1: every LoRA kernel runs (impl=kernels,
+    no dropout so peft's output is the oracle) on a 1-layer model."""
+    kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
+    if not kmod.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTPEFT_LORA_IMPL", "kernels")
+    model = _peft_llama(layers=1)
+    logits0, grads0 = _train_step(model, ids)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    report = fastpeft.patch(model)
+    assert report.backend == "triton (FASTPEFT_BACKEND)" and len(report.patched) == len(LLAMA_TARGETS)
+    logits1, grads1 = _train_step(model, ids)
+    assert len(op_calls) == len(LLAMA_TARGETS)
+    _assert_same(logits1, logits0, atol=1e-4)
+    for n in grads0:
+        _assert_same(grads1[n], grads0[n], atol=1e-4)
+
+
+def test_gpt2_conv1d_patched(ids, op_calls, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn", "c_proj", "c_fc"],
+                          fan_in_fan_out=True, task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_gpt2(), cfg)
+    logits0, grads0 = _train_step(model, ids)
+    report = fastpeft.patch(model)
+    assert len(report.patched) == 2 * 4 and all(p.kind.endswith("on Conv1D") for p in report.patched)
+    logits1, grads1 = _train_step(model, ids)
+    assert op_calls
+    _assert_same(logits1, logits0)
+    for n in grads0:
+        _assert_same(grads1[n], grads0[n])
+
+
+def test_save_merge_switch_disable_on_patched_peft_model(ids, op_calls, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    model = _peft_llama(targets=["q_proj", "v_proj"]).eval()
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                               target_modules=["q_proj", "v_proj"]))
+    ref = copy.deepcopy(model)  # unpatched twin
+    fastpeft.patch(model)
+    # adapter switching
+    for name in ("other", "default"):
+        model.set_adapter(name)
+        ref.set_adapter(name)
+        n0 = len(op_calls)
+        _assert_same(_logits(model, ids), _logits(ref, ids))
+        assert len(op_calls) > n0
+    # disabled adapters -> base model, through the original forward
+    with model.disable_adapter(), ref.disable_adapter():
+        n0 = len(op_calls)
+        _assert_same(_logits(model, ids), _logits(ref, ids))
+        assert len(op_calls) == n0
+    # save_pretrained: same files as the unpatched twin, loadable by peft
+    model.save_pretrained(tmp_path / "p")
+    ref.save_pretrained(tmp_path / "r")
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "r" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "p").eval()
+    _assert_same(_logits(loaded, ids), _logits(model, ids))
+    # merging: merged forward goes through the original forward, same logits
+    unmerged = _logits(model, ids)
+    model.merge_adapter()
+    n0 = len(op_calls)
+    _assert_same(_logits(model, ids), unmerged, atol=1e-5)
+    assert len(op_calls) == n0
+    model.unmerge_adapter()
+    _assert_same(_logits(model, ids), unmerged, atol=1e-5)
+    merged = copy.deepcopy(model).merge_and_unload()
+    _assert_same(_logits(merged, ids), unmerged, atol=1e-5)
+    # deepcopy / pickle of a patched model keep working (the copy routes through its own layers)
+    clone = pickle.loads(pickle.dumps(model))
+    _assert_same(_logits(clone, ids), unmerged)
+    assert patch_mod.is_patched(clone.base_model.model.model.layers[0].self_attn.q_proj)
+
+
+def test_unpatch_restores(ids, op_calls, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    model = _peft_llama(targets=["q_proj", "v_proj"]).eval()
+    before = _logits(model, ids)
+    report = fastpeft.patch(model)
+    again = fastpeft.patch(model, backend="reference")  # idempotent: updates the backend only
+    assert again.patched_names == report.patched_names
+    restored = fastpeft.unpatch(model)
+    assert sorted(restored) == sorted(report.patched_names)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert "forward" not in layer.__dict__ and not patch_mod.is_patched(layer)
+    n0 = len(op_calls)
+    _assert_same(_logits(model, ids), before)
+    assert len(op_calls) == n0
+    assert fastpeft.unpatch(model) == []
+
+
+def test_report_lists_skipped_modules_with_reasons(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    model = _peft_llama(targets=["q_proj", "embed_tokens"])
+    report = fastpeft.patch(model)
+    assert len(report.patched) == 2
+    skipped = {s.name: s.reason for s in report.skipped}
+    emb = [n for n in skipped if n.endswith("embed_tokens")]
+    assert len(emb) == 1 and "Embedding" in skipped[emb[0]]
+    assert "skipped" in str(report) and "embed_tokens" in str(report)
+    assert report.as_dict()["patched"][0]["name"].endswith("q_proj")
+    dora = _peft_llama(targets=["v_proj"], use_dora=True)
+    rep = fastpeft.patch(dora)
+    assert not rep.patched and len(rep.skipped) == 2
+    assert all("DoRA" in s.reason for s in rep.skipped)
+
+
+def test_fastpeft_model_is_native_unless_backend_forced(ids, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    torch.manual_seed(0)
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).eval()
+    before = _logits(model, ids)
+    report = fastpeft.patch(model)
+    assert len(report.native) == 4 and not report.patched and not report.skipped
+    forced = fastpeft.patch(model, backend="reference")
+    assert len(forced.patched) == 4 and forced.backend == "reference"
+    _assert_same(_logits(model, ids), before)
+    assert len(fastpeft.unpatch(model)) == 4
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fastpeft.patch("not a model")
+    with pytest.raises(ValueError, match="Unknown fastpeft backend"):
+        fastpeft.patch(torch.nn.Linear(2, 2), backend="cuda-magic")
+
+
+def test_import_fastpeft_does_not_import_peft():
+    import subprocess
+
+    code = "import sys, fastpeft; fastpeft.patch; assert 'peft' not in sys.modules, 'peft imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
