@@ -17,8 +17,10 @@ Backends (see :mod:`fastpeft.ops.backend`):
 * the matmuls run through :func:`fastpeft.ops.lora_linear.lora_linear` (``x W^T + s x A^T B^T``
   in one op), so DoRA inherits the fused LoRA-linear kernel where it exists.
 
-With dropout active (training, ``p > 0``) the output is peft's exactly:
-``x W^T + b + (m/n - 1) * (dx W^T) + m/n * s * dx A^T B^T`` with ``dx = dropout(x)``.
+With dropout active (training, ``p > 0``) the output is peft's:
+``x W^T + b + (m/n - 1) * (dx W^T) + m/n * s * dx A^T B^T`` with ``dx = dropout(x)`` (the same
+mask as peft's ``nn.Dropout`` for the same seed), computed as
+``(x - dx) W^T + b + m/n * lora_linear(dx)`` (two products with ``W``, like peft).
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
         return dora_weight_norm_reference(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
 
 
-def _magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    # m / ||W + sBA||, gradient only to m
-    return magnitude / norm.to(magnitude.dtype)
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def dora_linear(
@@ -82,21 +84,32 @@ def dora_linear(
 ) -> torch.Tensor:
     """DoRA linear output for ``x`` ``[..., K]`` (peft's ``lora.Linear`` with ``use_dora=True``).
 
-    ``backend`` picks the matmul backend (and the norm's, unless ``norm_backend`` is given).
+    ``y = m / ||W + s B A||_row * (x W^T + s x A^T B^T) + b`` without dropout; with dropout
+    (``training`` and ``dropout_p > 0``, ``dx = dropout(x)``, mask drawn like
+    ``torch.nn.functional.dropout``) ``y = (x - dx) W^T + b + m/n * (dx W^T + s dx A^T B^T)``,
+    which is peft's ``x W^T + b + (m/n - 1) dx W^T + m/n s dx A^T B^T``.
+
+    The product runs through :func:`fastpeft.ops.lora_linear.lora_linear` (``backend`` picks its
+    backend), the norm through :func:`dora_weight_norm` (``norm_backend``, default ``backend``).
+    Operands in other dtypes than ``x`` (fp32 adapters and magnitude on a half base) are cast,
+    differentiably; inside ``torch.autocast`` the autocast dtype is used. The output has that dtype.
     """
     check_lora_shapes(x, weight, lora_A, lora_B)
     if magnitude.shape != (weight.shape[0],):
         raise ValueError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)}, expected [{weight.shape[0]}] (out_features)")
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend=norm_backend if norm_backend is not None else backend)
-    scale = _magnitude_scale(magnitude, norm)
+    dtype = _compute_dtype(x)
+    scale = (magnitude.float() / norm).to(dtype)  # gradient reaches m only (the norm is detached)
     if training and dropout_p > 0.0:
         dx = F.dropout(x, dropout_p, training=True)
-        result = F.linear(x, weight, bias)
-        return result + dora_delta(dx, F.linear(dx, weight), lora_A, lora_B, scale, scaling).to(result.dtype)
-    y = lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend)
-    y = y * scale.to(y.dtype)
+        y = lora_linear(dx, weight, None, lora_A, lora_B, scaling, backend=backend) * scale
+        rest = x - dx
+        w = weight if weight.dtype == dtype else weight.to(dtype)
+        b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
+        return y + F.linear(rest if rest.dtype == dtype else rest.to(dtype), w, b)
+    y = lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend) * scale
     if bias is not None:
-        y = y + bias
+        y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
     return y
 
 
@@ -105,7 +118,9 @@ def dora_delta(x: torch.Tensor, base_no_bias: torch.Tensor, lora_A: torch.Tensor
 
     ``scale`` is ``magnitude / weight_norm`` (``[N]``); ``base_no_bias`` is ``x W^T`` for the
     same ``x`` (peft's formula; with several active adapters it is the running output).
-    Plain PyTorch autograd.
+    Plain PyTorch autograd, in ``lora_A``'s dtype.
     """
-    lora = (x @ lora_A.t()) @ lora_B.t()
-    return (scale - 1) * base_no_bias + scale * lora * scaling
+    dt = lora_A.dtype
+    lora = (x.to(dt) @ lora_A.t()) @ lora_B.to(dt).t()
+    scale = scale.to(dt)
+    return (scale - 1) * base_no_bias.to(dt) + scale * lora * scaling

@@ -313,8 +313,9 @@ class Linear(nn.Module, LoraLayer):
         active = [a for a in self.active_adapters if a in self.lora_A]
         dora = [a for a in active if self.use_dora.get(a, False)]
         base = self.get_base_layer()
-        # one DoRA adapter alone runs the fused DoRA op; DoRA among several adapters follows peft's sequential rule
-        dora_unfusable = bool(dora) and (len(active) > 1 or x.dtype != base.weight.dtype or x.dtype != self.lora_A[dora[0]].weight.dtype)
+        # one DoRA adapter alone runs the fused DoRA op; DoRA among several adapters follows peft's
+        # sequential rule (each DoRA term rescales the running output)
+        dora_unfusable = bool(dora) and len(active) > 1
         if self.merged or not active or args or kwargs or dora_unfusable:
             result = self.base_layer(x, *args, **kwargs)
             if self.merged:
@@ -362,8 +363,8 @@ class Linear(nn.Module, LoraLayer):
             dx = drop(xa)
             base_nb = F.linear(dx.to(weight.dtype), weight)
         norm = dora_weight_norm(weight, A, B, self.scaling[adapter])
-        scale = self.lora_magnitude_vector[adapter].weight / norm.to(A.dtype)
-        return dora_delta(dx, base_nb.to(A.dtype), A, B, scale, self.scaling[adapter])
+        scale = self.lora_magnitude_vector[adapter].weight.float() / norm
+        return dora_delta(dx, base_nb, A, B, scale, self.scaling[adapter])
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
