@@ -75,6 +75,14 @@ def test_same_logits_scaling_and_trainable_params_as_peft(case, ids, capsys):
     assert (_logits(ours, ids) - ref).abs().max() > 1e-3 * ref.abs().max()
 
 
+def test_default_init_is_identity_and_magnitude_is_weight_norm(ids):
+    ref = _logits(tiny_llama(), ids)
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(target_modules=["q_proj", "down_proj"], use_dora=True))
+    torch.testing.assert_close(_logits(model, ids), ref, atol=FP32_ATOL, rtol=0)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight, layer.base_layer.weight.norm(dim=1), atol=1e-6, rtol=1e-6)
+
+
 def test_rslora_scaling_value():
     model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(r=16, lora_alpha=8, use_rslora=True, use_dora=True, target_modules=["q_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
