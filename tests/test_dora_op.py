@@ -190,3 +190,25 @@ def test_bad_shapes_give_clear_errors():
         dora_weight_norm(W, A, B.t(), 1.0)
     with pytest.raises(ValueError, match="must be 2-D"):
         dora_weight_norm(W[None], A, B, 1.0)
+
+
+def test_benchmark_script_runs_on_cpu():
+    """benchmarks/dora.py (the GPU comparison with eager peft-style DoRA) runs its CPU config."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "dora.py")
+    spec = importlib.util.spec_from_file_location("fastpeft_bench_dora", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.run(quick=True)
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"] * 2
+    for row in rows:
+        assert list(row) == list(rows[0])
+        assert all(row[k] > 0 for k in ("base ms", "eager ms", "fastpeft ms", "norm fused ms", "norm eager ms"))
+        assert abs(row["eager/fastpeft"] - row["eager ms"] / row["fastpeft ms"]) < 1e-9
+    # the benchmarked op is the real one: its output equals the eager formula
+    g = torch.Generator().manual_seed(0)
+    W, A, B, m = (torch.randn(6, 5, generator=g), torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g), torch.rand(6, generator=g))
+    x, b = torch.randn(3, 5, generator=g), torch.randn(6, generator=g)
+    torch.testing.assert_close(mod._eager(x, W, b, A, B, m), dora_linear(x, W, b, A, B, m, mod.SCALING), atol=1e-5, rtol=1e-5)
