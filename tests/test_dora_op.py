@@ -212,3 +212,26 @@ def test_benchmark_script_runs_on_cpu():
     W, A, B, m = (torch.randn(6, 5, generator=g), torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g), torch.rand(6, generator=g))
     x, b = torch.randn(3, 5, generator=g), torch.randn(6, generator=g)
     torch.testing.assert_close(mod._eager(x, W, b, A, B, m), dora_linear(x, W, b, A, B, m, mod.SCALING), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs a CUDA device (compiled kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_norm_kernel_and_dora_linear_match_fp32_reference(dtype):
+    """Compiled on a GPU: Llama-like ragged shapes, bf16 included (checked only here)."""
+    dev = torch.device("cuda")
+    for N, K, r in ((4099, 1027, 16), (515, 4096, 64), (33, 17, 1)):
+        W, A, B, m = (t.to(dev, dtype) for t in _factors(N, K, r))
+        want = dora_weight_norm_reference(W.float(), A.float(), B.float(), 0.7)
+        _close(dora_weight_norm(W, A, B, 0.7, backend="triton"), want, torch.float32 if dtype == torch.float32 else dtype, "norm")
+        x = torch.randn(37, K, device=dev, dtype=dtype, requires_grad=True)
+        Ag, Bg, mg = (t.clone().requires_grad_() for t in (A, B, m))
+        y = dora_linear(x, W, None, Ag, Bg, mg, 0.7, backend="triton")
+        ref = [t.detach().float().requires_grad_() for t in (x, Ag, Bg, mg)]
+        yr = _oracle(ref[0], W.float(), None, ref[1], ref[2], ref[3], 0.7)
+        dy = torch.randn_like(yr)
+        y.backward(dy.to(dtype))
+        yr.backward(dy)
+        _close(y, yr, dtype, "y")
+        for name, got, r_ in zip(("dx", "dA", "dB", "dm"), (x, Ag, Bg, mg), ref):
+            _close(got.grad, r_.grad, dtype, name)
