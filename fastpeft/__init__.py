@@ -21,7 +21,21 @@ from fastpeft.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from fastpeft.tuners import AdaLoraConfig, AdaLoraModel, IA3Config, IA3Model, LoraConfig, LoraModel
+from fastpeft.tuners import (
+    AdaLoraConfig,
+    AdaLoraModel,
+    AdapterFusionConfig,
+    AdaptionPromptConfig,
+    AdaptionPromptModel,
+    BottleneckConfig,
+    BottleneckModel,
+    HoulsbyConfig,
+    IA3Config,
+    IA3Model,
+    LoraConfig,
+    LoraModel,
+    PfeifferConfig,
+)
 from fastpeft.mapping import get_peft_model
 from fastpeft.patch import PatchReport, patch, unpatch
 from fastpeft.utils.kbit import prepare_model_for_kbit_training
@@ -49,6 +63,13 @@ __all__ = [
     "IA3Model",
     "AdaLoraConfig",
     "AdaLoraModel",
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
+    "BottleneckConfig",
+    "BottleneckModel",
+    "HoulsbyConfig",
+    "PfeifferConfig",
+    "AdapterFusionConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForSeq2SeqLM",

@@ -205,20 +205,27 @@ class PeftModel(nn.Module):
         self._enable_checkpointing(name, *args, **kwargs)
 
     # --- state dicts ------------------------------------------------------------------------
-    def get_adapter_state_dict(self, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
-        """The tensors of one adapter with peft's checkpoint keys (adapter name removed)."""
+    def get_adapter_state_dict(self, adapter_name: str = "default",
+                               state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The tensors of one adapter with peft's checkpoint keys (adapter name removed).
+
+        ``state_dict``: a full state dict of this model to take the tensors from instead of the live
+        parameters (e.g. the gathered one from ``accelerator.get_state_dict`` under FSDP/DeepSpeed,
+        where each process only holds shards).
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; loaded adapters: {list(self.peft_config)}")
         if self._is_prompt_learning:
             return self._prompt_learning_state_dict(adapter_name)
-        full = self.state_dict()
+        full = self.state_dict() if state_dict is None else state_dict
         out = {ck: full[mk] for ck, mk in self.base_model.adapter_key_map(adapter_name, prefix="base_model.").items()}
         for ck, mk in self.base_model.extra_state_key_map(adapter_name, prefix="base_model.").items():
             out[ck] = full[mk]
         for name, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for k, v in module.modules_to_save[adapter_name].state_dict().items():
-                    out[f"{name}.{k}"] = v
+                    live_key = f"{name}.modules_to_save.{adapter_name}.{k}"
+                    out[f"{name}.{k}"] = full[live_key] if state_dict is not None and live_key in full else v
         return self.base_model._adapter_state_dict_for_save(adapter_name, out)
 
     def _prompt_learning_state_dict(self, adapter_name: str) -> Dict[str, torch.Tensor]:
@@ -280,12 +287,15 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         selected_adapters: Optional[Sequence[str]] = None,
         is_main_process: bool = True,
+        state_dict: Optional[Dict[str, torch.Tensor]] = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format).
 
         The ``default`` adapter goes into ``save_directory``, any other into
         ``save_directory/<adapter_name>`` (as peft does). Files are written atomically.
+        ``state_dict`` (a full state dict of this model, e.g. gathered under FSDP) is read instead
+        of the live parameters; ``is_main_process=False`` writes nothing.
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; give a directory.")
@@ -300,7 +310,7 @@ class PeftModel(nn.Module):
         for name in names:
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out_dir, exist_ok=True)
-            tensors = self.get_adapter_state_dict(name)
+            tensors = self.get_adapter_state_dict(name, state_dict=state_dict)
             atomic_save_safetensors(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt", "fastpeft_version": __version__})
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True

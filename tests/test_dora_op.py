@@ -235,3 +235,14 @@ def test_cuda_norm_kernel_and_dora_linear_match_fp32_reference(dtype):
         _close(y, yr, dtype, "y")
         for name, got, r_ in zip(("dx", "dA", "dB", "dm"), (x, Ag, Bg, mg), ref):
             _close(got.grad, r_.grad, dtype, name)
+
+
+def test_base_dtype_mismatch_outside_autocast_is_an_error():
+    W, A, B, m = _factors(8, 10, 2)
+    with pytest.raises(ValueError, match="must share one dtype outside autocast"):
+        dora_linear(torch.randn(2, 10), W.half(), None, A, B, m, 1.0)
+    with pytest.raises(ValueError, match="bias=torch.float16"):
+        dora_linear(torch.randn(2, 10), W, torch.zeros(8, dtype=torch.float16), A, B, m, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dora_linear(torch.randn(2, 10), W, torch.zeros(8), A, B, m, 1.0)
+    assert y.dtype == torch.bfloat16

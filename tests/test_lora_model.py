@@ -287,3 +287,38 @@ def test_prepare_model_for_kbit_training_freezes_upcasts_and_checkpoints(ids):
     grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
     assert grads and all(g is not None for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_accelerate_prepare_backward_accumulate_and_save(tmp_path, ids):
+    """The accelerate loop peft users write: prepare, accumulate, backward, unwrap, save."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(r=4, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    pmodel, popt = acc.prepare(model, opt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = []
+    for step in range(6):
+        with acc.accumulate(pmodel):
+            loss = pmodel(input_ids=ids, labels=ids).loss
+            acc.backward(loss)
+            popt.step()
+            popt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)
+    unwrapped = acc.unwrap_model(pmodel)
+    assert isinstance(unwrapped, fastpeft.PeftModel)
+    unwrapped.save_pretrained(tmp_path, state_dict=acc.get_state_dict(pmodel))
+    loaded = fastpeft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, unwrapped(input_ids=ids).logits, atol=FP32_ATOL, rtol=0)
+    # an explicit state_dict (what FSDP gathers) is what gets written, not the live parameters
+    sd = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in unwrapped.state_dict().items()}
+    unwrapped.save_pretrained(tmp_path / "zeros", state_dict=sd)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "zeros" / "adapter_model.safetensors")
+    assert any("lora_B" in k for k in saved) and all(not v.any() for k, v in saved.items() if "lora_B" in k)

@@ -91,14 +91,23 @@ def dora_linear(
 
     The product runs through :func:`fastpeft.ops.lora_linear.lora_linear` (``backend`` picks its
     backend), the norm through :func:`dora_weight_norm` (``norm_backend``, default ``backend``).
-    Operands in other dtypes than ``x`` (fp32 adapters and magnitude on a half base) are cast,
-    differentiably; inside ``torch.autocast`` the autocast dtype is used. The output has that dtype.
+    ``weight`` and ``bias`` must have ``x``'s dtype (as in ``nn.Linear``); the adapter factors and
+    the magnitude may differ (fp32 on a half base, as peft and fastpeft store them) and are cast,
+    differentiably. Inside ``torch.autocast`` everything computes in the autocast dtype. The output
+    has the compute dtype.
     """
     check_lora_shapes(x, weight, lora_A, lora_B)
     if magnitude.shape != (weight.shape[0],):
         raise ValueError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)}, expected [{weight.shape[0]}] (out_features)")
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend=norm_backend if norm_backend is not None else backend)
     dtype = _compute_dtype(x)
+    if not torch.is_autocast_enabled(x.device.type) and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)):
+        # the LoRA-linear op's rule (and nn.Linear's): no per-call copy of a frozen base in another dtype
+        raise ValueError(
+            f"dora_linear: x, weight and bias must share one dtype outside autocast, got x={x.dtype}, "
+            f"weight={weight.dtype}{', bias=' + str(bias.dtype) if bias is not None else ''}; cast the input "
+            "(or the model) or run under torch.autocast."
+        )
     scale = (magnitude.float() / norm).to(dtype)  # gradient reaches m only (the norm is detached)
     if training and dropout_p > 0.0:
         dx = F.dropout(x, dropout_p, training=True)

@@ -257,6 +257,14 @@ def lora_linear(
     device_type = x.device.type
     autocast_on = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
+    if not autocast_on and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)):
+        # Like nn.Linear: a frozen base in another dtype than x is a caller bug, not something to
+        # paper over with a per-call copy of W.
+        raise ValueError(
+            f"lora_linear: x, weight and bias must share one dtype outside autocast, got x={x.dtype}, "
+            f"weight={weight.dtype}{', bias=' + str(bias.dtype) if bias is not None else ''}; cast the input "
+            "(or the model) or run under torch.autocast."
+        )
     x, weight, lora_A, lora_B = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B))
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)

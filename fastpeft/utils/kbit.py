@@ -63,7 +63,10 @@ def prepare_model_for_kbit_training(
             emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             if emb is not None:
                 emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        if hasattr(model, "gradient_checkpointing_enable"):
+        # transformers >= 5.2x renamed it activation_checkpointing_enable (the old name warns).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model._fastpeft_kbit_prepared = kbit
     return model
