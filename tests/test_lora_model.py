@@ -295,7 +295,12 @@ def test_accelerate_prepare_backward_accumulate_and_save(tmp_path, ids):
     torch.manual_seed(0)
     model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(r=4, target_modules="all-linear"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps process-wide singletons; earlier Trainer tests leave theirs behind
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    acc = accelerate.Accelerator(cpu=True, mixed_precision="no", gradient_accumulation_steps=2)
     pmodel, popt = acc.prepare(model, opt)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = []
@@ -309,7 +314,7 @@ def test_accelerate_prepare_backward_accumulate_and_save(tmp_path, ids):
     assert losses[-1] < losses[0]
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed and all("lora_" in n for n in changed)
-    unwrapped = acc.unwrap_model(pmodel)
+    unwrapped = acc.unwrap_model(pmodel, keep_fp32_wrapper=False).eval()
     assert isinstance(unwrapped, fastpeft.PeftModel)
     unwrapped.save_pretrained(tmp_path, state_dict=acc.get_state_dict(pmodel))
     loaded = fastpeft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
