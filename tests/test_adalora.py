@@ -151,6 +151,35 @@ def test_rank_pattern_checkpoints_round_trip_both_ways(trained, ids):
     torch.testing.assert_close(_logits(mine_loaded, ids), _logits(ours, ids), atol=FP32_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("sched", [dict(tinit=3, tfinal=4, deltaT=3, total_step=20), dict(tinit=0, tfinal=0, deltaT=1, total_step=7)])
+def test_budget_schedule_equals_peft(sched):
+    ours, theirs = _pair("llama", **sched)
+    a, b = ours.base_model.rankallocator, theirs.base_model.rankallocator
+    assert (a.init_bgt, a.target_bgt) == (b.init_bgt, b.target_bgt)
+    for step in range(0, sched["total_step"] + 3):
+        assert a.budget_schedule(step) == b.budget_schedule(step), step
+
+
+@pytest.mark.parametrize("case", ["gpt2-defaults", "bert-seqcls"])
+def test_untrained_checkpoints_round_trip_both_ways(case, ids, tmp_path):
+    """Before any pruning (no rank_pattern): GPT-2 Conv1D and a BERT classifier (modules_to_save head)."""
+    ours, theirs = _pair(case, init_lora_weights=False)
+    ours.eval(), theirs.eval()
+    make = CASES[case][0]
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    a = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "theirs" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    theirs_loaded = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(theirs_loaded, ids), _logits(ours, ids), atol=FP32_ATOL, rtol=0)
+    ours_loaded = fastpeft.PeftModel.from_pretrained(make(), tmp_path / "theirs").eval()
+    assert isinstance(ours_loaded.base_model, fastpeft.AdaLoraModel)
+    torch.testing.assert_close(_logits(ours_loaded, ids), _logits(theirs, ids), atol=FP32_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["llama", "gpt2-defaults"])
 def test_merge_unmerge_restores_weights(case, ids):
     ours, theirs = _pair(case, init_lora_weights=False)
