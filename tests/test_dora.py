@@ -188,3 +188,37 @@ def test_bad_configs_give_clear_errors():
         fastpeft.AdaLoraConfig(use_dora=True, total_step=10)
     with pytest.raises(ValueError, match="embed_tokens.*not supported|not support.*embed_tokens|Embedding"):
         fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(target_modules=["embed_tokens"], use_dora=True))
+
+
+def test_weight_norm_cache_in_eval_follows_weight_updates(ids, monkeypatch):
+    """ENABLE_DORA_CACHING (off by default, as in peft): eval forwards reuse the norm while W, A,
+    B are unchanged; an in-place update (optimizer step, load_state_dict) invalidates it."""
+    lora_mod = fastpeft.tuners.lora
+    calls = []
+    real = lora_mod.dora_weight_norm
+    monkeypatch.setattr(lora_mod, "dora_weight_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours, _ = _pair("llama")
+    n_layers = sum(1 for m in ours.modules() if isinstance(m, lora_mod.LoraLayer))
+    calls.clear()  # (creating the adapters computed the initial magnitudes)
+    first = _logits(ours, ids)
+    _logits(ours, ids)
+    assert len(calls) == 2 * n_layers  # default: no cache
+    monkeypatch.setattr(lora_mod, "ENABLE_DORA_CACHING", True)
+    calls.clear()
+    torch.testing.assert_close(_logits(ours, ids), first, atol=0, rtol=0)
+    torch.testing.assert_close(_logits(ours, ids), first, atol=0, rtol=0)
+    assert len(calls) == n_layers  # second forward: every norm from the cache
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(3.0)  # in place, like an optimizer step
+    calls.clear()
+    cached = _logits(ours, ids)
+    assert len(calls) == 1  # only the changed layer recomputed
+    monkeypatch.setattr(lora_mod, "ENABLE_DORA_CACHING", False)
+    torch.testing.assert_close(cached, _logits(ours, ids), atol=0, rtol=0)
+    assert (cached - first).abs().max() > 1e-4
+    monkeypatch.setattr(lora_mod, "ENABLE_DORA_CACHING", True)
+    ours.train()
+    calls.clear()
+    ours(input_ids=ids)
+    assert len(calls) == n_layers and not layer._dora_norm_cache  # training never uses the cache

@@ -81,6 +81,7 @@ def dora_linear(
     training: bool = False,
     backend: Optional[str] = None,
     norm_backend: Optional[str] = None,
+    weight_norm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """DoRA linear output for ``x`` ``[..., K]`` (peft's ``lora.Linear`` with ``use_dora=True``).
 
@@ -90,8 +91,9 @@ def dora_linear(
     which is peft's ``x W^T + b + (m/n - 1) dx W^T + m/n s dx A^T B^T``.
 
     The product runs through :func:`fastpeft.ops.lora_linear.lora_linear` (``backend`` picks its
-    backend), the norm through :func:`dora_weight_norm` (``norm_backend``, default ``backend``).
-    ``weight`` and ``bias`` must have ``x``'s dtype (as in ``nn.Linear``); the adapter factors and
+    backend), the norm through :func:`dora_weight_norm` (``norm_backend``, default ``backend``),
+    unless ``weight_norm`` (``[N]``, e.g. cached by the caller while the weights are unchanged)
+    is given. ``weight`` and ``bias`` must have ``x``'s dtype (as in ``nn.Linear``); the adapter factors and
     the magnitude may differ (fp32 on a half base, as peft and fastpeft store them) and are cast,
     differentiably. Inside ``torch.autocast`` everything computes in the autocast dtype. The output
     has the compute dtype.
@@ -99,7 +101,12 @@ def dora_linear(
     check_lora_shapes(x, weight, lora_A, lora_B)
     if magnitude.shape != (weight.shape[0],):
         raise ValueError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)}, expected [{weight.shape[0]}] (out_features)")
-    norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend=norm_backend if norm_backend is not None else backend)
+    if weight_norm is None:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend=norm_backend if norm_backend is not None else backend)
+    elif weight_norm.shape != (weight.shape[0],):
+        raise ValueError(f"dora_linear: weight_norm has shape {tuple(weight_norm.shape)}, expected [{weight.shape[0]}] (out_features)")
+    else:
+        norm = weight_norm.detach().float()
     dtype = _compute_dtype(x)
     if not torch.is_autocast_enabled(x.device.type) and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)):
         # the LoRA-linear op's rule (and nn.Linear's): no per-call copy of a frozen base in another dtype

@@ -127,6 +127,11 @@ class LoraConfig(PeftConfig):
             raise NotImplementedError("LoftQ initialisation is not supported by fastpeft; leave loftq_config empty.")
 
 
+# Like peft's ``peft.tuners.lora.dora.ENABLE_DORA_CACHING``: when True, DoRA layers in eval mode
+# reuse their weight norm while W, A and B are unchanged (faster generation). Off by default.
+ENABLE_DORA_CACHING = False
+
+
 class DoraMagnitude(nn.Module):
     """DoRA's magnitude vector of one adapter, kept as ``.weight`` (peft's ``DoraLinearLayer`` state)."""
 
@@ -157,6 +162,7 @@ class LoraLayer(BaseTunerLayer):
         self.use_dora: Dict[str, bool] = {}
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA; added to adapter_layer_names once used
         self._dora_merged_norm: Dict[str, torch.Tensor] = {}
+        self._dora_norm_cache: Dict[str, tuple] = {}  # adapter -> (weights' identity and versions, norm)
         self.in_features = in_features
         self.out_features = out_features
 
@@ -176,6 +182,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.use_dora[adapter_name] = bool(use_dora)
+        self._dora_norm_cache.pop(adapter_name, None)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
         if use_dora:
@@ -196,6 +203,34 @@ class LoraLayer(BaseTunerLayer):
     def _base_weight(self) -> torch.Tensor:
         w = self.get_base_layer().weight
         return w.t() if getattr(self, "fan_in_fan_out", False) else w  # always [out, in]
+
+    def _dora_norm(self, adapter: str, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """DoRA's detached weight norm; cached in eval mode when :data:`ENABLE_DORA_CACHING` is set.
+
+        The cache key holds each tensor's storage address and autograd version counter (bumped by
+        in-place updates such as optimizer steps and ``load_state_dict``), so repeated eval forwards
+        with unchanged weights (generation) skip the extra read of ``W``. Edits through ``.data``
+        bypass the version counter: clear the cache (``layer._dora_norm_cache.clear()``) after them.
+        """
+        if self.training or not ENABLE_DORA_CACHING:
+            self._dora_norm_cache.clear()
+            return dora_weight_norm(weight, A, B, self.scaling[adapter])
+        try:
+            key = tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in (weight, A, B))
+        except RuntimeError:  # inference tensors have no version counter: no caching
+            return dora_weight_norm(weight, A, B, self.scaling[adapter])
+        key = key + (float(self.scaling[adapter]),)
+        hit = self._dora_norm_cache.get(adapter)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        norm = dora_weight_norm(weight, A, B, self.scaling[adapter])
+        self._dora_norm_cache[adapter] = (key, norm)
+        return norm
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._dora_norm_cache.pop(adapter_name, None)
+        self._dora_merged_norm.pop(adapter_name, None)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         if init_lora_weights is False:
@@ -267,6 +302,7 @@ class Linear(nn.Module, LoraLayer):
         """Add the adapters' ``scaling * B A`` into the base weight (``safe_merge`` checks for NaN/inf first)."""
         names = [a for a in (adapter_names or self.active_adapters) if a in self.lora_A and a not in self.merged_adapters]
         base = self.get_base_layer()
+        self._dora_norm_cache.clear()
         for adapter in names:
             delta = self.get_delta_weight(adapter)
             if self.use_dora.get(adapter, False):
@@ -293,6 +329,7 @@ class Linear(nn.Module, LoraLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter's update from the base weight."""
         base = self.get_base_layer()
+        self._dora_norm_cache.clear()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter not in self.lora_A:
@@ -330,9 +367,10 @@ class Linear(nn.Module, LoraLayer):
         A = self.lora_A[first].weight
         B = self.lora_B[first].weight
         if dora:
+            weight = self._base_weight()
             return dora_linear(
-                x, self._base_weight(), base.bias, A, B, self.lora_magnitude_vector[first].weight, self.scaling[first],
-                dropout_p=self._dropout_p(first), training=self.training,
+                x, weight, base.bias, A, B, self.lora_magnitude_vector[first].weight, self.scaling[first],
+                dropout_p=self._dropout_p(first), training=self.training, weight_norm=self._dora_norm(first, weight, A, B),
             )
         result = lora_linear(
             x,
@@ -362,7 +400,7 @@ class Linear(nn.Module, LoraLayer):
         else:
             dx = drop(xa)
             base_nb = F.linear(dx.to(weight.dtype), weight)
-        norm = dora_weight_norm(weight, A, B, self.scaling[adapter])
+        norm = self._dora_norm(adapter, weight, A, B)
         scale = self.lora_magnitude_vector[adapter].weight.float() / norm
         return dora_delta(dx, base_nb, A, B, scale, self.scaling[adapter])
 
