@@ -222,3 +222,25 @@ def test_weight_norm_cache_in_eval_follows_weight_updates(ids, monkeypatch):
     calls.clear()
     ours(input_ids=ids)
     assert len(calls) == n_layers and not layer._dora_norm_cache  # training never uses the cache
+
+
+def test_triton_backend_matches_reference(ids, monkeypatch):
+    """fastpeft's DoRA layer under TRITON_INTERPRET=1 (norm kernel + LoRA kernels) vs its reference path."""
+    kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
+    if not kmod.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    model = fastpeft.get_peft_model(tiny_llama(layers=1), fastpeft.LoraConfig(
+        target_modules=["q_proj", "down_proj"], use_dora=True, init_lora_weights=False))
+    results = []
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+        monkeypatch.setenv("FASTPEFT_LORA_IMPL", "fused")
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert any("lora_magnitude_vector" in n for n in g0)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-4, msg=lambda s: f"{n}: {s}")
