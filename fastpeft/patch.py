@@ -325,6 +325,13 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         parts = type(module).__module__.split(".")
         tuner = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1]
         kind = f"{lib} {tuner}.{type(module).__name__}"
+        native_op = getattr(type(module), "native_fused_op", None) if lib == "fastpeft" else None
+        if native_op and type(module).__name__ != "Linear":  # e.g. AdaLoRA's SVDLinear: not re-routable
+            note = f"runs {native_op} already"
+            if explicit is not None:
+                note += f"; its backend follows FASTPEFT_BACKEND per call, not patch(backend={explicit!r})"
+            report.native.append(PatchedModule(name, kind, note))
+            continue
         if not _is_lora_layer(module):
             report.skipped.append(SkippedModule(name, kind, "not a LoRA layer (another tuner); the fused op covers LoRA"))
             continue

@@ -248,3 +248,10 @@ def test_triton_backend_matches_reference(ids, monkeypatch):
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-4, msg=lambda s: f"{n}: {s}")
+
+
+def test_patch_reports_adalora_layers_as_native():
+    model = fastpeft.get_peft_model(tiny_llama(layers=1), fastpeft.AdaLoraConfig(**dict(BASE, target_modules=["q_proj", "v_proj"])))
+    report = fastpeft.patch(model)
+    assert len(report.native) == 2 and not report.patched and not report.skipped
+    assert all("lora_linear" in p.note for p in report.native)

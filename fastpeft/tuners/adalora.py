@@ -206,6 +206,8 @@ class AdaLoraLayer(BaseTunerLayer):
 class SVDLinear(nn.Module, AdaLoraLayer):
     """AdaLoRA on ``nn.Linear`` (or GPT-2's ``Conv1D`` with ``fan_in_fan_out=True``)."""
 
+    native_fused_op = "lora_linear"  # fastpeft.patch reports these layers as native
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False, init_lora_weights: Union[bool, str] = True, **kwargs: Any):
         super().__init__()
         weight = base_layer.weight
