@@ -246,3 +246,32 @@ def test_base_dtype_mismatch_outside_autocast_is_an_error():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = dora_linear(torch.randn(2, 10), W, torch.zeros(8), A, B, m, 1.0)
     assert y.dtype == torch.bfloat16
+
+
+def test_small_magnitude_changes_survive_bf16():
+    """m/n = 1 + 3e-3 is not representable in bf16 (steps of 2^-7 near 1; it would round to 1):
+    the op rescales in fp32 and rounds once, so the bf16 output still follows the magnitude on
+    average (each entry moves when 0.3% crosses its rounding boundary)."""
+    W, A, B, _ = _factors(64, 48, 4)
+    Wb, Ab, Bb = W.bfloat16(), A.bfloat16(), B.bfloat16()
+    n = dora_weight_norm(Wb, Ab, Bb, 1.0)
+    x = torch.randn(32, 48).bfloat16()
+    plain = dora_linear(x, Wb, None, Ab, Bb, n, 1.0)  # scale exactly 1
+    nudged = dora_linear(x, Wb, None, Ab, Bb, n * (1 + 3e-3), 1.0)
+    assert torch.tensor(1 + 3e-3).bfloat16().item() == 1.0
+    assert (nudged != plain).float().mean() > 0.2
+    ratio = (nudged.double() / plain.double())[plain.abs() > 0.1]
+    assert abs(ratio.mean().item() - (1 + 3e-3)) < 1e-3
+
+
+def test_scale_columns_gradients():
+    y = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(dora_ops.ScaleColumns.apply, (y, s))
+    yb = torch.randn(6, 5).bfloat16().requires_grad_()
+    sf = torch.rand(5, requires_grad=True)
+    out = dora_ops.ScaleColumns.apply(yb, sf)
+    assert out.dtype == torch.bfloat16
+    out.backward(torch.ones_like(out))
+    assert yb.grad.dtype == torch.bfloat16 and sf.grad.dtype == torch.float32
+    torch.testing.assert_close(sf.grad, yb.detach().float().sum(0))

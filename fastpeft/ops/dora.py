@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from fastpeft.ops.backend import choose_backend
 from fastpeft.ops.lora_linear import check_lora_shapes, lora_linear
 
-__all__ = ["dora_weight_norm", "dora_weight_norm_reference", "dora_linear", "dora_delta"]
+__all__ = ["dora_weight_norm", "dora_weight_norm_reference", "dora_linear", "dora_delta", "ScaleColumns"]
 
 
 def dora_weight_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -62,6 +62,32 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
 
             return _triton_norm(weight.detach(), lora_A.detach(), lora_B.detach(), float(scaling))
         return dora_weight_norm_reference(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+
+
+class ScaleColumns(torch.autograd.Function):
+    """``y * scale`` over the last dim with an fp32 ``scale`` (``[N]``), output in ``y``'s dtype.
+
+    DoRA's ``m / ||W + s B A||`` sits close to 1; rounded to bf16 (steps of 2^-7 near 1) the
+    learned magnitude would move in 0.8% jumps. Here the product is formed in fp32 and rounded
+    once; backward gives ``dy * scale`` (in ``y``'s dtype) and ``sum(dy * y)`` (fp32). Saves ``y``.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y, scale)
+        acc = torch.promote_types(y.dtype, torch.float32)
+        return (y.to(acc) * scale.to(acc)).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, scale = ctx.saved_tensors
+        acc = torch.promote_types(torch.promote_types(y.dtype, scale.dtype), torch.float32)
+        grad_y = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (grad.to(acc) * scale.to(acc)).to(y.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad.to(acc) * y.to(acc)).reshape(-1, y.shape[-1]).sum(0).to(scale.dtype)
+        return grad_y, grad_scale
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -115,15 +141,15 @@ def dora_linear(
             f"weight={weight.dtype}{', bias=' + str(bias.dtype) if bias is not None else ''}; cast the input "
             "(or the model) or run under torch.autocast."
         )
-    scale = (magnitude.float() / norm).to(dtype)  # gradient reaches m only (the norm is detached)
+    scale = magnitude.float() / norm  # fp32; the gradient reaches m only (the norm is detached)
     if training and dropout_p > 0.0:
         dx = F.dropout(x, dropout_p, training=True)
-        y = lora_linear(dx, weight, None, lora_A, lora_B, scaling, backend=backend) * scale
+        y = ScaleColumns.apply(lora_linear(dx, weight, None, lora_A, lora_B, scaling, backend=backend), scale)
         rest = x - dx
         w = weight if weight.dtype == dtype else weight.to(dtype)
         b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
         return y + F.linear(rest if rest.dtype == dtype else rest.to(dtype), w, b)
-    y = lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend) * scale
+    y = ScaleColumns.apply(lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend), scale)
     if bias is not None:
         y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
     return y
@@ -134,9 +160,10 @@ def dora_delta(x: torch.Tensor, base_no_bias: torch.Tensor, lora_A: torch.Tensor
 
     ``scale`` is ``magnitude / weight_norm`` (``[N]``); ``base_no_bias`` is ``x W^T`` for the
     same ``x`` (peft's formula; with several active adapters it is the running output).
-    Plain PyTorch autograd, in ``lora_A``'s dtype.
+    Plain PyTorch autograd; matmuls in ``lora_A``'s dtype, the rescaling in fp32 (``scale - 1`` is
+    small), the result in ``lora_A``'s dtype.
     """
     dt = lora_A.dtype
     lora = (x.to(dt) @ lora_A.t()) @ lora_B.to(dt).t()
-    scale = scale.to(dt)
-    return (scale - 1) * base_no_bias.to(dt) + scale * lora * scaling
+    scale = scale.float()
+    return ((scale - 1) * base_no_bias.float() + scale * lora.float() * scaling).to(dt)
