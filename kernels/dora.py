@@ -9,17 +9,24 @@ sums in fp32. Nothing of size ``N x K`` is written.
 
 Launcher only (no autograd): the norm is detached in DoRA (paper, section 4.3), so it has no
 backward. ``fastpeft.ops.dora`` owns the autograd and the reference path.
-Valid for triton >= 3.0 (``tl.dot(..., input_precision="ieee")`` keeps fp32 products exact
-instead of TF32 on GPUs).
+Valid for triton >= 3.0. ``B A`` tiles: 16-bit factors use the tensor cores with fp32
+accumulation; fp32 factors use exact (``ieee``) dots unless ``torch.backends.cuda.matmul.allow_tf32``
+is set; under the CPU interpreter every tile is upcast to fp32 (its bf16 dot is unusable).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 __all__ = ["dora_weight_norm"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 @triton.jit
@@ -33,6 +40,8 @@ def _dora_row_norm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,  # cast B, A tiles to fp32 before the dot (interpreter, fp32 factors)
+    PRECISION: tl.constexpr,  # "ieee" or "tf32" (only read for fp32 tiles)
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,13 +63,16 @@ def _dora_row_norm_kernel(
                 B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                 mask=mask_n[:, None] & mask_r[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            )
             a = tl.load(
                 A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                 mask=mask_r[:, None] & mask_k[None, :],
                 other=0.0,
-            ).to(tl.float32)
-            ba = tl.dot(b, a, ba, input_precision="ieee")
+            )
+            if UPCAST:
+                ba = tl.dot(b.to(tl.float32), a.to(tl.float32), ba, input_precision=PRECISION)
+            else:  # 16-bit factors on a GPU: tensor cores, fp32 accumulation
+                ba = tl.dot(b, a, ba)
         m = w + scaling * ba
         acc += tl.sum(m * m, axis=1)
     tl.store(OUT + offs_n, tl.sqrt(acc), mask=mask_n)
@@ -78,6 +90,12 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     out = torch.empty(N, device=weight.device, dtype=torch.float32)
     if N == 0:
         return out
+    if lora_A.dtype != lora_B.dtype:
+        lora_B = lora_B.to(lora_A.dtype)
+    # The interpreter's bf16 dot is wrong (numpy has no bf16): upcast there (its fp16 dot is fine,
+    # so fp16 tests cover the tensor-core branch). fp32 factors: exact dots unless torch allows tf32.
+    upcast = lora_A.dtype not in (torch.float16, torch.bfloat16) or (_interpreting() and lora_A.dtype == torch.bfloat16)
+    precision = "tf32" if (lora_A.dtype == torch.float32 and lora_A.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     grid = (triton.cdiv(N, block_n),)
     _dora_row_norm_kernel[grid](
         weight, lora_A, lora_B, out,
@@ -86,6 +104,6 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
         lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
         float(scaling),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, UPCAST=upcast, PRECISION=precision,
     )
     return out
