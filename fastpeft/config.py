@@ -198,6 +198,19 @@ class PromptLearningConfig(PeftConfig):
     num_layers: Optional[int] = field(default=None)
     modules_to_save: Optional[list] = field(default=None)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.num_virtual_tokens
+        if n is None or isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(
+                f"num_virtual_tokens must be a positive integer (the number of virtual tokens to learn), got {n!r}; "
+                "e.g. num_virtual_tokens=20."
+            )
+        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None (taken from the model), got {value!r}.")
+
     @property
     def is_prompt_learning(self) -> bool:
         return True

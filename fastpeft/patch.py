@@ -21,6 +21,11 @@ are untouched, so ``save_pretrained``, loading, merging (``merge_adapter``,
 ``merge_and_unload``), adapter switching and ``disable_adapter()`` keep working in either
 library. :func:`unpatch` restores the original forwards.
 
+Prefix Tuning (a peft ``PeftModelForCausalLM`` with ``PREFIX_TUNING`` on a Llama-family
+model, or fastpeft's own prompt-learning model) is routed through the shared-prefix attention
+op instead of a per-batch copy of the prefix in the KV cache: see :mod:`fastpeft.patch_prefix`
+(a model type with no known attention layout raises a ``ValueError``).
+
 Layers fastpeft cannot route (LoRA on embeddings or convolutions, quantized bases, other LoRA
 variants, base layers with accelerate hooks, other peft tuners) are left untouched and listed
 in the :class:`PatchReport` with the reason. fastpeft's own LoRA layers already call the op;
@@ -41,6 +46,7 @@ from torch import nn
 from fastpeft.ops.backend import choose_backend, fallback_reason, requested_backend
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora_linear import lora_linear
+from fastpeft.patch_prefix import patch_prefix, unpatch_prefix
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchedModule", "SkippedModule"]
 
@@ -287,7 +293,8 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
 
     Args:
         model: a fastpeft or Hugging Face peft ``PeftModel`` (or any module containing their
-            LoRA layers).
+            LoRA layers). A Prefix Tuning model on a Llama-family base is routed to the
+            shared-prefix attention op (:mod:`fastpeft.patch_prefix`).
         backend: ``"triton"`` or ``"reference"`` to force one for the patched layers (also
             re-routes fastpeft's own layers); None: automatic per call (Triton for CUDA
             tensors), honouring ``FASTPEFT_BACKEND``.
@@ -299,7 +306,8 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError / RuntimeError: an unknown backend, or ``"triton"`` where it cannot run
-            (no triton, or CPU tensors without ``TRITON_INTERPRET=1``).
+            (no triton, or CPU tensors without ``TRITON_INTERPRET=1``); Prefix Tuning on a model
+            type with no known attention layout, or an adapter that does not fit its base model.
 
     Calling ``patch`` again updates the backend of already patched layers.
     """
@@ -317,6 +325,13 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         shown = "triton" if why is None else "reference"
         label, note = f"auto ({shown} for this model's device)", why
     report = PatchReport(backend=label, backend_note=note)
+
+    prefix = patch_prefix(model, explicit)
+    if prefix is not None:
+        if "reason" in prefix:
+            report.skipped.append(SkippedModule(**prefix))
+        else:
+            report.patched.append(PatchedModule(**prefix))
 
     for name, module in model.named_modules():
         lib = _library(module)
@@ -369,7 +384,7 @@ def _install(module: nn.Module, backend: Optional[str]) -> None:
 
 def unpatch(model: nn.Module) -> List[str]:
     """Restore the original forward of every layer :func:`patch` changed; returns their names."""
-    restored = []
+    restored = unpatch_prefix(model)
     for name, module in model.named_modules():
         state = module.__dict__.pop(_STATE_ATTR, None)
         if state is None:

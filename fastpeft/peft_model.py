@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from fastpeft.config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig, PeftType, TaskType
+from fastpeft.prompt_learning import PromptLearningMixin
 from fastpeft.tuners.base import PEFT_TYPE_TO_TUNER, BaseTuner, register_tuner  # noqa: F401
 from fastpeft.utils.io import atomic_save_safetensors, load_adapter_weights
 from fastpeft.utils.modules import ModulesToSaveWrapper
 
-class PeftModel(nn.Module):
+class PeftModel(PromptLearningMixin, nn.Module):
     """A transformers model with one or more adapters (Hugging Face peft's ``PeftModel`` API).
 
     Args:
@@ -134,15 +135,18 @@ class PeftModel(nn.Module):
             del self.base_model.peft_config[adapter_name]
             raise
 
-    def _add_prompt_learning_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        raise NotImplementedError(f"{peft_config.peft_type} (prompt learning) is not available in this fastpeft build.")
-
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter (its parameters train, the others freeze)."""
+        """Make ``adapter_name`` the active adapter (LoRA: its parameters train, the others freeze;
+        prompt learning: as peft, every prompt encoder keeps its own trainability)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; loaded adapters: {list(self.peft_config)}")
         self.active_adapter = adapter_name
-        if not self._is_prompt_learning:
+        if self._is_prompt_learning:
+            # as peft: the prompt encoders keep their trainability (only the active one is in the graph)
+            for module in self.base_model.modules():
+                if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                    module.set_adapter(adapter_name)
+        else:
             self.base_model.set_adapter(adapter_name)
             if self.peft_config[adapter_name].inference_mode:
                 for n, p in self.named_parameters():
@@ -177,6 +181,13 @@ class PeftModel(nn.Module):
 
     # --- forward / generate ---------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any):
+        if self._is_prompt_learning and not self._prompt_learning_disabled:
+            if args:
+                raise TypeError("Pass the inputs of a prompt-learning model as keywords (input_ids=..., attention_mask=...).")
+            return self._prompt_forward_encoder(
+                kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None), kwargs.pop("inputs_embeds", None),
+                kwargs.pop("labels", None), kwargs, head="feature",
+            )
         return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any):
@@ -216,7 +227,7 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; loaded adapters: {list(self.peft_config)}")
         if self._is_prompt_learning:
-            return self._prompt_learning_state_dict(adapter_name)
+            return self._prompt_learning_state_dict(adapter_name, state_dict)
         full = self.state_dict() if state_dict is None else state_dict
         out = {ck: full[mk] for ck, mk in self.base_model.adapter_key_map(adapter_name, prefix="base_model.").items()}
         for ck, mk in self.base_model.extra_state_key_map(adapter_name, prefix="base_model.").items():
@@ -227,9 +238,6 @@ class PeftModel(nn.Module):
                     live_key = f"{name}.modules_to_save.{adapter_name}.{k}"
                     out[f"{name}.{k}"] = full[live_key] if state_dict is not None and live_key in full else v
         return self.base_model._adapter_state_dict_for_save(adapter_name, out)
-
-    def _prompt_learning_state_dict(self, adapter_name: str) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
 
     def set_adapter_state_dict(self, state_dict: Dict[str, torch.Tensor], adapter_name: str = "default", source: str = "") -> None:
         """Load checkpoint tensors (peft keys) into adapter ``adapter_name``, checking every key and shape.
@@ -276,9 +284,6 @@ class PeftModel(nn.Module):
                         f"model needs {tuple(target.shape)}.{hint}"
                     )
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-
-    def _load_prompt_learning_state_dict(self, state_dict: Dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
-        raise NotImplementedError
 
     # --- save / load ----------------------------------------------------------------------
     def save_pretrained(
@@ -375,7 +380,9 @@ class PeftModel(nn.Module):
             try:
                 self._load_weights_into(path, adapter_name)
             except Exception:
-                if not self._is_prompt_learning:
+                if self._is_prompt_learning:
+                    self._remove_prompt_adapter(adapter_name)
+                else:
                     self.delete_adapter(adapter_name)
                 raise
         if not is_trainable:
@@ -435,6 +442,9 @@ class PeftModelForCausalLM(PeftModel):
     """PeftModel for decoder-only language models (``task_type="CAUSAL_LM"``)."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning and not self._prompt_learning_disabled:
+            kwargs.update(_call_kwargs(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict))
+            return self._prompt_forward_causal_lm(input_ids, attention_mask, inputs_embeds, labels, kwargs)
         return self.get_base_model()(
             **_call_kwargs(
                 input_ids=input_ids,
@@ -448,7 +458,17 @@ class PeftModelForCausalLM(PeftModel):
             **kwargs,
         )
 
+    def generate(self, *args: Any, **kwargs: Any):
+        """Generate with the active adapter (transformers' ``generate``; greedy output equals peft's)."""
+        if self._is_prompt_learning:
+            return self._prompt_generate_causal_lm(*args, **kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any):
+        if self._is_prompt_learning and not self._prompt_learning_disabled:
+            return self._prompt_prepare_inputs_causal_lm(*args, **kwargs)
+        if self._is_prompt_learning:
+            return self._base_prepare_inputs_for_generation(*args, **kwargs)
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
@@ -456,6 +476,11 @@ class PeftModelForSeq2SeqLM(PeftModel):
     """PeftModel for encoder-decoder models (``task_type="SEQ_2_SEQ_LM"``)."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None, decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning and not self._prompt_learning_disabled:
+            kwargs.update(_call_kwargs(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict))
+            return self._prompt_forward_seq2seq_lm(
+                input_ids, attention_mask, inputs_embeds, decoder_input_ids, decoder_attention_mask, decoder_inputs_embeds, labels, kwargs
+            )
         return self.get_base_model()(
             **_call_kwargs(
                 input_ids=input_ids,
@@ -471,6 +496,21 @@ class PeftModelForSeq2SeqLM(PeftModel):
             ),
             **kwargs,
         )
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """Generate with the active adapter (transformers' ``generate``; greedy output equals peft's)."""
+        if self._is_prompt_learning:
+            if args:
+                raise TypeError("Pass input_ids to generate() of a prompt-learning seq2seq model as a keyword (input_ids=...).")
+            return self._prompt_generate_seq2seq_lm(**kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any):
+        if self._is_prompt_learning and not self._prompt_learning_disabled:
+            return self._prompt_prepare_inputs_seq2seq_lm(*args, **kwargs)
+        if self._is_prompt_learning:
+            return self._base_prepare_inputs_for_generation(*args, **kwargs)
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
 class _ClassifierHeadMixin:
@@ -490,6 +530,9 @@ class PeftModelForSequenceClassification(_ClassifierHeadMixin, PeftModel):
     """PeftModel for sequence classification (``task_type="SEQ_CLS"``); the head trains in full."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning and not self._prompt_learning_disabled:
+            kwargs.update(_call_kwargs(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict))
+            return self._prompt_forward_encoder(input_ids, attention_mask, inputs_embeds, labels, kwargs, head="sequence")
         return self.get_base_model()(
             **_call_kwargs(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict),
             **kwargs,
@@ -500,6 +543,9 @@ class PeftModelForTokenClassification(_ClassifierHeadMixin, PeftModel):
     """PeftModel for token classification (``task_type="TOKEN_CLS"``); the head trains in full."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning and not self._prompt_learning_disabled:
+            kwargs.update(_call_kwargs(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict))
+            return self._prompt_forward_encoder(input_ids, attention_mask, inputs_embeds, labels, kwargs, head="token")
         return self.get_base_model()(
             **_call_kwargs(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict),
             **kwargs,
@@ -514,6 +560,9 @@ class PeftModelForFeatureExtraction(PeftModel):
     """PeftModel for encoders producing hidden states (``task_type="FEATURE_EXTRACTION"``)."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning and not self._prompt_learning_disabled:
+            kwargs.update(_call_kwargs(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict))
+            return self._prompt_forward_encoder(input_ids, attention_mask, inputs_embeds, None, kwargs, head="feature")
         return self.get_base_model()(
             **_call_kwargs(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict),
             **kwargs,

@@ -328,3 +328,12 @@ def test_cuda_kernels_match_fp32_reference(impl, dtype, p):
     for name, got, want in [("y", y, yr)] + [(n, a.grad, c.grad) for n, a, c in zip("xWbAB", tri, ref)]:
         rel = ((got.float() - want).norm() / want.norm()).item()
         assert rel < bound, f"{name}: relative error {rel:.2e} >= {bound:.0e}"
+
+
+def test_fallback_reason_agrees_with_automatic_choice():
+    """The reason patch() reports must describe what choose_backend actually does."""
+    from fastpeft.ops.backend import choose_backend, fallback_reason
+
+    x = torch.randn(2, 3)
+    assert choose_backend(x) == "reference"
+    assert fallback_reason(x) is not None and "CPU" in fallback_reason(x)

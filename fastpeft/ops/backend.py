@@ -78,6 +78,8 @@ def fallback_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
         return "FASTPEFT_BACKEND=reference"
     if not triton_available():
         return "triton is not installed"
-    if not any(t is not None and t.is_cuda for t in tensors) and not interpreting():
-        return "tensors are on CPU (reference path)"
+    if not any(t is not None and t.is_cuda for t in tensors):
+        # automatic choice never interprets kernels on CPU (choose_backend); forcing does
+        hint = " (FASTPEFT_BACKEND=triton runs the kernels in the interpreter)" if interpreting() else ""
+        return "tensors are on CPU (reference path)" + hint
     return None

@@ -1,0 +1,540 @@
+"""The shared-prefix attention op (Prefix Tuning's attention), reference and fused.
+
+``out = softmax(q [prefix_k ; k]^T * scale + mask) [prefix_v ; v]``
+
+Shapes:
+
+* ``q``: ``[B, H, T, D]`` queries.
+* ``k``, ``v``: ``[B, KVH, S, D]`` the sequence's keys and values (``H % KVH == 0``: GQA,
+  each KV head serves ``H // KVH`` consecutive query heads, as in transformers).
+* ``prefix_k``, ``prefix_v``: ``[KVH, P, D]``, **shared by the whole batch** (what Prefix
+  Tuning learns per layer), ``P >= 1``. The fused path never copies them per batch element.
+  A per-batch prefix ``[B, KVH, P, D]`` is accepted by the reference backend only (the
+  automatic choice sends it there); forcing ``backend="triton"`` with it raises.
+* ``key_padding_mask``: None or ``[B, S]`` bool/integer, True/nonzero = keep, for the
+  sequence keys only. The prefix is always visible (peft prepends ones to the attention mask).
+* ``causal``: query ``t`` sees sequence keys ``s <= t + (S - T)`` (right-aligned, so decoding
+  with a cache, ``T < S``, works). Non-causal: every (unpadded) sequence key.
+
+Backends (see :func:`fastpeft.ops.backend.choose_backend`):
+
+* ``reference``: :func:`prefix_attention_reference`: expands the prefix per batch,
+  concatenates, builds the boolean mask and runs plain softmax attention in fp32, cast back
+  to q's dtype; autograd gives every gradient. It is the oracle in tests and the CPU path.
+* ``triton``: :class:`PrefixAttentionFunction` over ``fastpeft.kernels.prefix_attention``.
+  Its forward saves q, k, v, the prefix, the output and a per-row log-sum-exp (never the
+  concatenation); its backward returns dq, dk, dv and the prefix gradients summed over the
+  batch and the query heads of each KV group.
+
+The module also carries the transformers-5 integration: :func:`register_prefix_attention`
+installs an attention function that reads each layer's shared prefix from a per-model
+registry (:class:`PrefixKVRegistry`); see its docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastpeft.ops.backend import choose_backend, requested_backend
+
+__all__ = [
+    "prefix_attention",
+    "prefix_attention_reference",
+    "PrefixAttentionFunction",
+    "check_prefix_attention_args",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference only
+_MAX_HEAD_DIM = 128  # the fused kernels pad D to a power of two up to this
+
+
+def check_prefix_attention_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> bool:
+    """Raise a ``ValueError``/``TypeError`` naming the problem when the operands do not fit.
+
+    Returns True when the prefix is per batch element (``[B, KVH, P, D]``), False when it is
+    the shared ``[KVH, P, D]`` form.
+    """
+    name = "prefix_attention"
+    for n, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {n} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"{name}: q has shape {tuple(q.shape)}, expected [batch, heads, q_len, head_dim]")
+    B, H, T, D = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"{name}: k has shape {tuple(k.shape)}, expected [{B}, kv_heads, seq_len, {D}] for q {tuple(q.shape)}")
+    KVH, S = k.shape[1], k.shape[2]
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"{name}: v has shape {tuple(v.shape)}, expected the shape of k {tuple(k.shape)}")
+    if KVH == 0 or H % KVH != 0:
+        raise ValueError(
+            f"{name}: q has {H} heads and k has {KVH}; the number of query heads must be a multiple "
+            "of the number of key/value heads (GQA)")
+    if prefix_k.dim() == 4:
+        per_batch = True
+        if prefix_k.shape[0] != B or prefix_k.shape[1] != KVH or prefix_k.shape[3] != D:
+            raise ValueError(
+                f"{name}: prefix_k has shape {tuple(prefix_k.shape)}; expected the shared form "
+                f"[{KVH}, prefix_len, {D}] (or a per-batch [{B}, {KVH}, prefix_len, {D}], reference backend only)")
+    elif prefix_k.dim() == 3:
+        per_batch = False
+        if prefix_k.shape[0] != KVH or prefix_k.shape[2] != D:
+            raise ValueError(
+                f"{name}: prefix_k has shape {tuple(prefix_k.shape)}, expected [{KVH}, prefix_len, {D}] "
+                "(kv_heads, prefix_len, head_dim), shared by the whole batch")
+    else:
+        raise ValueError(
+            f"{name}: prefix_k has shape {tuple(prefix_k.shape)}, expected [kv_heads, prefix_len, head_dim] "
+            "shared by the batch")
+    if tuple(prefix_v.shape) != tuple(prefix_k.shape):
+        raise ValueError(
+            f"{name}: prefix_v has shape {tuple(prefix_v.shape)}, expected the shape of prefix_k {tuple(prefix_k.shape)}")
+    if prefix_k.shape[-2] < 1:
+        raise ValueError(
+            f"{name}: the prefix is empty (prefix_len 0); use torch.nn.functional.scaled_dot_product_attention "
+            "for attention without a prefix")
+    dtypes = {t.dtype for t in (q, k, v, prefix_k, prefix_v)}
+    if len(dtypes) != 1:
+        raise TypeError(
+            f"{name}: q, k, v, prefix_k and prefix_v must share one dtype, got "
+            f"{[str(t.dtype) for t in (q, k, v, prefix_k, prefix_v)]}; cast the prefix to the model's dtype")
+    dtype = dtypes.pop()
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {dtype} is not supported; use float32, float16 or bfloat16 "
+                        "(float64 on the reference backend)")
+    devices = {t.device for t in (q, k, v, prefix_k, prefix_v)}
+    if key_padding_mask is not None:
+        devices.add(key_padding_mask.device)
+    if len(devices) != 1:
+        raise ValueError(f"{name}: all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"{name}: key_padding_mask must be a torch.Tensor or None")
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(
+                f"{name}: key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected [{B}, {S}] "
+                "(batch, seq_len) over the sequence keys only (the prefix is always visible)")
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise TypeError(
+                f"{name}: key_padding_mask has dtype {key_padding_mask.dtype}; pass a bool or integer mask "
+                "(True/1 = keep, False/0 = padding), not an additive float mask")
+    return per_batch
+
+
+# --------------------------------------------------------------------------------------
+# reference
+# --------------------------------------------------------------------------------------
+
+
+def _full_mask(B: int, T: int, S: int, P: int, causal: bool,
+               key_padding_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Boolean ``[B, 1, T, P + S]`` mask, True = attend."""
+    keep = torch.ones((B, 1, T, P + S), dtype=torch.bool, device=device)
+    if causal:
+        t = torch.arange(T, device=device)[:, None]
+        s = torch.arange(S, device=device)[None, :]
+        keep[:, :, :, P:] &= (s <= t + (S - T))
+    if key_padding_mask is not None:
+        keep[:, :, :, P:] &= key_padding_mask.to(torch.bool)[:, None, None, :]
+    return keep
+
+
+def prefix_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    *, causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None, dropout_p: float = 0.0, seq_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Plain PyTorch attention on ``[prefix ; sequence]`` in fp32 (the oracle and CPU path).
+
+    Expands a shared ``[KVH, P, D]`` prefix per batch element, concatenates it before the
+    sequence keys/values, repeats KV heads for GQA, masks, and computes softmax attention in
+    fp32 (fp64 inputs in fp64); the result is cast to q's dtype. ``dropout_p`` drops attention probabilities (as
+    transformers' eager attention does in training); the fused path has no dropout.
+    ``seq_mask``: an optional boolean ``[B, 1 or H, T, S]`` mask over the sequence keys
+    (True = attend) used *instead of* ``causal``/``key_padding_mask``, for mask patterns the
+    fused kernel does not express (sliding windows, packed sequences); the prefix stays
+    visible to every query. Gradients flow by autograd to every input (the prefix's summed
+    over the batch).
+    """
+    B, H, T, D = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    if prefix_k.dim() == 3:
+        pk = prefix_k.unsqueeze(0).expand(B, -1, -1, -1)
+        pv = prefix_v.unsqueeze(0).expand(B, -1, -1, -1)
+    else:
+        pk, pv = prefix_k, prefix_v
+    P = pk.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    kc = torch.cat([pk, k], dim=2).to(acc)
+    vc = torch.cat([pv, v], dim=2).to(acc)
+    G = H // KVH
+    if G > 1:
+        kc = kc.repeat_interleave(G, dim=1)
+        vc = vc.repeat_interleave(G, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scores = torch.matmul(q.to(acc), kc.transpose(-1, -2)) * scale
+    if seq_mask is not None:
+        if seq_mask.dtype != torch.bool or seq_mask.dim() != 4 or tuple(seq_mask.shape[-2:]) != (T, S):
+            raise ValueError(
+                f"prefix_attention_reference: seq_mask must be a bool [B, 1 or H, {T}, {S}] mask, got "
+                f"{tuple(seq_mask.shape)} {seq_mask.dtype}")
+        pre = torch.ones((*seq_mask.shape[:-1], P), dtype=torch.bool, device=seq_mask.device)
+        keep = torch.cat([pre, seq_mask], dim=-1)
+    else:
+        keep = _full_mask(B, T, S, P, causal, key_padding_mask, q.device)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, vc).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# fused (Triton)
+# --------------------------------------------------------------------------------------
+
+
+class PrefixAttentionFunction(torch.autograd.Function):
+    """Autograd Function over the Triton shared-prefix attention kernels.
+
+    ``apply(q, k, v, prefix_k, prefix_v, key_padding_mask_int8_or_None, causal, scale)``.
+    Saves q, k, v, prefix_k, prefix_v, out and the fp32 per-row log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: float):
+        from fastpeft.kernels.prefix_attention import prefix_attention_fwd
+
+        out, lse2 = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse2)
+        ctx.causal = causal
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        from fastpeft.kernels.prefix_attention import prefix_attention_bwd
+
+        q, k, v, prefix_k, prefix_v, kpm, out, lse2 = ctx.saved_tensors
+        nq, nk, nv, npk, npv = ctx.needs_input_grad[:5]
+        dq, dk, dv, dpk, dpv = prefix_attention_bwd(
+            dout, q, k, v, prefix_k, prefix_v, kpm, out, lse2, ctx.causal, ctx.scale,
+            need_dq=nq, need_dkv=nk or nv, need_dprefix=npk or npv,
+        )
+        return (dq if nq else None, dk if nk else None, dv if nv else None,
+                dpk if npk else None, dpv if npv else None, None, None, None)
+
+
+def prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    *, causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None, backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention of ``q`` over ``[prefix ; sequence]`` keys/values without concatenating them.
+
+    Args:
+        q: ``[B, H, T, D]``.
+        k, v: ``[B, KVH, S, D]`` (``H`` a multiple of ``KVH``).
+        prefix_k, prefix_v: ``[KVH, P, D]`` shared by the batch (``P >= 1``); a per-batch
+            ``[B, KVH, P, D]`` prefix runs on the reference backend only.
+        causal: mask sequence keys ``s > t + (S - T)`` for query ``t`` (the prefix is never masked).
+        key_padding_mask: optional ``[B, S]`` bool/int, True/1 = keep, for the sequence keys.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"reference"``, ``"triton"`` or None (automatic; ``FASTPEFT_BACKEND`` overrides).
+
+    Returns:
+        ``[B, H, T, D]`` in q's dtype.
+    """
+    per_batch = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask)
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if per_batch:
+        if requested_backend(backend) == "triton":
+            raise ValueError(
+                "prefix_attention: the Triton backend needs a prefix shared by the batch, [kv_heads, prefix_len, "
+                "head_dim]; got a per-batch prefix of shape "
+                f"{tuple(prefix_k.shape)}. Pass prefix_k[0] if the rows are equal, or use backend='reference'.")
+        chosen = "reference"
+    else:
+        chosen = choose_backend(q, k, v, prefix_k, prefix_v, backend=backend)
+    if chosen == "triton" and (D > _MAX_HEAD_DIM or q.dtype == torch.float64):
+        if requested_backend(backend) == "triton":
+            what = f"head_dim {D} (at most {_MAX_HEAD_DIM})" if D > _MAX_HEAD_DIM else "float64"
+            raise ValueError(
+                f"prefix_attention: the Triton kernels do not support {what}; use backend='reference'")
+        chosen = "reference"
+    if chosen == "reference":
+        return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal,
+                                          key_padding_mask=key_padding_mask, scale=scale)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8)
+    return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, kpm, bool(causal), scale)
+
+
+# --------------------------------------------------------------------------------------
+# transformers 5 integration: an attention function that reads each layer's shared prefix
+# --------------------------------------------------------------------------------------
+#
+# The attention function receives the attention module (for ``layer_idx``, ``is_causal`` and
+# ``training``) but does nothing else with it; all the math stays in the op above.
+
+PREFIX_ATTENTION_NAME = "fastpeft_prefix"
+_REGISTRY_ATTR = "_fastpeft_prefix_registry"  # the name fastpeft.prompt_learning looks up
+_PREV_IMPL_ATTR = "_fastpeft_prev_attn_implementation"
+PREFIX_KWARG = "fastpeft_prefix"  # per-call model keyword carrying a PrefixKVRegistry
+
+__all__ += [
+    "PREFIX_ATTENTION_NAME",
+    "PREFIX_KWARG",
+    "PrefixKVRegistry",
+    "prefix_attention_forward",
+    "register_prefix_attention",
+    "enable_prefix_attention",
+    "disable_prefix_attention",
+    "split_prefix_kv",
+    "mask_structure",
+]
+
+
+class PrefixKVRegistry:
+    """Store of the shared prefix keys/values, keyed by ``layer_idx``.
+
+    Each entry is ``(prefix_k, prefix_v)``, both ``[num_kv_heads, P, head_dim]`` (shared by the
+    batch; they may carry autograd history, e.g. a prefix encoder's output, so set them for
+    every forward). Layers without an entry run plain SDPA attention. ``backend`` is handed to
+    :func:`prefix_attention` (None: automatic, honouring ``FASTPEFT_BACKEND``).
+
+    Two ways to reach the attention function: attached to the model's attention modules by
+    :func:`enable_prefix_attention` (the per-model registry), or passed per call as the model
+    keyword argument ``fastpeft_prefix=PrefixKVRegistry(kvs)`` (transformers forwards it to
+    the attention function; it then takes precedence, and activation checkpointing's
+    recomputation sees the same prefix because the keyword travels with the call).
+    """
+
+    def __init__(self, kvs: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                 backend: Optional[str] = None) -> None:
+        self._kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mask_cache = None  # (weakref to the 4D mask, its _version, key, result)
+        self.backend = backend  # passed to prefix_attention (None: automatic / FASTPEFT_BACKEND)
+        if kvs is not None:
+            self.set_layers(kvs)
+
+    def set(self, layer_idx: int, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
+        """Set layer ``layer_idx``'s prefix (``[KVH, P, D]`` each)."""
+        if prefix_k.dim() != 3 or tuple(prefix_v.shape) != tuple(prefix_k.shape):
+            raise ValueError(
+                f"PrefixKVRegistry.set: layer {layer_idx}: prefix_k/prefix_v must both be [kv_heads, prefix_len, "
+                f"head_dim], got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
+        self._kv[int(layer_idx)] = (prefix_k, prefix_v)
+
+    def set_layers(self, kvs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replace all entries: ``kvs[i]`` is layer ``i``'s ``(prefix_k, prefix_v)`` (None skips a layer)."""
+        self.clear()
+        for i, kv in enumerate(kvs):
+            if kv is not None:
+                self.set(i, kv[0], kv[1])
+
+    def get(self, layer_idx) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(prefix_k, prefix_v)`` of a layer, or None."""
+        if layer_idx is None:
+            return None
+        return self._kv.get(int(layer_idx))
+
+    def clear(self) -> None:
+        """Drop every entry (and the autograd graphs they hold)."""
+        self._kv.clear()
+        self._mask_cache = None
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    @contextlib.contextmanager
+    def active(self, kvs: Sequence[Tuple[torch.Tensor, torch.Tensor]]):
+        """``with registry.active(kvs): model(...)``: set the layers for one forward, then clear."""
+        self.set_layers(kvs)
+        try:
+            yield self
+        finally:
+            self.clear()
+
+    def _structure(self, mask, T: int, S: int, causal: bool):
+        if mask is None:
+            return mask_structure(mask, T, S, causal)
+        key = (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.device, T, S, causal)
+        c = self._mask_cache
+        if c is not None and c[0]() is mask and c[1] == mask._version and c[2] == key:
+            return c[3]
+        result = mask_structure(mask, T, S, causal)
+        try:
+            self._mask_cache = (weakref.ref(mask), mask._version, key, result)
+        except TypeError:  # pragma: no cover - tensors support weak references
+            self._mask_cache = None
+        return result
+
+
+def mask_structure(attention_mask: Optional[torch.Tensor], T: int, S: int, causal: bool):
+    """Read a transformers attention mask as the fused op's ``(causal, key_padding_mask)``.
+
+    Returns ``("fused", causal, key_padding_mask_or_None)`` when the mask is exactly
+    "causal (right-aligned) and/or key padding", else ``("dense", bool_mask [B, 1|H, T, S])``
+    for the reference path. ``attention_mask`` is what transformers passes to attention
+    functions: None (plain causal or full attention, per ``causal``), a boolean
+    ``[B, 1, T, S]`` mask (True = attend, ``sdpa_mask``), or an additive float mask.
+    """
+    if attention_mask is None:
+        return ("fused", causal, None)
+    m = attention_mask
+    if m.dim() != 4 or tuple(m.shape[-2:]) != (T, S):
+        raise ValueError(
+            f"prefix attention: attention_mask has shape {tuple(m.shape)}, expected [batch, 1, {T}, {S}] "
+            "(query length, key length of the sequence part; the prefix is not in the mask)")
+    if m.dtype != torch.bool:  # additive float mask (eager style): 0 = attend
+        m = m > torch.finfo(m.dtype).min / 2 if m.dtype.is_floating_point else m != 0
+    if m.shape[1] != 1:
+        return ("dense", m)
+    B = m.shape[0]
+    rows = m[:, 0]  # [B, T, S]
+    kpm = rows[:, -1, :]  # the last query sees every unpadded key under both patterns
+    tri = torch.ones(T, S, dtype=torch.bool, device=m.device).tril(S - T)
+    if torch.equal(rows, tri[None] & kpm[:, None, :]):
+        is_causal = True
+    elif torch.equal(rows, kpm[:, None, :].expand(B, T, S)):
+        is_causal = False
+    else:
+        return ("dense", m)
+    return ("fused", is_causal, None if bool(kpm.all()) else kpm)
+
+
+def prefix_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers-5 attention function (``AttentionInterface``) with a shared prefix per layer.
+
+    Reads ``(prefix_k, prefix_v)`` for ``module.layer_idx`` from the per-call registry passed
+    as the model keyword ``fastpeft_prefix=`` if any, else from the registry attached by
+    :func:`enable_prefix_attention`; layers without one (or without a registry) run
+    transformers' SDPA attention unchanged. ``query [B, H, T, D]``, ``key/value [B, KVH, S, D]``
+    (the sequence only: the prefix is not in the cache and not in the mask). Masks that are
+    "causal and/or padding" go to the fused op; any other pattern, and attention dropout in
+    training, run the reference on the concatenation. Returns ``([B, T, H, D], None)``.
+    """
+    registry = kwargs.pop(PREFIX_KWARG, None)
+    if registry is None:
+        registry = getattr(module, _REGISTRY_ATTR, None)
+    elif not isinstance(registry, PrefixKVRegistry):
+        raise TypeError(f"prefix attention: {PREFIX_KWARG}= must be a PrefixKVRegistry, got {type(registry).__name__}")
+    entry = registry.get(getattr(module, "layer_idx", None)) if registry is not None else None
+    if entry is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("fastpeft prefix attention does not support attention logit softcapping")
+    prefix_k, prefix_v = entry
+    if prefix_k.dtype != query.dtype:
+        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+    if prefix_k.device != query.device:
+        prefix_k, prefix_v = prefix_k.to(query.device), prefix_v.to(query.device)
+    T, S = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and 1 < T < S:
+        # transformers only drops the mask here for a prefill into an empty static cache, whose
+        # unfilled slots sit after the T real keys (sdpa's upper-left alignment): keep the T keys.
+        key, value, S = key[:, :, :T], value[:, :, :T], T
+    structure = registry._structure(attention_mask, T, S, causal)
+    p = dropout if module.training else 0.0
+    if structure[0] == "dense" or p > 0.0:
+        if structure[0] == "dense":
+            seq_mask = structure[1]
+        else:
+            seq_mask = _full_mask(query.shape[0], T, S, 0, structure[1], structure[2], query.device)
+        out = prefix_attention_reference(query, key, value, prefix_k, prefix_v, scale=scaling,
+                                         dropout_p=p, seq_mask=seq_mask)
+    else:
+        out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=structure[1],
+                               key_padding_mask=structure[2], scale=scaling, backend=registry.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_prefix_attention(name: str = PREFIX_ATTENTION_NAME) -> str:
+    """Register :func:`prefix_attention_forward` with transformers under ``name`` (idempotent).
+
+    Also registers transformers' ``sdpa_mask`` as that name's mask builder, so padding reaches
+    the function (a custom name without a mask builder gets no mask at all). Returns ``name``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, prefix_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def _attention_modules(model) -> List[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx")]
+
+
+def enable_prefix_attention(model, registry: Optional[PrefixKVRegistry] = None,
+                            name: str = PREFIX_ATTENTION_NAME) -> PrefixKVRegistry:
+    """Route a transformers model's attention through the shared-prefix op.
+
+    Registers the attention function, remembers the model's current implementation, calls
+    ``model.set_attn_implementation(name)`` and attaches ``registry`` (a new one if None) to
+    every module with a ``layer_idx``. Fill the registry (``registry.set_layers(...)`` or
+    ``with registry.active(...)``) before each forward; the sequence's own mask and cache carry
+    only the real tokens (no ones prepended for the prefix, unlike peft's past_key_values path).
+    To reproduce peft's prefix-tuning numbers exactly, also pass ``position_ids`` starting at
+    ``P`` (peft's prefix occupies cache positions ``0..P-1``, so its tokens start at ``P``).
+    Returns the registry.
+    """
+    registry = PrefixKVRegistry() if registry is None else registry
+    register_prefix_attention(name)
+    if not hasattr(model, _PREV_IMPL_ATTR):
+        setattr(model, _PREV_IMPL_ATTR, getattr(model.config, "_attn_implementation", None))
+    model.set_attn_implementation(name)
+    for m in _attention_modules(model):
+        setattr(m, _REGISTRY_ATTR, registry)
+    return registry
+
+
+def disable_prefix_attention(model) -> None:
+    """Undo :func:`enable_prefix_attention`: detach the registry and restore the previous implementation."""
+    for m in _attention_modules(model):
+        if hasattr(m, _REGISTRY_ATTR):
+            delattr(m, _REGISTRY_ATTR)
+    prev = getattr(model, _PREV_IMPL_ATTR, None)
+    if hasattr(model, _PREV_IMPL_ATTR):
+        delattr(model, _PREV_IMPL_ATTR)
+    model.set_attn_implementation(prev or "sdpa")
+
+
+def split_prefix_kv(past: torch.Tensor, num_layers: int, num_kv_heads: int,
+                    head_dim: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(prefix_k, prefix_v)`` views ``[KVH, P, D]`` of a shared prefix-encoder output.
+
+    ``past`` is ``[P, num_layers * 2 * num_kv_heads * head_dim]`` (peft's PrefixEncoder output
+    for one sequence, i.e. its ``[batch, P, ...]`` output without the batch). The layout is
+    peft's: viewed as ``[P, num_layers * 2, KVH, D]``, entry ``2 * l`` is layer ``l``'s keys and
+    ``2 * l + 1`` its values. No copy: the views keep the autograd history of ``past``.
+    """
+    if past.dim() == 3 and past.shape[0] == 1:
+        past = past[0]
+    if past.dim() != 2 or past.shape[1] != num_layers * 2 * num_kv_heads * head_dim:
+        raise ValueError(
+            f"split_prefix_kv: expected [prefix_len, {num_layers} * 2 * {num_kv_heads} * {head_dim} = "
+            f"{num_layers * 2 * num_kv_heads * head_dim}], got {tuple(past.shape)}")
+    P = past.shape[0]
+    x = past.view(P, num_layers * 2, num_kv_heads, head_dim).permute(1, 2, 0, 3)  # [2L, KVH, P, D]
+    return [(x[2 * l], x[2 * l + 1]) for l in range(num_layers)]

@@ -1,0 +1,319 @@
+"""Prefix Tuning through the shared-prefix attention op, for :func:`fastpeft.patch`.
+
+Hugging Face peft runs Prefix Tuning by building, at every forward, a KV cache that holds the
+prefix keys/values copied for each batch element (``[B, KVH, P, D]`` per layer), prepending
+ones to the attention mask, and letting the model attend over the concatenation. After
+``fastpeft.patch(model)`` on such a model (a peft ``PeftModelForCausalLM`` with
+``PREFIX_TUNING`` on a Llama-family model) the same numbers come from
+:func:`fastpeft.ops.prefix_attention.prefix_attention` instead:
+
+* ``forward``: the prefix encoder runs once (``[P, L * 2 * KVH * D]``, not per batch element),
+  its per-layer views ``[KVH, P, D]`` go to the attention layers as the model keyword
+  ``fastpeft_prefix`` (so activation checkpointing recomputes with the same prefix), the
+  attention mask and the KV cache hold only the real tokens, and position ids are shifted by
+  ``P`` exactly as peft's are (its prefix occupies cache positions ``0..P-1``);
+* ``generate``: the prefix is computed once per call; the cache holds the prompt and the
+  generated tokens only, and every step attends to the shared prefix as well.
+
+Only instance attributes of the peft model change (``forward``, ``prepare_inputs_for_generation``,
+``generate``) plus the base model's attention implementation (``fastpeft_prefix``, which runs
+transformers' SDPA for calls that carry no prefix, e.g. inside ``disable_adapter()``); parameters,
+module names and checkpoints are untouched, and :func:`unpatch_prefix` restores everything.
+
+fastpeft's own prompt-learning ``PeftModel`` reads the registry that
+:func:`fastpeft.ops.prefix_attention.enable_prefix_attention` attaches (attribute
+``_fastpeft_prefix_registry`` on the attention modules); for those models this module only
+attaches it.
+
+One deliberate difference: with a sliding-window attention (Mistral's ``sliding_window``,
+Qwen2's ``use_sliding_window``) the prefix stays visible to every token, whereas in peft's
+cache it sits at positions ``0..P-1`` and slides out of the window of tokens more than
+``window - P`` positions later. Below that length the two agree.
+
+This module never imports peft; its models are recognised by their class's module name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fastpeft.ops.prefix_attention import (
+    PREFIX_KWARG,
+    PrefixKVRegistry,
+    disable_prefix_attention,
+    enable_prefix_attention,
+    split_prefix_kv,
+)
+
+__all__ = ["PREFIX_MODEL_TYPES", "find_prefix_model", "patch_prefix", "unpatch_prefix"]
+
+# Model types whose attention goes through transformers' AttentionInterface with q [B, H, T, D],
+# k/v [B, KVH, S, D] (KVH = num_key_value_heads), one ``layer_idx`` per decoder layer, rotary
+# positions from ``position_ids`` and a causal (optionally padded or sliding-window) mask:
+# the layout the shared-prefix attention function and peft's prefix layout assume.
+PREFIX_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+_STATE_ATTR = "_fastpeft_prefix_patch_state"
+_PATCHED_METHODS = ("forward", "prepare_inputs_for_generation", "generate")
+
+
+def _peft_type(config) -> str:
+    t = getattr(config, "peft_type", None)
+    return str(getattr(t, "value", t))
+
+
+def _task_type(config) -> str:
+    t = getattr(config, "task_type", None)
+    return str(getattr(t, "value", t))
+
+
+def _is_peft_prompt_model(model: nn.Module) -> bool:
+    return (type(model).__module__.startswith("peft.") and hasattr(model, "prompt_encoder")
+            and hasattr(model, "peft_config") and hasattr(model, "active_peft_config"))
+
+
+def _is_fastpeft_prompt_model(model: nn.Module) -> bool:
+    return (type(model).__module__.startswith("fastpeft.") and hasattr(model, "prompt_encoder")
+            and hasattr(type(model), "prefix_attention_registry"))
+
+
+def find_prefix_model(model: nn.Module) -> Optional[str]:
+    """``"peft"`` / ``"fastpeft"`` when ``model`` is that library's PeftModel with a Prefix
+    Tuning adapter (any adapter, active or not), else None."""
+    if _is_peft_prompt_model(model):
+        lib = "peft"
+    elif _is_fastpeft_prompt_model(model):
+        lib = "fastpeft"
+    else:
+        return None
+    configs = getattr(model, "peft_config", {}) or {}
+    if any(_peft_type(c) == "PREFIX_TUNING" for c in configs.values()):
+        return lib
+    return None
+
+
+def _check_layout(model: nn.Module, base: nn.Module, lib: str) -> Tuple[int, int, int]:
+    """Raise a clear error when the base model has no known attention layout; (L, KVH, D)."""
+    cfg = getattr(base, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in PREFIX_MODEL_TYPES:
+        raise ValueError(
+            f"fastpeft.patch: Prefix Tuning on model type {model_type!r} ({type(base).__name__}) has no known "
+            f"attention layout for fastpeft's shared-prefix attention (supported: {', '.join(PREFIX_MODEL_TYPES)}). "
+            f"Use the model without fastpeft.patch ({lib}'s KV-cache prefix path) for this architecture.")
+    if not hasattr(base, "set_attn_implementation"):
+        raise ValueError(
+            f"fastpeft.patch: {type(base).__name__} has no set_attn_implementation(); the shared-prefix attention "
+            "needs transformers >= 5 (AttentionInterface)")
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    L = int(text.num_hidden_layers)
+    kvh = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    d = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    for name, pc in model.peft_config.items():
+        if _peft_type(pc) != "PREFIX_TUNING":
+            continue
+        heads, token_dim = int(pc.num_attention_heads), int(pc.token_dim)
+        got = (int(pc.num_layers), heads, token_dim // heads, int(getattr(pc, "num_transformer_submodules", 1) or 1))
+        if got != (L, kvh, d, 1):
+            raise ValueError(
+                f"fastpeft.patch: Prefix Tuning adapter {name!r} has num_layers={got[0]}, num_attention_heads={heads}, "
+                f"token_dim={token_dim} (head_dim {got[2]}), num_transformer_submodules={got[3]}; the base model "
+                f"{type(base).__name__} needs num_layers={L}, {kvh} key/value heads of {d} and one transformer "
+                "submodule. Was the adapter built for another base model?")
+    return L, kvh, d
+
+
+# ----------------------------------------------------------------------------- peft models
+def _peft_prefix_flat(model: nn.Module) -> torch.Tensor:
+    """The active adapter's prefix encoder output for one sequence, ``[P, L * 2 * KVH * D]``,
+    as peft's ``get_prompt`` computes it (before its per-batch copy)."""
+    cfg = model.active_peft_config
+    adapter = model.active_adapter
+    encoder = model.prompt_encoder[adapter]
+    P = int(cfg.num_virtual_tokens)
+    if cfg.inference_mode:
+        flat = encoder.embedding.weight
+    else:
+        tokens = model.prompt_tokens[adapter][:P].unsqueeze(0).to(encoder.embedding.weight.device)
+        flat = encoder(tokens)[0]
+    dtype = getattr(model, "base_model_torch_dtype", None)
+    if dtype is not None:
+        flat = flat.to(dtype)
+    return flat
+
+
+def _routed(model: nn.Module, state: Dict[str, Any]) -> bool:
+    """This call goes through the shared-prefix op (active adapter is a prefix, adapters enabled)."""
+    if getattr(model, "_adapters_disabled", False):
+        return False
+    return _peft_type(model.active_peft_config) == "PREFIX_TUNING"
+
+
+def _call_registry(model: nn.Module, state: Dict[str, Any]) -> PrefixKVRegistry:
+    L, kvh, d = state["layout"]
+    return PrefixKVRegistry(split_prefix_kv(_peft_prefix_flat(model), L, kvh, d), backend=state["backend"])
+
+
+def _past_length(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+def _shift_positions(kwargs: Dict[str, Any], ref: torch.Tensor, P: int) -> None:
+    """peft's positions: given ``position_ids`` + P, else P + past + arange(T)."""
+    pos = kwargs.get("position_ids")
+    if pos is not None:
+        kwargs["position_ids"] = pos + P
+    else:
+        past = _past_length(kwargs.get("past_key_values"))
+        kwargs["position_ids"] = (torch.arange(past, past + ref.shape[1], device=ref.device) + P).unsqueeze(0)
+
+
+def _drop_token_type_ids(kwargs: Dict[str, Any]) -> None:
+    if kwargs.get("token_type_ids") is not None:
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+    kwargs.pop("token_type_ids", None)
+
+
+def _peft_forward(model, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                  output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    state = model.__dict__[_STATE_ATTR]
+    if not _routed(model, state):
+        return state["orig"]["forward"](
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            task_ids=task_ids, **kwargs)
+    P = int(model.active_peft_config.num_virtual_tokens)
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref is None:
+        raise ValueError("fastpeft prefix forward: pass input_ids or inputs_embeds")
+    _drop_token_type_ids(kwargs)
+    _shift_positions(kwargs, ref, P)
+    kwargs[PREFIX_KWARG] = _call_registry(model, state)
+    # the mask and the cache (if the caller passes one) cover the real tokens only
+    return model.base_model(
+        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        **kwargs)
+
+
+def _peft_prepare_inputs_for_generation(model, *args, task_ids=None, **kwargs):
+    state = model.__dict__[_STATE_ATTR]
+    registry = state.get("generating")
+    if registry is None or not _routed(model, state):
+        return state["orig"]["prepare_inputs_for_generation"](*args, task_ids=task_ids, **kwargs)
+    model_kwargs = model.base_model_prepare_inputs_for_generation(*args, **kwargs)
+    ref = model_kwargs.get("input_ids")
+    if ref is None:
+        ref = model_kwargs.get("inputs_embeds")
+    _drop_token_type_ids(model_kwargs)
+    _shift_positions(model_kwargs, ref, int(model.active_peft_config.num_virtual_tokens))
+    model_kwargs[PREFIX_KWARG] = registry
+    return model_kwargs
+
+
+def _peft_generate(model, *args, **kwargs):
+    state = model.__dict__[_STATE_ATTR]
+    if not _routed(model, state):
+        return state["orig"]["generate"](*args, **kwargs)
+    with torch.no_grad():
+        state["generating"] = _call_registry(model, state)  # the prefix once per generate call
+    try:
+        return state["orig"]["generate"](*args, **kwargs)
+    finally:
+        state["generating"] = None
+
+
+_IMPLS = {
+    "forward": _peft_forward,
+    "prepare_inputs_for_generation": _peft_prepare_inputs_for_generation,
+    "generate": _peft_generate,
+}
+
+
+class _PatchedMethod:
+    """Instance attribute standing in for a method of the patched model (deep-copies and pickles)."""
+
+    def __init__(self, model: nn.Module, name: str):
+        self._model = model
+        self._name = name
+
+    def __call__(self, *args, **kwargs):
+        return _IMPLS[self._name](self._model, *args, **kwargs)
+
+    @property
+    def __signature__(self):  # inspect.signature (Trainer, generate) sees the original method's
+        return inspect.signature(getattr(type(self._model), self._name).__get__(self._model))
+
+    def __reduce__(self):
+        return (_PatchedMethod, (self._model, self._name))
+
+    def __deepcopy__(self, memo):
+        return _PatchedMethod(memo.get(id(self._model), self._model), self._name)
+
+
+# ----------------------------------------------------------------------------- API
+def patch_prefix(model: nn.Module, backend: Optional[str]) -> Optional[Dict[str, str]]:
+    """Route ``model``'s Prefix Tuning through the shared-prefix op; None if it has no prefix.
+
+    Returns ``{"name", "kind", "note"}`` for the patch report (``{"name", "kind", "reason"}``
+    when the model is left as it is: task types other than causal LM). Raises ``ValueError``
+    when a causal LM's attention layout is unknown (see :data:`PREFIX_MODEL_TYPES`) or the
+    adapter does not fit the base model. Patching again only updates ``backend``.
+    """
+    lib = find_prefix_model(model)
+    if lib is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model.base_model
+    kind = f"{lib} PrefixTuning ({_task_type(model.active_peft_config)}) on {type(base).__name__}"
+    cls_name = type(model).__name__
+    if cls_name != "PeftModelForCausalLM":
+        return {"name": "base_model", "kind": kind,
+                "reason": (f"shared-prefix attention is routed for {lib}'s PeftModelForCausalLM only; {cls_name} keeps "
+                           "the KV-cache prefix")}
+    layout = _check_layout(model, base, lib)
+    L = layout[0]
+    if lib == "fastpeft":
+        registry = enable_prefix_attention(base)
+        registry.backend = backend
+        model.__dict__[_STATE_ATTR] = {"lib": lib, "backend": backend, "layout": layout, "base": base, "orig": {}}
+        return {"name": "base_model", "kind": kind,
+                "note": f"shared-prefix attention registry on {L} layers (fastpeft's forward fills it)"}
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is not None:
+        state["backend"] = backend
+    else:
+        state = {"lib": lib, "backend": backend, "layout": layout, "base": base, "generating": None,
+                 # the class's methods (an instance attribute may be peft's disable_adapter() swap)
+                 "orig": {n: getattr(type(model), n).__get__(model) for n in _PATCHED_METHODS},
+                 "orig_instance": {n: model.__dict__[n] for n in _PATCHED_METHODS if n in model.__dict__}}
+        enable_prefix_attention(base)  # the attention function; prefixes arrive per call
+        model.__dict__[_STATE_ATTR] = state
+        for n in _PATCHED_METHODS:
+            model.__dict__[n] = _PatchedMethod(model, n)
+    return {"name": "base_model", "kind": kind,
+            "note": (f"shared-prefix attention on {L} layers: prefix computed once per call, never copied per batch "
+                     "element nor stored in the KV cache")}
+
+
+def unpatch_prefix(model: nn.Module) -> List[str]:
+    """Undo :func:`patch_prefix` (restore the methods and the attention implementation)."""
+    state = model.__dict__.pop(_STATE_ATTR, None)
+    if state is None:
+        return []
+    for n in _PATCHED_METHODS if state["lib"] == "peft" else ():
+        model.__dict__.pop(n, None)
+        if n in state["orig_instance"]:
+            model.__dict__[n] = state["orig_instance"][n]
+    disable_prefix_attention(state["base"])
+    return ["base_model"]

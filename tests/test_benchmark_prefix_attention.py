@@ -1,0 +1,34 @@
+"""benchmarks/prefix_attention.py through benchmarks/run.py --quick on CPU (protocol of benchmarks/README.md)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_prefix_attention_benchmark_quick(tmp_path):
+    env = dict(os.environ)
+    env.pop("FASTPEFT_BACKEND", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--only", "prefix_attention",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [md] = list(tmp_path.glob("*.md"))
+    [js] = list(tmp_path.glob("*.json"))
+    text = md.read_text()
+    assert "## prefix_attention" in text and "- device: cpu" in text
+    header = ("| what | B | T | P | kv heads | padded | base ms | fastpeft ms | base/fastpeft | peak MiB base "
+              "| peak MiB fastpeft | MiB saved | max |diff| |")
+    assert header in text
+    rows = json.loads(js.read_text())["benchmarks"]["prefix_attention"]["rows"]
+    assert [r["what"] for r in rows] == ["attn fwd+bwd", "attn fwd+bwd", "llama step"]
+    assert {r["padded"] for r in rows[:2]} == {"yes", "no"}
+    for r in rows:
+        assert r["base ms"] > 0 and r["fastpeft ms"] > 0
+        assert abs(r["base/fastpeft"] - r["base ms"] / r["fastpeft ms"]) < 1e-9
+        assert r["peak MiB fastpeft"] is None  # no allocator statistics on CPU
+        assert r["max |diff|"] < 1e-4  # the fused path and the concat baseline agree (fp32 on CPU)
