@@ -1,0 +1,63 @@
+"""The ``fastpeft`` command line: ``fastpeft train`` (LoRA fine-tuning) and ``fastpeft bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from fastpeft.cli.train import add_train_arguments
+
+    p = argparse.ArgumentParser(prog="fastpeft", description="fastpeft: PEFT with fused kernels")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser("train", help="LoRA-fine-tune a causal LM on a JSONL dataset (no arguments: the built-in demo)",
+                       description="LoRA-fine-tune a causal LM on a JSONL dataset. With no arguments: "
+                                   "SmolLM2-135M-Instruct on the shipped task, a few minutes on CPU.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_arguments(t)
+    b = sub.add_parser("bench", help="run the benchmarks (benchmarks/run.py of a source checkout)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed on to benchmarks/run.py")
+    return p
+
+
+def _bench(extra: list[str]) -> int:
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / "run.py"
+    if not script.is_file():
+        print(f"fastpeft bench: error: {script} not found; the benchmarks ship with a source checkout "
+              "of fastpeft, not with the installed package", file=sys.stderr)
+        return 2
+    # run from the checkout's parent-free cwd: the repo root on sys.path would expose kernels/ as `kernels`
+    return subprocess.call([sys.executable, str(script), *extra], cwd=os.getcwd())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastpeft`` console script; returns the exit status."""
+    from fastpeft.cli.train import TrainError, run_train
+
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "bench":
+        return _bench(args.bench_args)
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()  # keep generation-config chatter out of the report
+        run_train(args)
+    except TrainError as exc:
+        print(f"fastpeft train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastpeft train: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
