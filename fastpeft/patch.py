@@ -8,7 +8,9 @@ CUDA) in the plain case and the layer's own forward otherwise, so every feature 
 library that built the layer keeps working:
 
 * plain case (decided at each call): adapters enabled, not merged, exactly one active adapter
-  present on the layer, no DoRA / LoRA variant and no ``lora_bias`` for it, an ``nn.Dropout`` or
+  present on the layer, no LoRA variant other than DoRA (which runs
+  :func:`fastpeft.ops.dora.dora_linear`: the fused weight norm, then the LoRA-linear op) and no
+  ``lora_bias`` for it, an ``nn.Dropout`` or
   identity dropout, input in the base weight's dtype, no extra forward arguments (e.g. peft's
   ``adapter_names`` mixed batches);
 * anything else (merged weights, several active adapters, disabled adapters, ...) calls the
@@ -24,8 +26,8 @@ model, or fastpeft's own prompt-learning model) is routed through the shared-pre
 op instead of a per-batch copy of the prefix in the KV cache: see :mod:`fastpeft.patch_prefix`
 (a model type with no known attention layout raises a ``ValueError``).
 
-Layers fastpeft cannot route (LoRA on embeddings or convolutions, quantized bases, DoRA-only
-layers, base layers with accelerate hooks, other peft tuners) are left untouched and listed
+Layers fastpeft cannot route (LoRA on embeddings or convolutions, quantized bases, other LoRA
+variants, base layers with accelerate hooks, other peft tuners) are left untouched and listed
 in the :class:`PatchReport` with the reason. fastpeft's own LoRA layers already call the op;
 they are reported as ``native`` and are only re-routed when ``backend`` is given.
 
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from fastpeft.ops.backend import choose_backend, fallback_reason, requested_backend
+from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.patch_prefix import patch_prefix, unpatch_prefix
 
@@ -183,11 +186,27 @@ def _static_skip_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _dora_magnitude(module: nn.Module, adapter: str) -> Optional[torch.Tensor]:
+    """DoRA's magnitude vector of ``adapter`` (peft's and fastpeft's layout), None if absent or odd."""
+    store = getattr(module, "lora_magnitude_vector", None)
+    if store is None or adapter not in store:
+        return None
+    weight = getattr(store[adapter], "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != module.lora_B[adapter].weight.shape[0]:
+        return None
+    return weight
+
+
 def _adapter_skip_reason(module: nn.Module, adapter: str) -> Optional[str]:
-    if getattr(module, "use_dora", {}).get(adapter, False):
-        return f"adapter {adapter!r} uses DoRA (use_dora=True), which the fused op does not implement"
-    if adapter in getattr(module, "lora_variant", {}):
-        return f"adapter {adapter!r} is a LoRA variant ({type(module.lora_variant[adapter]).__name__})"
+    dora = bool(getattr(module, "use_dora", {}).get(adapter, False))
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if dora:
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            return f"adapter {adapter!r} uses DoRA through {type(variant).__name__}, which the DoRA op does not implement"
+        if _dora_magnitude(module, adapter) is None:
+            return f"adapter {adapter!r} uses DoRA but has no [out_features] lora_magnitude_vector"
+    elif variant is not None:
+        return f"adapter {adapter!r} is a LoRA variant ({type(variant).__name__})"
     if getattr(module, "lora_bias", {}).get(adapter, False):
         return f"adapter {adapter!r} has a LoRA bias (lora_bias=True)"
     drop = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
@@ -233,6 +252,12 @@ def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight  # always [out, in]
     drop = self.lora_dropout[adapter]
     p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+    if getattr(self, "use_dora", {}).get(adapter, False):
+        return dora_linear(
+            x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+            _dora_magnitude(self, adapter), float(self.scaling[adapter]), dropout_p=p, training=self.training,
+            backend=state["backend"],
+        )
     return lora_linear(
         x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
         float(self.scaling[adapter]), dropout_p=p, training=self.training, backend=state["backend"],
@@ -315,6 +340,13 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         parts = type(module).__module__.split(".")
         tuner = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1]
         kind = f"{lib} {tuner}.{type(module).__name__}"
+        native_op = getattr(type(module), "native_fused_op", None) if lib == "fastpeft" else None
+        if native_op and type(module).__name__ != "Linear":  # e.g. AdaLoRA's SVDLinear: not re-routable
+            note = f"runs {native_op} already"
+            if explicit is not None:
+                note += f"; its backend follows FASTPEFT_BACKEND per call, not patch(backend={explicit!r})"
+            report.native.append(PatchedModule(name, kind, note))
+            continue
         if not _is_lora_layer(module):
             report.skipped.append(SkippedModule(name, kind, "not a LoRA layer (another tuner); the fused op covers LoRA"))
             continue

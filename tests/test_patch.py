@@ -108,6 +108,41 @@ def test_peft_llama_triton_interpreter_one_layer(ids, op_calls, monkeypatch):
         _assert_same(grads1[n], grads0[n], atol=1e-4)
 
 
+@pytest.mark.parametrize("backend,dropout", [("reference", 0.1), ("triton", 0.0)])
+def test_peft_dora_layers_patched_to_the_dora_op(ids, monkeypatch, backend, dropout):
+    """peft's DoRA layers run fastpeft's DoRA op (fused norm + LoRA-linear op): same logits and
+    gradients (magnitude included) as peft's own forward; triton: the norm kernel runs."""
+    if backend == "triton":
+        kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
+        if not kmod.interpreting():
+            pytest.skip("needs TRITON_INTERPRET=1")
+    dora_mod = sys.modules["fastpeft.ops.dora"]
+    calls = []
+    real = dora_mod.dora_linear
+
+    def counting(*a, **k):
+        calls.append(k.get("backend"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(patch_mod, "dora_linear", counting)
+    model = _peft_llama(layers=1, dropout=dropout, targets=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                prm.mul_(torch.linspace(0.5, 1.5, prm.numel()))
+    logits0, grads0 = _train_step(model, ids)
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    report = fastpeft.patch(model)
+    assert len(report.patched) == 3 and not report.skipped
+    logits1, grads1 = _train_step(model, ids)
+    assert len(calls) == 3
+    atol = FP32_ATOL if backend == "reference" else 1e-4
+    _assert_same(logits1, logits0, atol=atol)
+    assert any("lora_magnitude_vector" in n for n in grads0) and grads1.keys() == grads0.keys()
+    for n in grads0:
+        _assert_same(grads1[n], grads0[n], atol=atol)
+
+
 def test_gpt2_conv1d_patched(ids, op_calls, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn", "c_proj", "c_fc"],
@@ -201,9 +236,12 @@ def test_report_lists_skipped_modules_with_reasons(ids, monkeypatch):
     assert "skipped" in str(report) and "embed_tokens" in str(report)
     assert report.as_dict()["patched"][0]["name"].endswith("q_proj")
     dora = _peft_llama(targets=["v_proj"], use_dora=True)
+    for layer in dora.modules():  # DoRA without its magnitude vector cannot be routed
+        if hasattr(layer, "lora_magnitude_vector") and "default" in layer.lora_magnitude_vector:
+            del layer.lora_magnitude_vector["default"]
     rep = fastpeft.patch(dora)
     assert not rep.patched and len(rep.skipped) == 2
-    assert all("DoRA" in s.reason for s in rep.skipped)
+    assert all("DoRA" in s.reason and "lora_magnitude_vector" in s.reason for s in rep.skipped)
 
 
 def test_fastpeft_model_is_native_unless_backend_forced(ids, monkeypatch):
