@@ -22,6 +22,8 @@ from fastpeft.peft_model import (
     PeftModelForTokenClassification,
 )
 from fastpeft.tuners import (
+    AdaLoraConfig,
+    AdaLoraModel,
     LoraConfig,
     LoraModel,
     PrefixEncoder,
@@ -38,6 +40,8 @@ from fastpeft.tuners import (
     BottleneckConfig,
     BottleneckModel,
     HoulsbyConfig,
+    IA3Config,
+    IA3Model,
     PfeifferConfig,
 )
 from fastpeft.mapping import get_peft_model
@@ -63,6 +67,10 @@ __all__ = [
     "TaskType",
     "LoraConfig",
     "LoraModel",
+    "IA3Config",
+    "IA3Model",
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "PromptTuningConfig",
     "PromptTuningInit",
     "PromptEmbedding",

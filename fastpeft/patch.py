@@ -8,7 +8,9 @@ CUDA) in the plain case and the layer's own forward otherwise, so every feature 
 library that built the layer keeps working:
 
 * plain case (decided at each call): adapters enabled, not merged, exactly one active adapter
-  present on the layer, no DoRA / LoRA variant and no ``lora_bias`` for it, an ``nn.Dropout`` or
+  present on the layer, no LoRA variant other than DoRA (which runs
+  :func:`fastpeft.ops.dora.dora_linear`: the fused weight norm, then the LoRA-linear op) and no
+  ``lora_bias`` for it, an ``nn.Dropout`` or
   identity dropout, input in the base weight's dtype, no extra forward arguments (e.g. peft's
   ``adapter_names`` mixed batches);
 * anything else (merged weights, several active adapters, disabled adapters, ...) calls the
@@ -33,7 +35,7 @@ op instead of a per-batch copy of the prefix in the KV cache: see :mod:`fastpeft
 (a model type with no known attention layout raises a ``ValueError``).
 
 Layers fastpeft cannot route (LoRA on embeddings or convolutions, 8-bit and other quantized
-bases, DoRA-only layers, base layers with accelerate hooks, other peft tuners) are left
+bases, other LoRA variants, base layers with accelerate hooks, other peft tuners) are left
 untouched and listed in the :class:`PatchReport` with the reason. fastpeft's own LoRA layers already call the op;
 they are reported as ``native`` and are only re-routed when ``backend`` is given.
 
@@ -50,6 +52,7 @@ import torch
 from torch import nn
 
 from fastpeft.ops.backend import choose_backend, fallback_reason, requested_backend
+from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.nf4 import bnb_linear4bit
 from fastpeft.patch_prefix import patch_prefix, unpatch_prefix
@@ -190,8 +193,8 @@ def _static_skip_reason(module: nn.Module) -> Optional[str]:
         if _has_hooks(base) or _has_hooks(module):
             return "the layer or its base layer has forward hooks (e.g. accelerate offloading); bypassing them would break it"
         adapters = list(module.lora_A.keys())
-        plain = [a for a in adapters if _adapter_skip_reason(module, a) is None]
-        return _adapter_skip_reason(module, adapters[0]) if adapters and not plain else None
+        plain = [a for a in adapters if _qlora_adapter_skip_reason(module, a) is None]
+        return _qlora_adapter_skip_reason(module, adapters[0]) if adapters and not plain else None
     if type(base).__name__ in _QUANTIZED_NAMES or getattr(getattr(base, "weight", None), "quant_state", None) is not None:
         return f"quantized base layer {_cls_path(base)} (the LoRA-linear op needs a dense weight; see the QLoRA op)"
     if type(module).__name__ != "Linear":
@@ -212,11 +215,27 @@ def _static_skip_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _dora_magnitude(module: nn.Module, adapter: str) -> Optional[torch.Tensor]:
+    """DoRA's magnitude vector of ``adapter`` (peft's and fastpeft's layout), None if absent or odd."""
+    store = getattr(module, "lora_magnitude_vector", None)
+    if store is None or adapter not in store:
+        return None
+    weight = getattr(store[adapter], "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != module.lora_B[adapter].weight.shape[0]:
+        return None
+    return weight
+
+
 def _adapter_skip_reason(module: nn.Module, adapter: str) -> Optional[str]:
-    if getattr(module, "use_dora", {}).get(adapter, False):
-        return f"adapter {adapter!r} uses DoRA (use_dora=True), which the fused op does not implement"
-    if adapter in getattr(module, "lora_variant", {}):
-        return f"adapter {adapter!r} is a LoRA variant ({type(module.lora_variant[adapter]).__name__})"
+    dora = bool(getattr(module, "use_dora", {}).get(adapter, False))
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if dora:
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            return f"adapter {adapter!r} uses DoRA through {type(variant).__name__}, which the DoRA op does not implement"
+        if _dora_magnitude(module, adapter) is None:
+            return f"adapter {adapter!r} uses DoRA but has no [out_features] lora_magnitude_vector"
+    elif variant is not None:
+        return f"adapter {adapter!r} is a LoRA variant ({type(variant).__name__})"
     if getattr(module, "lora_bias", {}).get(adapter, False):
         return f"adapter {adapter!r} has a LoRA bias (lora_bias=True)"
     drop = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
@@ -226,6 +245,13 @@ def _adapter_skip_reason(module: nn.Module, adapter: str) -> Optional[str]:
     if getattr(lin, "bias", None) is not None or getattr(module.lora_B[adapter], "bias", None) is not None:
         return f"adapter {adapter!r} has biases on lora_A/lora_B"
     return None
+
+
+def _qlora_adapter_skip_reason(module: nn.Module, adapter: str) -> Optional[str]:
+    """Why an adapter of a LoRA layer on a 4-bit base cannot use the QLoRA op (None if it can)."""
+    if getattr(module, "use_dora", {}).get(adapter, False) or getattr(module, "lora_variant", {}).get(adapter) is not None:
+        return f"adapter {adapter!r} is DoRA or another LoRA variant, which the QLoRA op does not implement"
+    return _adapter_skip_reason(module, adapter)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -244,7 +270,7 @@ def _plain_adapter(module: nn.Module, x: torch.Tensor, args, kwargs, qlora: bool
     if len(active) != 1:
         return None
     a = active[0]
-    if _adapter_skip_reason(module, a) is not None:
+    if (_qlora_adapter_skip_reason if qlora else _adapter_skip_reason)(module, a) is not None:
         return None
     if getattr(module, "cast_input_dtype_enabled", True) is False:
         return None
@@ -276,6 +302,12 @@ def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight  # always [out, in]
     drop = self.lora_dropout[adapter]
     p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+    if getattr(self, "use_dora", {}).get(adapter, False):
+        return dora_linear(
+            x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+            _dora_magnitude(self, adapter), float(self.scaling[adapter]), dropout_p=p, training=self.training,
+            backend=state["backend"],
+        )
     return lora_linear(
         x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
         float(self.scaling[adapter]), dropout_p=p, training=self.training, backend=state["backend"],
@@ -374,6 +406,13 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         if tuner.startswith("lora_"):  # fastpeft.tuners.lora_bnb -> lora (peft: peft.tuners.lora.bnb)
             tuner = "lora"
         kind = f"{lib} {tuner}.{type(module).__name__}"
+        native_op = getattr(type(module), "native_fused_op", None) if lib == "fastpeft" else None
+        if native_op and type(module).__name__ != "Linear":  # e.g. AdaLoRA's SVDLinear: not re-routable
+            note = f"runs {native_op} already"
+            if explicit is not None:
+                note += f"; its backend follows FASTPEFT_BACKEND per call, not patch(backend={explicit!r})"
+            report.native.append(PatchedModule(name, kind, note))
+            continue
         if not _is_lora_layer(module):
             report.skipped.append(SkippedModule(name, kind, "not a LoRA layer (another tuner); the fused op covers LoRA"))
             continue
@@ -388,7 +427,8 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             report.native.append(PatchedModule(name, kind, "runs the QLoRA op already" if qlora else "runs the fused op already"))
             continue
         _install(module, explicit, "qlora" if qlora else "lora")
-        notes = [a for a in module.lora_A.keys() if _adapter_skip_reason(module, a) is not None]
+        skip = _qlora_adapter_skip_reason if qlora else _adapter_skip_reason
+        notes = [a for a in module.lora_A.keys() if skip(module, a) is not None]
         note = ("QLoRA op (4-bit weight dequantised in the matmul); " if qlora else "") + \
             "original forward when merged, disabled or several adapters are active"
         if notes:

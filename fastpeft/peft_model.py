@@ -237,7 +237,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 for k, v in module.modules_to_save[adapter_name].state_dict().items():
                     live_key = f"{name}.modules_to_save.{adapter_name}.{k}"
                     out[f"{name}.{k}"] = full[live_key] if state_dict is not None and live_key in full else v
-        return out
+        return self.base_model._adapter_state_dict_for_save(adapter_name, out)
 
     def set_adapter_state_dict(self, state_dict: Dict[str, torch.Tensor], adapter_name: str = "default", source: str = "") -> None:
         """Load checkpoint tensors (peft keys) into adapter ``adapter_name``, checking every key and shape.
@@ -248,6 +248,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if self._is_prompt_learning:
             self._load_prompt_learning_state_dict(state_dict, adapter_name, source)
             return
+        state_dict = self.base_model._prepare_adapter_state_dict_load(adapter_name, dict(state_dict))
         key_map = dict(self.base_model.adapter_key_map(adapter_name, prefix="base_model."))
         key_map.update(self.base_model.extra_state_key_map(adapter_name, prefix="base_model."))
         for name, module in self.named_modules():

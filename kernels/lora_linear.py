@@ -51,10 +51,14 @@ is a pure function of ``(seed, m * K + k)`` with int64 offsets, identical in eve
 to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong) and a single small config is
 used per kernel (no autotuning on CPU).
 
-Autotuning: configs for H100 (block sizes 64-128 x 32-128, 4-8 warps, 3-4 stages), keyed on
-``K``, the padded rank, N, and a power-of-two bucket of M (not M itself, so a new sequence length
-does not retune). Triton caches the choice per key in-process; ``cache_results=True`` also keeps
-it on disk where the installed triton supports it, so tuning happens once per shape.
+Autotuning: configs for H100 (row blocks 16-128, column/K blocks 32-128, 4-8 warps, 3-4
+stages; 64+ row blocks take Hopper's ``wgmma`` path), pruned before tuning by a per-thread
+register budget and, for tiny M, to small row blocks (``_prune``); keyed on ``K``, the padded
+rank, N, and a power-of-two bucket of M (not M itself, so a new sequence length does not
+retune). Triton caches the choice per key in-process; ``cache_results=True`` (checked in triton 3.6 and 3.9;
+skipped where absent) also keeps it on disk, so tuning happens once per shape.
+``benchmarks/aot_lora_linear.py`` compiles every config for sm_90 without a GPU and reports
+registers and spills (benchmarks/NOTES-lora-linear.md).
 """
 
 from __future__ import annotations
@@ -128,23 +132,53 @@ def _down_configs():
     return out
 
 
-def _prune_by_rank(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    rp = args["R_PAD"]
-    m = args["M"]
-    keep = []
-    for c in configs:
-        bm = c.kwargs.get("BLOCK_M", 64)
-        br = args.get("BLOCK_R", rp)
-        if bm * min(br, rp) > 128 * 128:  # accumulator register budget
-            continue
-        if bm > 16 and bm >= 2 * triton.next_power_of_2(max(m, 1)):  # tiny M: small tiles only
-            continue
-        bn = c.kwargs.get("BLOCK_N")
-        if bn is not None and bm * bn + bm * rp > 128 * 256 + 128 * 16:  # fused: both accumulators
-            continue
-        keep.append(c)
-    return keep or configs[:1]
+def _regs_ok(c, args, acc_elems: int, rng_elems: int, acc_limit: int = 64, total_limit: int = 80,
+             operand_elems: int = 0) -> bool:
+    """Heuristic register budget per thread (fp32 elements): the accumulator(s), plus one Philox
+    value per element of the tile that carries the dropout mask. It drops the configs that are
+    sure to spill; ``benchmarks/aot_lora_linear.py`` compiles what it keeps for sm_90 and reports
+    registers and local memory (some kept configs still spill a little with some triton
+    versions; autotuning then times them out of the choice)."""
+    threads = 32 * c.num_warps
+    acc = acc_elems / threads
+    rng = rng_elems / threads if args.get("HAS_DROPOUT", True) else 0
+    # operand tiles held in registers: two 16-bit values per 32-bit register, one fp32 value
+    opnd = operand_elems * _elem_bytes(args) / (4 * threads)
+    return acc <= acc_limit and rng <= 32 and acc + rng + opnd <= total_limit
+
+
+def _elem_bytes(args) -> int:
+    """Bytes per input element: from the first tensor argument, else ``ELEM_BYTES`` (default 2)."""
+    for name in ("x_ptr", "g_ptr"):
+        t = args.get(name)
+        if hasattr(t, "element_size"):
+            return t.element_size()
+    return int(args.get("ELEM_BYTES", 2))
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        rp, m = args["R_PAD"], args["M"]
+        keep = []
+        for c in configs:
+            bm, bk = c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_K", 64)
+            if bm > 16 and bm >= 2 * triton.next_power_of_2(max(m, 1)):  # tiny M: small row blocks only
+                continue
+            if kind == "down":  # + the A^T tile [BK, R_PAD]: large ranks spilled without it (aot script)
+                ok = _regs_ok(c, args, bm * rp, bm * bk, total_limit=72, operand_elems=bk * rp)
+            elif kind == "dx":
+                ok = _regs_ok(c, args, bm * bk, bm * bk, acc_limit=32, total_limit=64)
+            elif kind == "da":
+                br = args["BLOCK_R"]  # + the g^T [BR, BM] and x [BM, BK] operand tiles
+                ok = _regs_ok(c, args, br * bk, bm * bk, total_limit=72, operand_elems=br * bm + bm * bk)
+            else:  # fused: [BM, BN] and [BM, R_PAD] accumulators
+                ok = _regs_ok(c, args, bm * c.kwargs["BLOCK_N"] + bm * rp, bm * bk, acc_limit=80, total_limit=104)
+            if ok:
+                keep.append(c)
+        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_K", 64) / c.num_warps)]
+
+    return prune
 
 
 def _dx_configs():
@@ -163,7 +197,7 @@ def _da_configs():
         return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
     out = []
     for bm in (32, 64, 128):
-        for bk in (64, 128):
+        for bk in (32, 64, 128):
             for w in (4, 8):
                 out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
     return out
@@ -173,16 +207,20 @@ def _fused_configs():
     if _INTERPRET:
         return [_cfg({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 1)]
     out = []
+    # Picked with benchmarks/aot_lora_linear.py (sm_90, bf16, triton 3.6): configs that spilled
+    # hundreds of bytes per thread there ((64,128,64,4w), (16,128,128), (16,64,128,4w),
+    # (32,128,64,4w)) were replaced by 8-warp or narrower tiles that do not.
     for bm, bn, bk, w, s in (
         (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (16, 128, 128, 4, 4),  # decode-sized M
-        (16, 64, 256, 4, 3),
-        (32, 128, 128, 4, 4),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 8, 4),
+        (64, 128, 64, 8, 4),
+        (64, 64, 64, 8, 4),
+        (64, 64, 32, 4, 4),
+        (16, 64, 64, 4, 4),  # decode-sized M (no wgmma below 64 rows)
+        (16, 64, 128, 8, 4),
+        (32, 64, 64, 4, 4),
+        (32, 128, 64, 8, 4),
     ):
         out.append(_cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s))
     return out
@@ -198,7 +236,7 @@ def _dropout_tile(x, seed, offs_m, offs_k, K, p, scale):
 
 
 # ----------------------------------------------------------------------------- kernels
-@_autotune(_down_configs(), key=["K", "R_PAD", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune_by_rank})
+@_autotune(_down_configs(), key=["K", "R_PAD", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune("down")})
 @triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, u_ptr,
@@ -235,33 +273,39 @@ def _lora_down_kernel(
 
 
 @_autotune(_dx_configs(), key=["K", "R_PAD", "M_BUCKET"], restore_value=["dx_ptr"],
-           prune_configs_by={"early_config_prune": _prune_by_rank})
+           prune_configs_by={"early_config_prune": _prune("dx")})
 @triton.jit
 def _lora_dx_add_kernel(
     dx_ptr, g_ptr, a_ptr,
     M, K, R, M_BUCKET,
     stride_dxm, stride_dxk, stride_gm, stride_gr, stride_ar, stride_ak,
     seed, p, scale,
-    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx[m, k] += mask[m, k] * sum_r g[m, r] A[r, k]  (in place)."""
+    """dx[m, k] += mask[m, k] * sum_r g[m, r] A[r, k]  (in place).
+
+    The rank is reduced in chunks of ``R_CHUNK``: one dot over the whole padded rank compiled for
+    sm_90 into kilobytes of local memory per thread for fp32 "ieee" dots at r >= 64
+    (benchmarks/aot_lora_linear.py)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
     m_ok = offs_m < M
     k_ok = offs_k < K
-    r_ok = offs_r < R
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-    if UPCAST:
-        d = tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
-    else:
-        d = tl.dot(g, a, input_precision=PRECISION)
+    d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_ok = offs_r < R
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            d = tl.dot(g.to(tl.float32), a.to(tl.float32), d, input_precision=PRECISION)
+        else:
+            d = tl.dot(g, a, d, input_precision=PRECISION)
     if HAS_DROPOUT:
         d = _dropout_tile(d, seed, offs_m, offs_k, K, p, scale)
     ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -271,7 +315,7 @@ def _lora_dx_add_kernel(
 
 
 @_autotune(_da_configs(), key=["K", "R_PAD", "M_BUCKET"], reset_to_zero=["da_ptr"],
-           prune_configs_by={"early_config_prune": _prune_by_rank})
+           prune_configs_by={"early_config_prune": _prune("da")})
 @triton.jit
 def _lora_grad_a_kernel(
     da_ptr, g_ptr, x_ptr,
@@ -315,7 +359,7 @@ def _lora_grad_a_kernel(
 
 
 @_autotune(_fused_configs(), key=["N", "K", "R_PAD", "M_BUCKET"],
-           prune_configs_by={"early_config_prune": _prune_by_rank})
+           prune_configs_by={"early_config_prune": _prune("fused")})
 @triton.jit
 def _lora_fused_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
@@ -371,14 +415,16 @@ def _lora_fused_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
-    u = uacc.to(u_ptr.dtype.element_ty)  # round u like the two-GEMM path does
+    u = uacc.to(u_ptr.dtype.element_ty)  # u as saved for backward (rounded like the split path)
+    # s folded into the rounded operand (one rounding, like u itself) so the LoRA product
+    # accumulates straight into acc: no second [BM, BN] accumulator (registers)
+    us = (uacc * s).to(u_ptr.dtype.element_ty)
     bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=n_ok[None, :] & r_ok[:, None], other=0.0)  # B^T tile [R_PAD, BN]
     if UPCAST:
-        lora = tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+        acc = tl.dot(us.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
     else:
-        lora = tl.dot(u, bt, input_precision=PRECISION)
-    acc += s * lora
+        acc = tl.dot(us, bt, acc, input_precision=PRECISION)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     if WRITE_U:
@@ -432,6 +478,11 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int = 0, p: float = 0
     return u
 
 
+def _dx_rank_chunk(r_pad: int, precision: str) -> int:
+    # fp32 "ieee" dots are FMA loops: keep their reduction short; tensor-core dots take 64 at once
+    return 16 if precision == "ieee" else min(r_pad, 64)
+
+
 def lora_dx_add(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, seed: int = 0, p: float = 0.0) -> torch.Tensor:
     """In place: ``dx += (g @ A) * mask`` (mask regenerated from ``seed``); returns ``dx``."""
     M, K = dx.shape
@@ -446,7 +497,8 @@ def lora_dx_add(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, seed: i
         dx, g, lora_A, M, K, R, _m_bucket(M),
         dx.stride(0), dx.stride(1), g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1),
         seed, p, scale,
-        HAS_DROPOUT=has, R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(dx.dtype),
+        HAS_DROPOUT=has, R_PAD=_pad_rank(R), R_CHUNK=_dx_rank_chunk(_pad_rank(R), _precision(dx.dtype)),
+        UPCAST=_INTERPRET, PRECISION=_precision(dx.dtype),
     )
     return dx
 

@@ -185,6 +185,45 @@ def test_saves_no_mask_and_no_dropped_copy(impl):
 
 
 @interp
+@pytest.mark.parametrize("impl", ["split", "kernels", "fused"])
+def test_empty_batch(impl):
+    """M = 0 tokens (an empty 3-D batch): empty output, zero LoRA gradients, no kernel launch."""
+    _, W, b, A, B = _operands(1, 16, 8, 2)
+    x = torch.randn(2, 0, 16, requires_grad=True)
+    A_, B_ = _leaf(A), _leaf(B)
+    y = lora_linear(x, W, b, A_, B_, 1.0, 0.3, True, backend="triton", impl=impl)
+    assert y.shape == (2, 0, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(A_.grad, torch.zeros_like(A)) and torch.equal(B_.grad, torch.zeros_like(B))
+
+
+def test_h100_config_pruning(monkeypatch):
+    """The H100 autotune lists (built as on a GPU) are pruned to a non-empty set for every kernel,
+    rank and M; decode-sized M keeps only the smallest row blocks; configs that spilled when
+    compiled for sm_90 with triton 3.6 (benchmarks/NOTES-lora-linear.md) are dropped."""
+    monkeypatch.setattr(K_, "_INTERPRET", False)
+    lists = {"down": K_._down_configs(), "dx": K_._dx_configs(), "da": K_._da_configs(), "fused": K_._fused_configs()}
+    assert all(len(v) > 1 for v in lists.values())
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N"), c.kwargs["BLOCK_K"], c.num_warps)  # noqa: E731
+    for kind, configs in lists.items():
+        for r in (1, 16, 64, 256):
+            if kind == "fused" and r > K_.MAX_FUSED_RANK:
+                continue
+            rp = K_._pad_rank(r)
+            for M in (1, 16, 4096):
+                for drop in (False, True):
+                    kept = K_._prune(kind)(configs, dict(R_PAD=rp, M=M, HAS_DROPOUT=drop, BLOCK_R=min(rp, 128)))
+                    assert kept, (kind, r, M, drop)
+                    if M <= 16:
+                        assert {c.kwargs["BLOCK_M"] for c in kept} == {min(c.kwargs["BLOCK_M"] for c in configs)}
+    down256 = {shape(c) for c in K_._prune("down")(lists["down"], dict(R_PAD=256, M=4096, HAS_DROPOUT=True))}
+    assert down256 and not down256 & {(16, None, 64, 4), (16, None, 128, 8), (32, None, 64, 4), (64, None, 64, 8)}
+    da64 = {shape(c) for c in K_._prune("da")(lists["da"], dict(R_PAD=64, M=4096, HAS_DROPOUT=True, BLOCK_R=64))}
+    assert da64 and not da64 & {(64, None, 64, 4), (64, None, 128, 8), (128, None, 64, 8)}
+
+
+@interp
 def test_mask_properties():
     m1 = K_.dropout_mask(SEED, 0.3, 64, 96)
     assert torch.equal(m1, K_.dropout_mask(SEED, 0.3, 64, 96))
@@ -270,6 +309,35 @@ def test_fp32_adapters_on_half_base_compute_in_base_dtype(backend):
     torch.testing.assert_close(B_.grad, B2.grad, atol=atol, rtol=rtol)
 
 
+@interp
+def test_autocast_dtype_wins_on_both_backends():
+    """Inside torch.autocast every operand is cast to the autocast dtype (fp32 model, fp16
+    compute); Triton and reference agree with the fp32 oracle on the rounded values."""
+    x, W, b, A, B = _operands(13, 24, 20, 3)
+    want = _oracle(*(t.half().float() for t in (x, W, b, A, B)), 0.5, None)
+    for backend in ("reference", "triton"):
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = lora_linear(x, W, b, A, B, 0.5, backend=backend, impl="kernels")
+        assert y.dtype == torch.float16, backend
+        _assert_close([(f"y[{backend}]", y, want)], torch.float16)
+
+
+def test_auto_backend_is_triton_for_cuda_tensors_reference_on_cpu(monkeypatch):
+    """The automatic choice (what fastpeft's LoRA layers use): Triton for CUDA tensors, the
+    reference path for CPU ones; FASTPEFT_BACKEND overrides it."""
+    from fastpeft.ops import backend as bk
+
+    class FakeCuda:
+        is_cuda = True
+
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    cpu = torch.zeros(1)
+    assert bk.choose_backend(cpu, cpu) == "reference"
+    assert bk.choose_backend(FakeCuda(), cpu) == ("triton" if bk.triton_available() else "reference")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    assert bk.choose_backend(FakeCuda()) == "reference"
+
+
 def test_merge_matches_unmerged_and_unmerge_restores():
     x, W, b, A, B = _operands(9, 24, 12, 4)
     conv_w = W.t().contiguous()  # Conv1D layout: merge through the W.T view
@@ -297,6 +365,8 @@ def test_bad_inputs_raise_clear_errors():
         lora_linear(x.half(), W, b, A, B, 1.0, backend="triton")
     with pytest.raises(ValueError, match="share one dtype"):
         lora_linear(x, W, b.half(), A, B, 1.0, backend="triton")
+    with pytest.raises(ValueError, match="float64 is not supported"):
+        lora_linear(*(t.double() for t in (x, W, b, A, B)), 1.0, backend="triton")
     with pytest.raises(ValueError, match="dropout probability"):
         lora_linear(x, W, b, A, B, 1.0, 1.5, True, backend="triton")
     big_A, big_B = torch.zeros(257, 16), torch.zeros(8, 257)

@@ -1,8 +1,11 @@
 """fastpeft.patch / unpatch on Hugging Face peft models (the oracle) and on fastpeft models.
 
-Oracle: the same peft model before patching (and after unpatch). Patched layers must give the
-same logits and the same LoRA gradients, keep save_pretrained / merging / adapter switching
-working, and the report must name what was patched and what was left (with reasons).
+Oracle: the same model before patching (and after unpatch), peft's or fastpeft's. Patched layers
+must give the same logits and the same LoRA gradients (reference backend; Triton interpreter on a
+1-layer model), keep save_pretrained / merging / adapter switching / disabling working in both
+libraries, compute only the active adapter, and the report must name what was patched and what
+was left untouched (with reasons). fastpeft's own layers run the op without patching; forcing
+FASTPEFT_BACKEND=triton under the interpreter checks them against the reference.
 """
 
 from __future__ import annotations
@@ -105,6 +108,41 @@ def test_peft_llama_triton_interpreter_one_layer(ids, op_calls, monkeypatch):
         _assert_same(grads1[n], grads0[n], atol=1e-4)
 
 
+@pytest.mark.parametrize("backend,dropout", [("reference", 0.1), ("triton", 0.0)])
+def test_peft_dora_layers_patched_to_the_dora_op(ids, monkeypatch, backend, dropout):
+    """peft's DoRA layers run fastpeft's DoRA op (fused norm + LoRA-linear op): same logits and
+    gradients (magnitude included) as peft's own forward; triton: the norm kernel runs."""
+    if backend == "triton":
+        kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
+        if not kmod.interpreting():
+            pytest.skip("needs TRITON_INTERPRET=1")
+    dora_mod = sys.modules["fastpeft.ops.dora"]
+    calls = []
+    real = dora_mod.dora_linear
+
+    def counting(*a, **k):
+        calls.append(k.get("backend"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(patch_mod, "dora_linear", counting)
+    model = _peft_llama(layers=1, dropout=dropout, targets=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                prm.mul_(torch.linspace(0.5, 1.5, prm.numel()))
+    logits0, grads0 = _train_step(model, ids)
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    report = fastpeft.patch(model)
+    assert len(report.patched) == 3 and not report.skipped
+    logits1, grads1 = _train_step(model, ids)
+    assert len(calls) == 3
+    atol = FP32_ATOL if backend == "reference" else 1e-4
+    _assert_same(logits1, logits0, atol=atol)
+    assert any("lora_magnitude_vector" in n for n in grads0) and grads1.keys() == grads0.keys()
+    for n in grads0:
+        _assert_same(grads1[n], grads0[n], atol=atol)
+
+
 def test_gpt2_conv1d_patched(ids, op_calls, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn", "c_proj", "c_fc"],
@@ -183,20 +221,27 @@ def test_unpatch_restores(ids, op_calls, monkeypatch):
     assert fastpeft.unpatch(model) == []
 
 
-def test_report_lists_skipped_modules_with_reasons(monkeypatch):
+def test_report_lists_skipped_modules_with_reasons(ids, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
-    model = _peft_llama(targets=["q_proj", "embed_tokens"])
+    model = _peft_llama(targets=["q_proj", "embed_tokens"]).eval()
+    before = _logits(model, ids)
     report = fastpeft.patch(model)
     assert len(report.patched) == 2
     skipped = {s.name: s.reason for s in report.skipped}
     emb = [n for n in skipped if n.endswith("embed_tokens")]
     assert len(emb) == 1 and "Embedding" in skipped[emb[0]]
+    emb_layer = model.get_submodule(emb[0])
+    assert not patch_mod.is_patched(emb_layer) and "forward" not in emb_layer.__dict__  # left untouched
+    _assert_same(_logits(model, ids), before)
     assert "skipped" in str(report) and "embed_tokens" in str(report)
     assert report.as_dict()["patched"][0]["name"].endswith("q_proj")
     dora = _peft_llama(targets=["v_proj"], use_dora=True)
+    for layer in dora.modules():  # DoRA without its magnitude vector cannot be routed
+        if hasattr(layer, "lora_magnitude_vector") and "default" in layer.lora_magnitude_vector:
+            del layer.lora_magnitude_vector["default"]
     rep = fastpeft.patch(dora)
     assert not rep.patched and len(rep.skipped) == 2
-    assert all("DoRA" in s.reason for s in rep.skipped)
+    assert all("DoRA" in s.reason and "lora_magnitude_vector" in s.reason for s in rep.skipped)
 
 
 def test_fastpeft_model_is_native_unless_backend_forced(ids, monkeypatch):
@@ -213,6 +258,137 @@ def test_fastpeft_model_is_native_unless_backend_forced(ids, monkeypatch):
     assert len(fastpeft.unpatch(model)) == 4
 
 
+@pytest.fixture
+def op_A(monkeypatch):
+    """The lora_A tensor each op call from a patched layer received (which adapter ran)."""
+    seen = []
+    real = patch_mod.lora_linear
+
+    def spy(x, weight, bias, lora_A, *a, **k):
+        seen.append(lora_A)
+        return real(x, weight, bias, lora_A, *a, **k)
+
+    monkeypatch.setattr(patch_mod, "lora_linear", spy)
+    return seen
+
+
+def _adapter_A_ptrs(model, adapter):
+    return {p.data_ptr() for n, p in model.named_parameters() if f".lora_A.{adapter}." in n}
+
+
+def test_several_adapters_only_the_active_one_is_computed(ids, op_A, monkeypatch):
+    """Two adapters on the same layers of a patched peft model: each op call gets the active
+    adapter's weights only, and only the active adapter receives gradients."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    model = _peft_llama(targets=["q_proj", "v_proj"])
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                               target_modules=["q_proj", "v_proj"]))
+    ref = copy.deepcopy(model)
+    assert len(fastpeft.patch(model).patched) == 4
+    for name, other in (("other", "default"), ("default", "other")):
+        model.set_adapter(name)
+        ref.set_adapter(name)
+        op_A.clear()
+        logits, grads = _train_step(model, ids)
+        assert len(op_A) == 4 and {t.data_ptr() for t in op_A} == _adapter_A_ptrs(model, name)
+        assert grads and all(f".{name}." in n for n in grads)
+        assert all(p.grad is None for n, p in model.named_parameters() if f".{other}." in n)
+        ref_logits, ref_grads = _train_step(ref, ids)
+        _assert_same(logits, ref_logits)
+        for n in grads:
+            _assert_same(grads[n], ref_grads[n])
+
+
+def test_fastpeft_model_patched_keeps_save_merge_switch(ids, op_A, tmp_path, monkeypatch):
+    """A fastpeft model re-routed by patch(backend=...) keeps adapter switching, disabling,
+    save_pretrained (same files as its unpatched twin; peft and fastpeft load them) and merging."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(**kw)).eval()
+    model.add_adapter("other", fastpeft.LoraConfig(**dict(kw, r=2)))
+    ref = copy.deepcopy(model)
+    report = fastpeft.patch(model, backend="reference")
+    assert len(report.patched) == 4 and all(p.kind.startswith("fastpeft lora.Linear") for p in report.patched)
+    outs = {}
+    for name in ("other", "default"):
+        model.set_adapter(name)
+        ref.set_adapter(name)
+        op_A.clear()
+        outs[name] = _logits(model, ids)
+        assert len(op_A) == 4 and {t.data_ptr() for t in op_A} == _adapter_A_ptrs(model, name)
+        _assert_same(outs[name], _logits(ref, ids))
+    assert (outs["default"] - outs["other"]).abs().max() > 1e-4
+    with model.disable_adapter(), ref.disable_adapter():
+        op_A.clear()
+        _assert_same(_logits(model, ids), _logits(ref, ids))
+        assert not op_A
+    # save_pretrained: identical files to the unpatched twin's, loadable by both libraries
+    model.save_pretrained(tmp_path / "p")
+    ref.save_pretrained(tmp_path / "r")
+    from safetensors.torch import load_file
+
+    for sub in ("", "other"):
+        a = load_file(str(tmp_path / "p" / sub / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "r" / sub / "adapter_model.safetensors"))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same(_logits(fastpeft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "p").eval(), ids), outs["default"])
+    _assert_same(_logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "p").eval(), ids), outs["default"])
+    # merging: the merged weights path runs the base layers only (no op call), same logits
+    model.merge_adapter()
+    op_A.clear()
+    _assert_same(_logits(model, ids), outs["default"], atol=1e-5)
+    assert not op_A
+    model.unmerge_adapter()
+    _assert_same(_logits(model, ids), outs["default"], atol=1e-5)
+    assert len(op_A) == 4
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    _assert_same(_logits(merged, ids), outs["default"], atol=1e-5)
+    assert sorted(fastpeft.unpatch(model)) == sorted(report.patched_names)
+    op_A.clear()
+    _assert_same(_logits(model, ids), outs["default"])
+    assert not op_A
+
+
+def test_fastpeft_model_triton_interpreter_without_patch(ids, monkeypatch):
+    """fastpeft's own LoRA layers call the op with the automatic backend; forcing
+    FASTPEFT_BACKEND=triton under TRITON_INTERPRET=1 runs the Triton kernels on a 1-layer model
+    and gives the reference backend's logits and LoRA gradients."""
+    kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
+    if not kmod.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    lora_mod = sys.modules["fastpeft.tuners.lora"]
+    backends, kernel_calls = [], []
+    real_op = lora_mod.lora_linear
+
+    def spy(*a, **k):
+        backends.append(k.get("backend"))
+        return real_op(*a, **k)
+
+    monkeypatch.setattr(lora_mod, "lora_linear", spy)
+    for kname in ("lora_down", "lora_dx_add", "lora_grad_a"):
+        real_k = getattr(kmod, kname)
+        monkeypatch.setattr(kmod, kname, lambda *a, _f=real_k, _n=kname, **k: (kernel_calls.append(_n), _f(*a, **k))[1])
+    monkeypatch.setenv("FASTPEFT_LORA_IMPL", "kernels")
+    torch.manual_seed(0)
+    model = fastpeft.get_peft_model(tiny_llama(layers=1), fastpeft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM"))
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    logits0, grads0 = _train_step(model, ids)
+    assert not kernel_calls
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    logits1, grads1 = _train_step(model, ids)
+    assert backends and set(backends) == {None}  # the layers never force a backend themselves
+    n = len(LLAMA_TARGETS)
+    # q/k/v read the normed (frozen) embeddings: no dx there, so dx kernels run for the other 4
+    assert sorted(kernel_calls) == sorted(["lora_down"] * n + ["lora_dx_add"] * (n - 3) + ["lora_grad_a"] * n)
+    _assert_same(logits1, logits0, atol=1e-4)
+    assert grads1.keys() == grads0.keys()
+    for name in grads0:
+        _assert_same(grads1[name], grads0[name], atol=1e-4)
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="nn.Module"):
         fastpeft.patch("not a model")
@@ -226,3 +402,22 @@ def test_import_fastpeft_does_not_import_peft():
     code = "import sys, fastpeft; fastpeft.patch; assert 'peft' not in sys.modules, 'peft imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton kernels)")
+@pytest.mark.parametrize("impl", ["split", "fused"])
+def test_cuda_patched_peft_llama_matches_unpatched(ids, monkeypatch, impl):
+    """On a GPU the automatic backend is Triton: a patched peft model (fp32, no dropout) gives
+    the unpatched model's logits and LoRA gradients."""
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    monkeypatch.setenv("FASTPEFT_LORA_IMPL", impl)
+    model = _peft_llama().cuda()
+    ids = ids.cuda()
+    logits0, grads0 = _train_step(model, ids)
+    report = fastpeft.patch(model)
+    assert report.backend.startswith("auto (triton")
+    logits1, grads1 = _train_step(model, ids)
+    _assert_same(logits1, logits0, atol=1e-4)
+    for n in grads0:
+        _assert_same(grads1[n], grads0[n], atol=1e-4)

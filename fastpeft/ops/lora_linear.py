@@ -176,36 +176,20 @@ class LoraLinearTriton(torch.autograd.Function):
 
 
 def _triton_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training, impl=None, seed=None):
-    dev = x2.device.type
-    if torch.is_autocast_enabled(dev) if _AUTOCAST_TAKES_DEVICE else (dev == "cuda" and torch.is_autocast_enabled()):
-        dt = torch.get_autocast_dtype(dev) if hasattr(torch, "get_autocast_dtype") else torch.get_autocast_gpu_dtype()
-        x2, weight, lora_A, lora_B = (t.to(dt) for t in (x2, weight, lora_A, lora_B))
-        bias = bias.to(dt) if bias is not None else None
-        with torch.autocast(dev, enabled=False):
-            return _triton_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training, impl, seed)
-    dts = {t.dtype for t in (x2, weight, lora_A, lora_B, bias) if t is not None}
-    if len(dts) != 1:
-        raise ValueError(
-            "lora_linear (triton): x, weight, bias, lora_A and lora_B must share one dtype, got "
-            f"x={x2.dtype}, weight={weight.dtype}, lora_A={lora_A.dtype}, lora_B={lora_B.dtype}"
-            f"{', bias=' + str(bias.dtype) if bias is not None else ''}; cast them (or run under torch.autocast)."
-        )
-    dt = dts.pop()
+    # lora_linear has already cast every operand to one compute dtype (autocast's or x's) and
+    # turned autocast off; this checks what the kernels themselves cannot take.
+    dt = x2.dtype
+    if any(t is not None and t.dtype != dt for t in (weight, bias, lora_A, lora_B)):  # pragma: no cover - guarded by lora_linear
+        raise ValueError("lora_linear (triton): x, weight, bias, lora_A and lora_B must share one dtype; cast them.")
     if dt not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"lora_linear (triton): dtype {dt} is not supported (float32, float16, bfloat16).")
+        raise ValueError(f"lora_linear (triton): dtype {dt} is not supported by the Triton kernels "
+                         "(float32, float16, bfloat16); cast the input or use backend='reference'.")
     from fastpeft.kernels.lora_linear import MAX_RANK
 
     if lora_A.shape[0] > MAX_RANK:
         raise ValueError(f"lora_linear (triton): rank {lora_A.shape[0]} > {MAX_RANK}; use backend='reference'.")
     return LoraLinearTriton.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
                                   lora_impl(impl), seed)
-
-
-try:
-    torch.is_autocast_enabled("cpu")
-    _AUTOCAST_TAKES_DEVICE = True
-except TypeError:  # pragma: no cover - older torch
-    _AUTOCAST_TAKES_DEVICE = False
 
 
 def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -245,10 +229,10 @@ def lora_linear(
     (``fastpeft.kernels.lora_linear.dropout_mask(seed, p, M, K)`` materialises it; by default
     a seed is drawn from torch's CPU generator).
 
-    LoRA factors stored in another dtype than the base weight (fp32 adapters on a bf16 base, as
-    peft and fastpeft create them) are cast to the weight's dtype, differentiably (their
-    gradients arrive in their own dtype): the op computes in the base dtype, accumulating in fp32
-    inside the kernels.
+    Compute dtype: the autocast dtype inside ``torch.autocast``, else ``x``'s dtype. Operands
+    stored in another dtype (fp32 LoRA factors on a bf16 base, as peft and fastpeft create them)
+    are cast to it differentiably, so their gradients arrive in their own dtype; the kernels
+    accumulate in fp32. The Triton backend takes float32, float16 and bfloat16.
     """
     check_lora_shapes(x, weight, lora_A, lora_B)
     # One compute dtype for every operand: the autocast dtype inside autocast, else x's dtype.

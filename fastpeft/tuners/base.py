@@ -204,6 +204,8 @@ class BaseTuner(nn.Module):
         self._check_new_adapter_config(config)
         model_config = _model_config_dict(model)
         config = self._prepare_adapter_config(config, model_config)
+        targets = getattr(config, "target_modules", None)
+        expanded_all_linear = isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
         resolve_all_linear(config, model)
         self.peft_config[adapter_name] = config
         modules_to_save = set(getattr(config, "modules_to_save", None) or [])
@@ -233,7 +235,8 @@ class BaseTuner(nn.Module):
                 f"Module names that look close: {hint}. Set target_modules to names that exist "
                 "(a list of name suffixes, a regex, or 'all-linear')."
             )
-        compact_target_modules(config, model, matched)
+        if expanded_all_linear:  # user-given names (e.g. IA3's "mlp.c_proj") are saved as given, like peft
+            compact_target_modules(config, model, matched)
         set_modules_to_save(model, sorted(modules_to_save), adapter_name)
         self.set_adapter(self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
@@ -376,6 +379,16 @@ class BaseTuner(nn.Module):
                     for k in item.state_dict().keys():
                         mapping[f"{base}.{attr}.{k}"] = f"{base}.{attr}.{adapter_name}.{k}"
         return mapping
+
+    def _adapter_state_dict_for_save(self, adapter_name: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Hook: adjust the checkpoint tensors of ``adapter_name`` before they are returned/saved
+        (e.g. AdaLoRA keeps only the ranks its rank_pattern kept). Default: unchanged."""
+        return state_dict
+
+    def _prepare_adapter_state_dict_load(self, adapter_name: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Hook: prepare the model (and the tensors) before checkpoint tensors are loaded into
+        ``adapter_name`` (e.g. AdaLoRA resizes its layers to the saved rank_pattern). Default: unchanged."""
+        return state_dict
 
     def extra_state_key_map(self, adapter_name: str, prefix: str = "") -> Dict[str, str]:
         """``{checkpoint key: model key}`` of tensors saved besides the adapter's own (learnable biases).

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.config import PeftConfig, PeftType, register_config
+from fastpeft.ops.dora import dora_delta, dora_linear, dora_weight_norm
 from fastpeft.ops.lora_linear import lora_delta, lora_linear
 from fastpeft.tuners.base import BaseTuner, BaseTunerLayer
 from fastpeft.utils.constants import DEFAULT_LORA_TARGET_MODULES
@@ -49,7 +51,9 @@ class LoraConfig(PeftConfig):
         layers_to_transform: only these block indices; ``layers_pattern`` names the block list.
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha`` keyed by a
             regex on the module name.
-        use_dora: weight-decomposed LoRA (DoRA).
+        use_dora: weight-decomposed LoRA (DoRA): a learned magnitude per output feature times the
+            row-normalised ``W + s B A`` (saved as peft's ``lora_magnitude_vector``). Linear and
+            Conv1D bases; the weight norm runs as a fused kernel on CUDA.
         lora_bias: a trainable bias on ``lora_B`` (not supported).
     """
 
@@ -123,11 +127,29 @@ class LoraConfig(PeftConfig):
             raise NotImplementedError("LoftQ initialisation is not supported by fastpeft; leave loftq_config empty.")
 
 
+# Like peft's ``peft.tuners.lora.dora.ENABLE_DORA_CACHING``: when True, DoRA layers in eval mode
+# reuse their weight norm while W, A and B are unchanged (faster generation). Off by default.
+ENABLE_DORA_CACHING = False
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's magnitude vector of one adapter, kept as ``.weight`` (peft's ``DoraLinearLayer`` state)."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude, requires_grad=True)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"
+
+
 class LoraLayer(BaseTunerLayer):
     """Per-adapter LoRA state shared by every LoRA layer type."""
 
     adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
+    # layer types whose forward implements DoRA set this (a subclass overriding forward must set it itself)
+    supports_dora = False
 
     def _init_lora(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)
@@ -138,11 +160,19 @@ class LoraLayer(BaseTunerLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.use_dora: Dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA; added to adapter_layer_names once used
+        self._dora_merged_norm: Dict[str, torch.Tensor] = {}
+        self._dora_norm_cache: Dict[str, tuple] = {}  # adapter -> (weights' identity and versions, norm)
         self.in_features = in_features
         self.out_features = out_features
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights, use_rslora: bool) -> None:
-        """Create (or replace) adapter ``adapter_name`` on this layer."""
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights, use_rslora: bool, use_dora: bool = False) -> None:
+        """Create (or replace) adapter ``adapter_name`` on this layer (``use_dora``: add a DoRA magnitude)."""
+        if use_dora and not _layer_supports_dora(self):
+            raise ValueError(
+                f"use_dora=True is not supported for {type(self).__name__} layers (base "
+                f"{type(self.get_base_layer()).__name__}); DoRA works on nn.Linear and Conv1D bases. Set use_dora=False."
+            )
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         self.r[adapter_name] = r
@@ -151,10 +181,56 @@ class LoraLayer(BaseTunerLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.use_dora[adapter_name] = False
+        self.use_dora[adapter_name] = bool(use_dora)
+        self._dora_norm_cache.pop(adapter_name, None)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
+        if use_dora:
+            self._init_dora(adapter_name)
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         self.set_adapter(self.active_adapters)
+
+    def _init_dora(self, adapter_name: str) -> None:
+        """Magnitude = the current row norms of ``W + s B A`` (so the adapted layer starts unchanged)."""
+        if "lora_magnitude_vector" not in self.adapter_layer_names:
+            self.adapter_layer_names = tuple(self.adapter_layer_names) + ("lora_magnitude_vector",)
+        A = self.lora_A[adapter_name].weight
+        B = self.lora_B[adapter_name].weight
+        norm = dora_weight_norm(self._base_weight(), A, B, self.scaling[adapter_name])
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(device=A.device, dtype=A.dtype))
+
+    def _base_weight(self) -> torch.Tensor:
+        w = self.get_base_layer().weight
+        return w.t() if getattr(self, "fan_in_fan_out", False) else w  # always [out, in]
+
+    def _dora_norm(self, adapter: str, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """DoRA's detached weight norm; cached in eval mode when :data:`ENABLE_DORA_CACHING` is set.
+
+        The cache key holds each tensor's storage address and autograd version counter (bumped by
+        in-place updates such as optimizer steps and ``load_state_dict``), so repeated eval forwards
+        with unchanged weights (generation) skip the extra read of ``W``. Edits through ``.data``
+        bypass the version counter: clear the cache (``layer._dora_norm_cache.clear()``) after them.
+        """
+        if self.training or not ENABLE_DORA_CACHING:
+            self._dora_norm_cache.clear()
+            return dora_weight_norm(weight, A, B, self.scaling[adapter])
+        try:
+            key = tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in (weight, A, B))
+        except RuntimeError:  # inference tensors have no version counter: no caching
+            return dora_weight_norm(weight, A, B, self.scaling[adapter])
+        key = key + (float(self.scaling[adapter]),)
+        hit = self._dora_norm_cache.get(adapter)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        norm = dora_weight_norm(weight, A, B, self.scaling[adapter])
+        self._dora_norm_cache[adapter] = (key, norm)
+        return norm
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._dora_norm_cache.pop(adapter_name, None)
+        self._dora_merged_norm.pop(adapter_name, None)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         if init_lora_weights is False:
@@ -183,7 +259,9 @@ class LoraLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, LoraLayer):
-    """LoRA on ``nn.Linear`` (or on GPT-2's ``Conv1D`` with ``fan_in_fan_out=True``)."""
+    """LoRA (and DoRA) on ``nn.Linear`` (or on GPT-2's ``Conv1D`` with ``fan_in_fan_out=True``)."""
+
+    supports_dora = True
 
     def __init__(
         self,
@@ -195,6 +273,7 @@ class Linear(nn.Module, LoraLayer):
         fan_in_fan_out: bool = False,
         init_lora_weights: Union[bool, str] = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
         **kwargs: Any,
     ):
         super().__init__()
@@ -206,11 +285,7 @@ class Linear(nn.Module, LoraLayer):
         self._init_lora(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
-
-    def _base_weight(self) -> torch.Tensor:
-        w = self.get_base_layer().weight
-        return w.t() if self.fan_in_fan_out else w  # always [out, in]
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B @ A`` in the base weight's layout and dtype."""
@@ -227,23 +302,44 @@ class Linear(nn.Module, LoraLayer):
         """Add the adapters' ``scaling * B A`` into the base weight (``safe_merge`` checks for NaN/inf first)."""
         names = [a for a in (adapter_names or self.active_adapters) if a in self.lora_A and a not in self.merged_adapters]
         base = self.get_base_layer()
+        self._dora_norm_cache.clear()
         for adapter in names:
             delta = self.get_delta_weight(adapter)
-            if safe_merge:
-                merged = base.weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs or infs in the merged weights of adapter {adapter!r}; the adapter seems broken.")
-                base.weight.data = merged
+            if self.use_dora.get(adapter, False):
+                merged = self._dora_merged_weight(adapter, delta)
             else:
-                base.weight.data += delta
+                merged = base.weight.data + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs in the merged weights of adapter {adapter!r}; the adapter seems broken.")
+            base.weight.data = merged
             self.merged_adapters.append(adapter)
+
+    def _dora_factor(self, adapter: str, norm: torch.Tensor) -> torch.Tensor:
+        # m / ||W + s B A|| as a column [out, 1] (a row [1, out] for fan_in_fan_out weights)
+        factor = (self.lora_magnitude_vector[adapter].weight.detach().float() / norm.float()).view(-1, 1)
+        return factor.t() if self.fan_in_fan_out else factor
+
+    def _dora_merged_weight(self, adapter: str, delta: torch.Tensor) -> torch.Tensor:
+        # DoRA merge: W' = m / ||W + s B A|| * (W + s B A); the norm is kept for unmerge
+        norm = dora_weight_norm(self._base_weight(), self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
+        self._dora_merged_norm[adapter] = norm
+        weight = self.get_base_layer().weight.data
+        return (self._dora_factor(adapter, norm) * (weight.float() + delta.float())).to(weight.dtype)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's update from the base weight."""
         base = self.get_base_layer()
+        self._dora_norm_cache.clear()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            if adapter in self.lora_A:
+            if adapter not in self.lora_A:
+                continue
+            if self.use_dora.get(adapter, False) and adapter in self._dora_merged_norm:
+                norm = self._dora_merged_norm.pop(adapter)
+                weight = base.weight.data
+                restored = weight.float() / self._dora_factor(adapter, norm) - self.get_delta_weight(adapter).float()
+                base.weight.data = restored.to(weight.dtype)
+            else:
                 base.weight.data -= self.get_delta_weight(adapter)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -252,17 +348,30 @@ class Linear(nn.Module, LoraLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.lora_A]
-        if self.merged or not active or args or kwargs:
+        dora = [a for a in active if self.use_dora.get(a, False)]
+        base = self.get_base_layer()
+        # one DoRA adapter alone runs the fused DoRA op; DoRA among several adapters follows peft's
+        # sequential rule (each DoRA term rescales the running output)
+        dora_unfusable = bool(dora) and len(active) > 1
+        if self.merged or not active or args or kwargs or dora_unfusable:
             result = self.base_layer(x, *args, **kwargs)
             if self.merged:
                 return result
             for a in active:
-                result = result + lora_delta(x.to(self.lora_A[a].weight.dtype), self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], self.lora_dropout[a]).to(result.dtype)
+                if self.use_dora.get(a, False):
+                    result = result + self._dora_extra(a, x, result).to(result.dtype)
+                else:
+                    result = result + lora_delta(x.to(self.lora_A[a].weight.dtype), self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], self.lora_dropout[a]).to(result.dtype)
             return result
         first, rest = active[0], active[1:]
-        base = self.get_base_layer()
         A = self.lora_A[first].weight
         B = self.lora_B[first].weight
+        if dora:
+            weight = self._base_weight()
+            return dora_linear(
+                x, weight, base.bias, A, B, self.lora_magnitude_vector[first].weight, self.scaling[first],
+                dropout_p=self._dropout_p(first), training=self.training, weight_norm=self._dora_norm(first, weight, A, B),
+            )
         result = lora_linear(
             x,
             self._base_weight(),
@@ -276,6 +385,24 @@ class Linear(nn.Module, LoraLayer):
         for a in rest:
             result = result + lora_delta(x.to(self.lora_A[a].weight.dtype), self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], self.lora_dropout[a]).to(result.dtype)
         return result
+
+    def _dora_extra(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # peft's DoRA term on top of the running output ``result`` (dropout: on a fresh x W^T instead)
+        A = self.lora_A[adapter].weight
+        B = self.lora_B[adapter].weight
+        xa = x.to(A.dtype)
+        weight = self._base_weight()
+        drop = self.lora_dropout[adapter]
+        if isinstance(drop, nn.Identity) or not self.training:
+            dx = xa
+            bias = self.get_base_layer().bias
+            base_nb = result - bias if bias is not None else result
+        else:
+            dx = drop(xa)
+            base_nb = F.linear(dx.to(weight.dtype), weight)
+        norm = self._dora_norm(adapter, weight, A, B)
+        scale = self.lora_magnitude_vector[adapter].weight.float() / norm
+        return dora_delta(dx, base_nb, A, B, scale, self.scaling[adapter])
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -342,6 +469,12 @@ class LoraModel(BaseTuner):
         if config.use_dora and not _dora_available():
             raise NotImplementedError("use_dora=True is not supported by this fastpeft build yet.")
 
+    def adapter_key_map(self, adapter_name: str, prefix: str = "") -> Dict[str, str]:
+        """peft's checkpoint keys; DoRA's magnitude is saved as ``...lora_magnitude_vector`` (no ``.weight``)."""
+        mapping = super().adapter_key_map(adapter_name, prefix)
+        suffix = ".lora_magnitude_vector.weight"
+        return {(k[: -len(".weight")] if k.endswith(suffix) else k): v for k, v in mapping.items()}
+
     def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str) -> None:
         rank_key = pattern_key((config.rank_pattern or {}).keys(), current_key)
         alpha_key = pattern_key((config.alpha_pattern or {}).keys(), current_key)
@@ -357,7 +490,7 @@ class LoraModel(BaseTuner):
             use_dora=config.use_dora,
         )
         if isinstance(target, LoraLayer):
-            target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora)
+            target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora, use_dora=config.use_dora)
             return
         for dispatcher in _DISPATCHERS:
             new = dispatcher(target, adapter_name, config, **kwargs)
@@ -370,6 +503,12 @@ class LoraModel(BaseTuner):
                 + (", bitsandbytes Linear4bit" if len(_DISPATCHERS) > 1 else "")
                 + ". Target other modules (e.g. target_modules='all-linear')."
             )
+        if config.use_dora and not _layer_supports_dora(new):
+            raise ValueError(
+                f"use_dora=True is not supported for {current_key!r} ({type(new).__name__} on a "
+                f"{type(new.get_base_layer()).__name__}); DoRA works on nn.Linear and Conv1D bases. Set use_dora=False "
+                "or target other modules."
+            )
         if adapter_name not in self.active_adapters:
             new.set_adapter(self.active_adapters)
             new.requires_grad_(False)
@@ -377,4 +516,14 @@ class LoraModel(BaseTuner):
 
 
 def _dora_available() -> bool:
+    return True
+
+
+def _layer_supports_dora(layer: nn.Module) -> bool:
+    # a subclass that overrides forward must declare supports_dora itself
+    for klass in type(layer).__mro__:
+        if "supports_dora" in klass.__dict__:
+            return bool(klass.__dict__["supports_dora"])
+        if "forward" in klass.__dict__ and klass is not type(layer).__mro__[-1]:
+            return False
     return False

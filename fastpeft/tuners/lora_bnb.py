@@ -60,6 +60,7 @@ class Linear4bit(nn.Module, LoraLayer):
         init_lora_weights=True,
         use_rslora: bool = False,
         fan_in_fan_out: bool = False,
+        use_dora: bool = False,
         **kwargs: Any,
     ):
         super().__init__()
@@ -67,7 +68,8 @@ class Linear4bit(nn.Module, LoraLayer):
         self._init_lora(base_layer, int(base.in_features), int(base.out_features))
         self.fan_in_fan_out = False
         self._active_adapter = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        # use_dora=True is refused by update_layer with a clear message (no DoRA on 4-bit bases)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
 
     # ---- merging ---------------------------------------------------------------------------
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
