@@ -178,3 +178,23 @@ def test_patch_refuses_triton_on_cpu_without_interpreter(dirs, monkeypatch):
     model = load_4bit(dirs[1])
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fastpeft.patch(model, backend="triton")
+
+
+def test_dora_on_4bit_is_left_to_its_own_forward(dirs, ids):
+    """peft's DoRA on a 4-bit base: the QLoRA op has no magnitude vector, so patch skips those
+    layers (with the reason) and the model computes exactly what it did."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(load_4bit(dirs[1]), cfg)
+    logits0, grads0 = train_step(model, ids)
+    report = fastpeft.patch(model)
+    dora = [s for s in report.skipped if s.kind == "peft lora.Linear4bit on Linear4bit"]
+    assert len(dora) == 2 and all("DoRA" in s.reason for s in dora), str(report)
+    logits1, grads1 = train_step(model, ids)
+    assert_same(logits1, logits0)
+    for k in grads0:
+        assert_same(grads1[k], grads0[k])
+
+
+def test_fastpeft_dora_on_4bit_is_refused(dirs):
+    with pytest.raises(ValueError, match="use_dora=True is not supported for Linear4bit"):
+        fastpeft.get_peft_model(load_4bit(dirs[1]), fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
