@@ -44,3 +44,14 @@ def test_unknown_benchmark_name_is_an_error(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
     )
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_fastpeft_bench_passes_options_to_run_py(tmp_path):
+    """`fastpeft bench --quick --only X` reaches benchmarks/run.py with its options intact."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from fastpeft.cli.main import main; sys.exit(main())",
+         "bench", "--quick", "--only", "lora_linear", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p.name.startswith("cpu-") for p in tmp_path.glob("*.md")] == [True]

@@ -19,8 +19,10 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "SmolLM2-135M-Instruct on the shipped task, a few minutes on CPU.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(t)
-    b = sub.add_parser("bench", help="run the benchmarks (benchmarks/run.py of a source checkout)")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed on to benchmarks/run.py")
+    # everything after `bench` goes to benchmarks/run.py untouched (see main: argparse's REMAINDER
+    # does not capture a leading `--option` inside a subparser)
+    sub.add_parser("bench", help="run the benchmarks (benchmarks/run.py of a source checkout); "
+                                 "arguments are passed on, e.g. `fastpeft bench --quick`", add_help=False)
     return p
 
 
@@ -39,13 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastpeft`` console script; returns the exit status."""
     from fastpeft.cli.train import TrainError, run_train
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "bench":
-        return _bench(args.bench_args)
     try:
         import transformers
         transformers.logging.set_verbosity_error()  # keep generation-config chatter out of the report
