@@ -21,37 +21,19 @@ from fastpeft.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from fastpeft.tuners import (
-    AdaLoraConfig,
-    AdaLoraModel,
-    LoraConfig,
-    LoraModel,
-    PrefixEncoder,
-    PrefixTuningConfig,
-    PromptEmbedding,
-    PromptEncoder,
-    PromptEncoderConfig,
-    PromptEncoderReparameterizationType,
-    PromptTuningConfig,
-    PromptTuningInit,
-    AdapterFusionConfig,
-    AdaptionPromptConfig,
-    AdaptionPromptModel,
-    BottleneckConfig,
-    BottleneckModel,
-    HoulsbyConfig,
-    IA3Config,
-    IA3Model,
-    PfeifferConfig,
-)
+from fastpeft import tuners as _tuners
+from fastpeft.tuners import *  # noqa: F401,F403  (every method's Config/Model: see fastpeft.tuners.__all__)
 from fastpeft.mapping import get_peft_model
 from fastpeft.patch import PatchReport, patch, unpatch
 from fastpeft.utils.kbit import prepare_model_for_kbit_training
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict=None, adapter_name: str = "default"):
-    """The adapter's tensors with peft's checkpoint keys (what ``save_pretrained`` writes)."""
-    return model.get_adapter_state_dict(adapter_name)
+    """The adapter's tensors with peft's checkpoint keys (what ``save_pretrained`` writes).
+
+    ``state_dict``: a full state dict of ``model`` to read from instead of its live parameters
+    (e.g. one gathered under FSDP)."""
+    return model.get_adapter_state_dict(adapter_name, state_dict=state_dict)
 
 
 def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict, adapter_name: str = "default"):
@@ -65,27 +47,7 @@ __all__ = [
     "PeftType",
     "PromptLearningConfig",
     "TaskType",
-    "LoraConfig",
-    "LoraModel",
-    "IA3Config",
-    "IA3Model",
-    "AdaLoraConfig",
-    "AdaLoraModel",
-    "PromptTuningConfig",
-    "PromptTuningInit",
-    "PromptEmbedding",
-    "PromptEncoderConfig",
-    "PromptEncoderReparameterizationType",
-    "PromptEncoder",
-    "PrefixTuningConfig",
-    "PrefixEncoder",
-    "AdaptionPromptConfig",
-    "AdaptionPromptModel",
-    "BottleneckConfig",
-    "BottleneckModel",
-    "HoulsbyConfig",
-    "PfeifferConfig",
-    "AdapterFusionConfig",
+    *_tuners.__all__,
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForSeq2SeqLM",

@@ -327,3 +327,19 @@ def test_accelerate_prepare_backward_accumulate_and_save(tmp_path, ids):
 
     saved = load_file(tmp_path / "zeros" / "adapter_model.safetensors")
     assert any("lora_B" in k for k in saved) and all(not v.any() for k, v in saved.items() if "lora_B" in k)
+
+
+def test_get_and_set_peft_model_state_dict_like_peft(ids):
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj"]))
+    ref = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj"]))
+    ours = fastpeft.get_peft_model_state_dict(model)
+    assert sorted(ours) == sorted(peft.get_peft_model_state_dict(ref))
+    # from a given full state dict (what FSDP gathers) instead of the live parameters
+    zeroed = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    assert all(not v.any() for v in fastpeft.get_peft_model_state_dict(model, state_dict=zeroed).values())
+    peft.set_peft_model_state_dict(ref, ours)
+    fresh = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    fastpeft.set_peft_model_state_dict(fresh, ours)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, ref(input_ids=ids).logits, atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=FP32_ATOL, rtol=0)
