@@ -148,3 +148,37 @@ def atomic_write(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sweep(quick_cfg: Dict[str, object], full_cfg: Dict[str, object], case: Callable[..., List[Dict[str, object]]],
+          quick: bool, ranks: bool = True) -> List[Dict[str, object]]:
+    """Rows of a ``(K, N) x M [x r]`` grid: ``case(K, N, M, [r,] dtype, device, small)`` per point.
+
+    The quick (CPU) grid is used when ``quick`` or when no CUDA device is present; the CUDA
+    cache is emptied between points so peak-memory columns do not inherit earlier allocations.
+    """
+    dev = device()
+    small = quick or dev.type != "cuda"
+    cfg = quick_cfg if small else full_cfg
+    rows: List[Dict[str, object]] = []
+    for K, N in cfg["kn"]:
+        for M in cfg["ms"]:
+            for r in (cfg["rs"] if ranks else [None]):
+                args = (K, N, M, r) if ranks else (K, N, M)
+                rows.extend(case(*args, cfg["dtype"], dev, small))
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def standalone_main(run: Callable[[bool], List[Dict[str, object]]], doc: Optional[str], title: Optional[str] = None,
+                    argv: Optional[List[str]] = None) -> None:
+    """``python benchmarks/<name>.py [--quick]``: run one benchmark module and print its table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    ap.add_argument("--quick", action="store_true", help="small shapes (the CPU configuration)")
+    args = ap.parse_args(argv)
+    if title:
+        print(f"## {title}\n")
+    print(markdown_table(run(args.quick)))

@@ -18,7 +18,6 @@ Run: ``python benchmarks/lora_linear.py [--quick]`` or through ``benchmarks/run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Dict, List
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, device, markdown_table, peak_memory_mib  # noqa: E402
+from common import bench, peak_memory_mib, standalone_main, sweep  # noqa: E402
 
 from fastpeft.ops.lora_linear import lora_linear  # noqa: E402
 
@@ -99,24 +98,8 @@ def _case(K, N, M, r, dtype, dev, quick) -> List[Dict[str, object]]:
 
 def run(quick: bool = False) -> List[Dict[str, object]]:
     """Benchmark protocol entry point (see benchmarks/README.md): one row per shape and pass."""
-    dev = device()
-    cfg = QUICK if (quick or dev.type != "cuda") else FULL
-    rows: List[Dict[str, object]] = []
-    for K, N in cfg["kn"]:
-        for M in cfg["ms"]:
-            for r in cfg["rs"]:
-                rows.extend(_case(K, N, M, r, cfg["dtype"], dev, quick or dev.type != "cuda"))
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-    return rows
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes (the CPU configuration)")
-    args = ap.parse_args()
-    print(markdown_table(run(args.quick)))
+    return sweep(QUICK, FULL, _case, quick)
 
 
 if __name__ == "__main__":
-    main()
+    standalone_main(run, __doc__)

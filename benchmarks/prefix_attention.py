@@ -29,7 +29,6 @@ Run: ``python benchmarks/prefix_attention.py [--quick]`` or through ``benchmarks
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Dict, List, Optional
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, device, markdown_table, peak_memory_mib  # noqa: E402
+from common import bench, device, peak_memory_mib, standalone_main  # noqa: E402
 
 from fastpeft.ops.prefix_attention import (  # noqa: E402
     disable_prefix_attention,
@@ -266,10 +265,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
 
 
 def main(argv: Optional[list] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes (the CPU configuration)")
-    args = ap.parse_args(argv)
-    print(markdown_table(run(args.quick)))
+    standalone_main(run, __doc__, argv=argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Run: ``python benchmarks/qlora_matmul.py [--quick]`` or through ``benchmarks/run
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Dict, List
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, device, markdown_table, peak_memory_mib  # noqa: E402
+from common import bench, peak_memory_mib, standalone_main, sweep  # noqa: E402
 
 from fastpeft.ops import nf4, nf4_cuda  # noqa: E402
 
@@ -134,18 +133,8 @@ def _case(K, N, M, dtype, dev, quick) -> List[Dict[str, object]]:
 
 def run(quick: bool = False) -> List[Dict[str, object]]:
     """Rows of the QLoRA matmul table (see the module docstring)."""
-    dev = device()
-    cfg = QUICK if (quick or dev.type != "cuda") else FULL
-    rows: List[Dict[str, object]] = []
-    for K, N in cfg["kn"]:
-        for M in cfg["ms"]:
-            rows += _case(K, N, M, cfg["dtype"], dev, quick or dev.type != "cuda")
-    return rows
+    return sweep(QUICK, FULL, _case, quick, ranks=False)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    print(f"## {TITLE}\n")
-    print(markdown_table(run(args.quick)))
+    standalone_main(run, __doc__, TITLE)
