@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                     r = compile_sm90(fn, signature(fn, const, types, floats), const, warps, stages)
                 except Exception as e:  # report every kernel, fail at the end
                     failed += 1
-                    msg = " ".join(traceback.format_exception_only(type(e), e)[-1].split())[:300]
+                    msg = " ".join(traceback.format_exception_only(type(e), e)[-1].split())[-300:].replace("|", "/")  # the error, after the source
                     print(f"| {name} | {dt} | {cfg} | {warps}, {stages} | FAILED: {msg} | | | |", flush=True)
                     continue
                 print(f"| {name} | {dt} | {cfg} | {warps}, {stages} | {r['regs']} | {r['local']} | {r['shared']} | "
