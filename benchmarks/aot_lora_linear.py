@@ -3,7 +3,8 @@ autotune config, registers per thread, local/stack bytes and whether the tensor-
 ``wgmma``.
 
 Why: the autotune pruning in ``kernels/lora_linear.py`` bounds register use per thread; this
-script checks those bounds against the real compiler (triton's own compile, read back with the bundled ``cuobjdump``) on a machine
+script checks those bounds against the real compiler (triton's own compile, read back with the bundled ``cuobjdump``; the
+helpers are shared with ``benchmarks/aot.py``, which compiles the other kernels) on a machine
 without a GPU. It is a compile check, not a timing: it proves the kernels compile for sm_90 with
 the installed triton (3.9 here; the GPU machines have 3.6) and that the configs the pruning keeps
 do not spill.
@@ -20,31 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
-def _tool(name: str) -> str:
-    import triton
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
-def _regs_and_spills(cubin: bytes) -> tuple:
-    """(registers per thread, local-memory bytes per thread) of the cubin triton built, read
-    with the bundled ``cuobjdump -res-usage`` (local memory > 0 means spills or a stack array)."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        out = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True)
-    text = out.stdout + out.stderr
-    if out.returncode != 0:
-        raise RuntimeError(text[-2000:])
-    regs = int(re.search(r"REG:(\d+)", text).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", text).group(1)) + int(re.search(r"STACK:(\d+)", text).group(1))
-    return regs, local
+from aot import compile_sm90, signature  # noqa: E402  (benchmarks/aot.py: the shared AOT helpers)
 
 
 def main(argv=None) -> int:
@@ -62,12 +43,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from fastpeft.kernels import lora_linear as K
 
-    target = GPUTarget("cuda", 90, 32)
     dt = args.dtype
     kernels = {
         "down": (K._lora_down_kernel, K._down_configs(), {"u_ptr": dt}),
@@ -100,22 +78,12 @@ def main(argv=None) -> int:
                 for c in (kept_list[:1] if args.first else configs):
                     if id(c) not in kept and not args.all_configs:
                         continue
-                    cc = dict(const, **c.kwargs)
-                    sig = {}
-                    for n in fn.arg_names:
-                        if n in cc:
-                            sig[n] = "constexpr"
-                        elif n.endswith("_ptr"):
-                            sig[n] = "*" + ptr_types.get(n, dt)
-                        elif n in ("p", "scale", "s"):
-                            sig[n] = "fp32"
-                        else:
-                            sig[n] = "i32"
-                    src = ASTSource(fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in cc.items()
-                                                                   if k in fn.arg_names})
-                    ck = triton.compile(src, target=target, options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
-                    regs, spills = _regs_and_spills(ck.asm["cubin"])
-                    wg = "wgmma" in ck.asm["ptx"]
+                    cc = {k: v for k, v in dict(const, **c.kwargs).items() if k in fn.arg_names}
+                    ptrs = {n: "*" + ptr_types.get(n, dt) for n in fn.arg_names
+                            if n.endswith("_ptr") and n not in cc}
+                    sig = signature(fn, cc, ptrs, float_scalars=[n for n in ("p", "scale", "s") if n in fn.arg_names])
+                    res = compile_sm90(fn, sig, cc, c.num_warps, c.num_stages)
+                    regs, spills, wg = res["regs"], res["local"], res["wgmma"]
                     shape = (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N", "-"), c.kwargs.get("BLOCK_K"),
                              c.num_warps, c.num_stages)
                     is_kept = id(c) in kept
