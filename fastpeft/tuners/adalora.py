@@ -30,7 +30,7 @@ from torch import nn
 
 from fastpeft.config import PeftType, register_config
 from fastpeft.ops.lora_linear import lora_delta, lora_linear
-from fastpeft.tuners.base import BaseTunerLayer
+from fastpeft.tuners.base import BaseTunerLayer, linear_fan_in_fan_out
 from fastpeft.tuners.lora import LoraConfig, LoraModel
 from fastpeft.utils.modules import get_submodules
 
@@ -284,10 +284,6 @@ class SVDLinear(nn.Module, AdaLoraLayer):
         return "adalora." + super().__repr__()
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 class RankAllocator:
     """AdaLoRA's budget allocator (paper: https://openreview.net/forum?id=lq62uWRJjiY).
 
@@ -442,19 +438,13 @@ class AdaLoraModel(LoraModel):
             target.update_layer(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout, config.init_lora_weights)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear) and type(base).__name__ not in ("Linear4bit", "Linear8bitLt"):
-            if config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False.")
-                config.fan_in_fan_out = False
-        elif _is_conv1d(base):
-            if not config.fan_in_fan_out:
-                warnings.warn("The target is a Conv1D (GPT-2 style, weight stored (in, out)); setting fan_in_fan_out=True.")
-                config.fan_in_fan_out = True
-        else:
+        fan_in_fan_out = linear_fan_in_fan_out(base, config.fan_in_fan_out)
+        if fan_in_fan_out is None:
             raise ValueError(
                 f"Target module {current_key!r} is a {type(base).__module__}.{type(base).__name__}, which AdaLoRA "
                 "does not support in fastpeft. Supported: torch.nn.Linear and transformers' Conv1D; target other modules."
             )
+        config.fan_in_fan_out = fan_in_fan_out
         new = SVDLinear(
             target, adapter_name, r=config.init_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,

@@ -11,6 +11,7 @@ removed) are the same in both libraries.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -492,3 +493,25 @@ def compact_target_modules(config: PeftConfig, model: nn.Module, matched: List[s
     all_names = [k for k, _ in model.named_modules()]
     selected = {k for k in all_names if any(k == l or k.endswith("." + l) for l in leaves) and not BaseTuner._inside_tuner_internals(model, k)}
     config.target_modules = set(leaves) if selected == set(matched) else set(matched)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (a linear layer whose weight is stored ``(in, out)``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_fan_in_fan_out(base: nn.Module, fan_in_fan_out: bool) -> Optional[bool]:
+    """The ``fan_in_fan_out`` a plain linear base layer needs, or ``None`` if ``base`` is not one.
+
+    ``nn.Linear`` (not a quantised subclass) needs ``False``, a ``Conv1D`` needs ``True``; when the
+    config says otherwise a warning says so and the corrected value is returned (as peft does).
+    """
+    if isinstance(base, nn.Linear) and type(base).__name__ not in ("Linear4bit", "Linear8bitLt"):
+        if fan_in_fan_out:
+            warnings.warn("fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False.")
+        return False
+    if is_conv1d(base):
+        if not fan_in_fan_out:
+            warnings.warn("The target is a Conv1D (GPT-2 style, weight stored (in, out)); setting fan_in_fan_out=True.")
+        return True
+    return None

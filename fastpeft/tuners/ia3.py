@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastpeft.config import PeftConfig, PeftType, register_config
-from fastpeft.tuners.base import BaseTuner, BaseTunerLayer
+from fastpeft.tuners.base import BaseTuner, BaseTunerLayer, linear_fan_in_fan_out
 
 # peft's defaults when target_modules / feedforward_modules are None
 IA3_TARGET_MODULES = {
@@ -225,10 +225,6 @@ class Linear(nn.Module, IA3Layer):
         return "ia3." + super().__repr__()
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 class IA3Model(BaseTuner):
     """The (IA)^3 tuner: injects :class:`Linear` layers that scale activations.
 
@@ -269,20 +265,14 @@ class IA3Model(BaseTuner):
             target.update_layer(adapter_name, config.init_ia3_weights)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear) and type(base).__name__ not in ("Linear4bit", "Linear8bitLt"):
-            if config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False.")
-                config.fan_in_fan_out = False
-        elif _is_conv1d(base):
-            if not config.fan_in_fan_out:
-                warnings.warn("The target is a Conv1D (GPT-2 style, weight stored (in, out)); setting fan_in_fan_out=True.")
-                config.fan_in_fan_out = True
-        else:
+        fan_in_fan_out = linear_fan_in_fan_out(base, config.fan_in_fan_out)
+        if fan_in_fan_out is None:
             raise ValueError(
                 f"Target module {current_key!r} is a {type(base).__module__}.{type(base).__name__}, which (IA)^3 "
                 "does not support in fastpeft. Supported: torch.nn.Linear and transformers' Conv1D; "
                 "target other modules."
             )
+        config.fan_in_fan_out = fan_in_fan_out
         new = Linear(target, adapter_name, is_feedforward=is_ff, fan_in_fan_out=config.fan_in_fan_out, init_ia3_weights=config.init_ia3_weights)
         if adapter_name not in self.active_adapters:
             new.set_adapter(self.active_adapters)

@@ -13,7 +13,6 @@ Other base-layer types (e.g. bitsandbytes ``Linear4bit``) plug in through
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
@@ -24,7 +23,7 @@ from torch import nn
 from fastpeft.config import PeftConfig, PeftType, register_config
 from fastpeft.ops.dora import dora_delta, dora_linear, dora_weight_norm
 from fastpeft.ops.lora_linear import lora_delta, lora_linear
-from fastpeft.tuners.base import BaseTuner, BaseTunerLayer
+from fastpeft.tuners.base import BaseTuner, BaseTunerLayer, linear_fan_in_fan_out
 from fastpeft.utils.constants import DEFAULT_LORA_TARGET_MODULES
 from fastpeft.utils.modules import pattern_key
 
@@ -424,23 +423,14 @@ def register_lora_dispatcher(fn: LoraDispatcher, first: bool = True) -> LoraDisp
     return fn
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, nn.Linear) and type(base).__name__ not in ("Linear4bit", "Linear8bitLt"):
-        if kwargs.get("fan_in_fan_out"):
-            warnings.warn("fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False.")
-            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = False
-        return Linear(target, adapter_name, **kwargs)
-    if _is_conv1d(base):
-        if not kwargs.get("fan_in_fan_out"):
-            warnings.warn("The target is a Conv1D (GPT-2 style, weight stored (in, out)); setting fan_in_fan_out=True.")
-            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = True
-        return Linear(target, adapter_name, **kwargs)
-    return None
+    fan_in_fan_out = linear_fan_in_fan_out(base, bool(kwargs.get("fan_in_fan_out")))
+    if fan_in_fan_out is None:
+        return None
+    if fan_in_fan_out != bool(kwargs.get("fan_in_fan_out")):
+        kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = fan_in_fan_out
+    return Linear(target, adapter_name, **kwargs)
 
 
 register_lora_dispatcher(dispatch_default, first=False)
