@@ -70,6 +70,19 @@ def tiny_t5(seed: int = 0):
     return T5ForConditionalGeneration(cfg).eval()
 
 
+def lora_train_step(model, ids, seed: int = 0):
+    """Logits and LoRA gradients of one training-mode forward/backward (seeded, so dropout masks
+    repeat across the models being compared)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(".lora_" in n for n in grads)
+    return out.logits.detach(), grads
+
+
 @pytest.fixture
 def ids():
     g = torch.Generator().manual_seed(1)

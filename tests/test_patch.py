@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, tiny_gpt2, tiny_llama
+from conftest import FP32_ATOL, lora_train_step, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 patch_mod = sys.modules["fastpeft.patch"]
@@ -37,18 +37,6 @@ def _peft_llama(layers=2, dropout=0.0, targets=LLAMA_TARGETS, **kw):
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def _train_step(model, ids, seed=0):
-    """Logits and LoRA gradients of one training-mode forward/backward."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(".lora_" in n for n in grads)
-    return out.logits.detach(), grads
 
 
 @pytest.fixture
@@ -75,11 +63,11 @@ def test_peft_llama_logits_and_grads_equal_unpatched(ids, op_calls, monkeypatch,
     torch.nn.Dropout does, so with the same seed peft and the patched model agree exactly."""
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
     model = _peft_llama(dropout=dropout)
-    logits0, grads0 = _train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     report = fastpeft.patch(model)
     assert len(report.patched) == 2 * len(LLAMA_TARGETS) and not report.skipped
     assert report.backend == "reference (FASTPEFT_BACKEND)"
-    logits1, grads1 = _train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     assert len(op_calls) == 2 * len(LLAMA_TARGETS)
     _assert_same(logits1, logits0)
     assert grads1.keys() == grads0.keys()
@@ -97,11 +85,11 @@ def test_peft_llama_triton_interpreter_one_layer(ids, op_calls, monkeypatch):
         pytest.skip("needs TRITON_INTERPRET=1")
     monkeypatch.setenv("FASTPEFT_LORA_IMPL", "kernels")
     model = _peft_llama(layers=1)
-    logits0, grads0 = _train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
     report = fastpeft.patch(model)
     assert report.backend == "triton (FASTPEFT_BACKEND)" and len(report.patched) == len(LLAMA_TARGETS)
-    logits1, grads1 = _train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     assert len(op_calls) == len(LLAMA_TARGETS)
     _assert_same(logits1, logits0, atol=1e-4)
     for n in grads0:
@@ -130,11 +118,11 @@ def test_peft_dora_layers_patched_to_the_dora_op(ids, monkeypatch, backend, drop
         for n, prm in model.named_parameters():
             if "lora_magnitude_vector" in n:
                 prm.mul_(torch.linspace(0.5, 1.5, prm.numel()))
-    logits0, grads0 = _train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     report = fastpeft.patch(model)
     assert len(report.patched) == 3 and not report.skipped
-    logits1, grads1 = _train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     assert len(calls) == 3
     atol = FP32_ATOL if backend == "reference" else 1e-4
     _assert_same(logits1, logits0, atol=atol)
@@ -149,10 +137,10 @@ def test_gpt2_conv1d_patched(ids, op_calls, monkeypatch):
                           fan_in_fan_out=True, task_type="CAUSAL_LM")
     torch.manual_seed(0)
     model = peft.get_peft_model(tiny_gpt2(), cfg)
-    logits0, grads0 = _train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     report = fastpeft.patch(model)
     assert len(report.patched) == 2 * 4 and all(p.kind.endswith("on Conv1D") for p in report.patched)
-    logits1, grads1 = _train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     assert op_calls
     _assert_same(logits1, logits0)
     for n in grads0:
@@ -289,11 +277,11 @@ def test_several_adapters_only_the_active_one_is_computed(ids, op_A, monkeypatch
         model.set_adapter(name)
         ref.set_adapter(name)
         op_A.clear()
-        logits, grads = _train_step(model, ids)
+        logits, grads = lora_train_step(model, ids)
         assert len(op_A) == 4 and {t.data_ptr() for t in op_A} == _adapter_A_ptrs(model, name)
         assert grads and all(f".{name}." in n for n in grads)
         assert all(p.grad is None for n, p in model.named_parameters() if f".{other}." in n)
-        ref_logits, ref_grads = _train_step(ref, ids)
+        ref_logits, ref_grads = lora_train_step(ref, ids)
         _assert_same(logits, ref_logits)
         for n in grads:
             _assert_same(grads[n], ref_grads[n])
@@ -375,10 +363,10 @@ def test_fastpeft_model_triton_interpreter_without_patch(ids, monkeypatch):
     model = fastpeft.get_peft_model(tiny_llama(layers=1), fastpeft.LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=False, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM"))
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
-    logits0, grads0 = _train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     assert not kernel_calls
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-    logits1, grads1 = _train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     assert backends and set(backends) == {None}  # the layers never force a backend themselves
     n = len(LLAMA_TARGETS)
     # q/k/v read the normed (frozen) embeddings: no dx there, so dx kernels run for the other 4
@@ -414,10 +402,10 @@ def test_cuda_patched_peft_llama_matches_unpatched(ids, monkeypatch, impl):
     monkeypatch.setenv("FASTPEFT_LORA_IMPL", impl)
     model = _peft_llama().cuda()
     ids = ids.cuda()
-    logits0, grads0 = _train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     report = fastpeft.patch(model)
     assert report.backend.startswith("auto (triton")
-    logits1, grads1 = _train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     _assert_same(logits1, logits0, atol=1e-4)
     for n in grads0:
         _assert_same(grads1[n], grads0[n], atol=1e-4)

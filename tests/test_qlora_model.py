@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL
+from conftest import FP32_ATOL, lora_train_step
 from qlora_helpers import load_4bit, save_tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -55,17 +55,6 @@ def ids():
     return torch.randint(1, 128, (2, 9), generator=g)
 
 
-def train_step(model, ids, seed=5):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(".lora_" in n for n in grads)
-    return out.logits.detach(), grads
-
-
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts fastpeft 4-bit layer forwards that went through the QLoRA op."""
@@ -88,8 +77,8 @@ def test_same_structure_logits_and_grads_as_peft(tiny_dir, ids, op_calls, quant_
     assert layer.lora_A["default"].weight.dtype == torch.float32
     assert sorted(pm.state_dict()) == sorted(fm.state_dict())
     assert [n for n, p in pm.named_parameters() if p.requires_grad] == [n for n, p in fm.named_parameters() if p.requires_grad]
-    logits_p, grads_p = train_step(pm, ids)
-    logits_f, grads_f = train_step(fm, ids)
+    logits_p, grads_p = lora_train_step(pm, ids, seed=5)
+    logits_f, grads_f = lora_train_step(fm, ids, seed=5)
     assert len(op_calls) == 2 * 7
     torch.testing.assert_close(logits_f, logits_p, atol=FP32_ATOL, rtol=0)
     assert grads_p.keys() == grads_f.keys()

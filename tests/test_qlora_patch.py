@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL
+from conftest import FP32_ATOL, lora_train_step
 from qlora_helpers import load_4bit, save_tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -55,17 +55,6 @@ def peft_4bit(path, dropout=0.0):
     return peft.get_peft_model(load_4bit(path), cfg)
 
 
-def train_step(model, ids, seed=0):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(".lora_" in n for n in grads)
-    return out.logits.detach(), grads
-
-
 def assert_same(a, b, atol=FP32_ATOL):
     torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
@@ -73,7 +62,7 @@ def assert_same(a, b, atol=FP32_ATOL):
 def test_peft_qlora_llama_same_logits_and_grads(dirs, ids, op_calls, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
     model = peft_4bit(dirs[2], dropout=0.1)
-    logits0, grads0 = train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     with model.disable_adapter():
         model.train()
         with torch.no_grad():
@@ -81,7 +70,7 @@ def test_peft_qlora_llama_same_logits_and_grads(dirs, ids, op_calls, monkeypatch
     report = fastpeft.patch(model)
     assert len(report.patched) == 2 * N_LINEAR and not report.skipped, str(report)
     assert all("peft lora.Linear4bit on Linear4bit" == p.kind and "QLoRA op" in p.note for p in report.patched)
-    logits1, grads1 = train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     assert len(op_calls) == 2 * N_LINEAR and all(has_lora for has_lora, _ in op_calls)
     assert_same(logits1, logits0)
     assert grads1.keys() == grads0.keys()
@@ -92,7 +81,7 @@ def test_peft_qlora_llama_same_logits_and_grads(dirs, ids, op_calls, monkeypatch
         with torch.no_grad():
             assert_same(model(input_ids=ids).logits, base0)
     assert len(fastpeft.unpatch(model)) == 2 * N_LINEAR
-    assert_same(train_step(model, ids)[0], logits0)
+    assert_same(lora_train_step(model, ids)[0], logits0)
 
 
 def test_fastpeft_qlora_layers_native_or_rerouted(dirs, ids, op_calls):
@@ -101,11 +90,11 @@ def test_fastpeft_qlora_layers_native_or_rerouted(dirs, ids, op_calls):
     report = fastpeft.patch(model)
     assert len(report.native) == N_LINEAR and not report.patched and not report.skipped
     assert all(n.note == "runs the QLoRA op already" for n in report.native)
-    logits0, grads0 = train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     assert not op_calls  # native layers call the op themselves
     report = fastpeft.patch(model, backend="reference")
     assert len(report.patched) == N_LINEAR and {p.kind for p in report.patched} == {"fastpeft lora.Linear4bit on Linear4bit"}
-    logits1, grads1 = train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     assert op_calls == [(True, "reference")] * N_LINEAR
     assert_same(logits1, logits0)
     for k in grads0:
@@ -156,7 +145,7 @@ def test_triton_interpreter_one_layer(dirs, ids, monkeypatch):
         pytest.skip("CUDA present: the interpreter test is for CPU machines")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model = peft_4bit(dirs[1])
-    logits0, grads0 = train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     report = fastpeft.patch(model, backend="triton")
     assert report.backend == "triton" and len(report.patched) == N_LINEAR
     import fastpeft.kernels.nf4 as K
@@ -164,7 +153,7 @@ def test_triton_interpreter_one_layer(dirs, ids, monkeypatch):
     launched = []
     real = K.matmul
     monkeypatch.setattr(K, "matmul", lambda *a, **k: launched.append(1) or real(*a, **k))
-    logits1, grads1 = train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     # forward of each layer + the input gradient where the input needs one (not q/k/v: their input
     # comes from frozen embeddings and norm)
     assert len(launched) == N_LINEAR + 4
@@ -185,11 +174,11 @@ def test_dora_on_4bit_is_left_to_its_own_forward(dirs, ids):
     layers (with the reason) and the model computes exactly what it did."""
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM")
     model = peft.get_peft_model(load_4bit(dirs[1]), cfg)
-    logits0, grads0 = train_step(model, ids)
+    logits0, grads0 = lora_train_step(model, ids)
     report = fastpeft.patch(model)
     dora = [s for s in report.skipped if s.kind == "peft lora.Linear4bit on Linear4bit"]
     assert len(dora) == 2 and all("DoRA" in s.reason for s in dora), str(report)
-    logits1, grads1 = train_step(model, ids)
+    logits1, grads1 = lora_train_step(model, ids)
     assert_same(logits1, logits0)
     for k in grads0:
         assert_same(grads1[k], grads0[k])
