@@ -228,6 +228,15 @@ def _fused_configs():
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``; ``UPCAST`` widens 16-bit tiles to fp32 first (the interpreter's bf16 dot is wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _dropout_tile(x, seed, offs_m, offs_k, K, p, scale):
     """x * mask for one tile; mask = scale where Philox(seed, m*K+k) >= p, else 0 (fp32)."""
     rng_off = offs_m[:, None].to(tl.int64) * K + offs_k[None, :].to(tl.int64)
@@ -264,10 +273,7 @@ def _lora_down_kernel(
             x = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
             if not UPCAST:
                 x = x.to(a.dtype)
-        if UPCAST:
-            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        acc = _dot(x, a, acc, UPCAST, PRECISION)
     tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
              acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
@@ -302,10 +308,7 @@ def _lora_dx_add_kernel(
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            d = tl.dot(g.to(tl.float32), a.to(tl.float32), d, input_precision=PRECISION)
-        else:
-            d = tl.dot(g, a, d, input_precision=PRECISION)
+        d = _dot(g, a, d, UPCAST, PRECISION)
     if HAS_DROPOUT:
         d = _dropout_tile(d, seed, offs_m, offs_k, K, p, scale)
     ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -349,10 +352,7 @@ def _lora_grad_a_kernel(
             x = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
             if not UPCAST:
                 x = x.to(gt.dtype)
-        if UPCAST:
-            acc = tl.dot(gt.to(tl.float32), x.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(gt, x, acc, input_precision=PRECISION)
+        acc = _dot(gt, x, acc, UPCAST, PRECISION)
     if m_start < M:
         tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
                       mask=r_ok[:, None] & k_ok[None, :])
@@ -399,19 +399,13 @@ def _lora_fused_fwd_kernel(
                      mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # W^T tile [BK, BN]
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                      mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # A^T tile [BK, R_PAD]
-        if UPCAST:
-            acc = tl.dot(x.to(tl.float32), wt.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+        acc = _dot(x, wt, acc, UPCAST, PRECISION)
         xd = x
         if HAS_DROPOUT:
             xd = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
             if not UPCAST:
                 xd = xd.to(x.dtype)
-        if UPCAST:
-            uacc = tl.dot(xd.to(tl.float32), at.to(tl.float32), uacc, input_precision=PRECISION)
-        else:
-            uacc = tl.dot(xd, at, uacc, input_precision=PRECISION)
+        uacc = _dot(xd, at, uacc, UPCAST, PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -421,10 +415,7 @@ def _lora_fused_fwd_kernel(
     us = (uacc * s).to(u_ptr.dtype.element_ty)
     bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=n_ok[None, :] & r_ok[:, None], other=0.0)  # B^T tile [R_PAD, BN]
-    if UPCAST:
-        acc = tl.dot(us.to(tl.float32), bt.to(tl.float32), acc, input_precision=PRECISION)
-    else:
-        acc = tl.dot(us, bt, acc, input_precision=PRECISION)
+    acc = _dot(us, bt, acc, UPCAST, PRECISION)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     if WRITE_U:
