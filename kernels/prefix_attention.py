@@ -87,6 +87,40 @@ def _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale,
 
 
 @triton.jit
+def _load_kv(k_base, v_base, n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, mask, DOT_FP32: tl.constexpr):
+    """Rows ``n`` of one head's K and V ([BLOCK_N, BLOCK_D]), widened to fp32 when the dots run in fp32."""
+    k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask, other=0.0)
+    v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _inner_valid(kpm_row, n, stride_kpm, HAS_MASK: tl.constexpr):
+    """Key validity of a sequence block inside the causal triangle and inside S: padding only."""
+    valid = n[None, :] >= 0
+    if HAS_MASK:
+        keep = tl.load(kpm_row + n * stride_kpm)
+        valid = (keep != 0)[None, :]
+    return valid
+
+
+@triton.jit
+def _edge_valid(kpm_row, n, n_ok, stride_kpm, offs_m, off, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key validity of a sequence block on the causal diagonal or past S: bounds, padding, causal."""
+    key_ok = n_ok
+    if HAS_MASK:
+        keep = tl.load(kpm_row + n * stride_kpm, mask=n_ok, other=0)
+        key_ok = key_ok & (keep != 0)
+    valid = key_ok[None, :]
+    if CAUSAL:
+        valid = valid & (n[None, :] <= offs_m[:, None] + off)
+    return valid
+
+
+@triton.jit
 def _seq_bounds(m0, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key-block bounds over the sequence for the query rows ``[m0, m0 + BLOCK_M)``.
 
@@ -148,11 +182,7 @@ def _fwd_kernel(
         n = start + offs_n
         n_ok = n < P
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(pk_base + n[:, None] * spkp + offs_d[None, :] * spkd, mask=kv_mask, other=0.0)
-        v = tl.load(pv_base + n[:, None] * spvp + offs_d[None, :] * spvd, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(pk_base, pv_base, n, offs_d, spkp, spkd, spvp, spvd, kv_mask, DOT_FP32)
         acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, n_ok[None, :], qk_scale,
                                              True, DOT_FP32, PREC)
 
@@ -164,33 +194,16 @@ def _fwd_kernel(
     v_base = V + b * svb + kvh * svh
     for start in range(0, full, BLOCK_N):
         n = start + offs_n
-        k = tl.load(k_base + n[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        valid = n[None, :] >= 0
-        if HAS_MASK:
-            keep = tl.load(KPM + b * smb + n * sms)
-            valid = (keep != 0)[None, :]
+        k, v = _load_kv(k_base, v_base, n, offs_d, sks, skd, svs, svd, d_ok[None, :], DOT_FP32)
+        valid = _inner_valid(KPM + b * smb, n, sms, HAS_MASK)
         acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale,
                                              HAS_MASK, DOT_FP32, PREC)
     for start in range(full, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < S
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = n_ok
-        if HAS_MASK:
-            keep = tl.load(KPM + b * smb + n * sms, mask=n_ok, other=0)
-            key_ok = key_ok & (keep != 0)
-        valid = key_ok[None, :]
-        if CAUSAL:
-            valid = valid & (n[None, :] <= offs_m[:, None] + off)
+        k, v = _load_kv(k_base, v_base, n, offs_d, sks, skd, svs, svd, kv_mask, DOT_FP32)
+        valid = _edge_valid(KPM + b * smb, n, n_ok, sms, offs_m, off, HAS_MASK, CAUSAL)
         acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale,
                                              True, DOT_FP32, PREC)
 
@@ -469,11 +482,7 @@ def _bwd_dq_kernel(
         n = start + offs_n
         n_ok = n < P
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(pk_base + n[:, None] * spkp + offs_d[None, :] * spkd, mask=kv_mask, other=0.0)
-        v = tl.load(pv_base + n[:, None] * spvp + offs_d[None, :] * spvd, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(pk_base, pv_base, n, offs_d, spkp, spkd, spvp, spvd, kv_mask, DOT_FP32)
         dq = _dq_step(q, do, lse, delta, k, v, dq, n_ok[None, :], qk_scale, True, DOT_FP32, PREC)
 
     full, hi = _seq_bounds(pid_m * BLOCK_M, T, S, CAUSAL, BLOCK_M, BLOCK_N)
@@ -482,32 +491,15 @@ def _bwd_dq_kernel(
     v_base = V + b * svb + kvh * svh
     for start in range(0, full, BLOCK_N):
         n = start + offs_n
-        k = tl.load(k_base + n[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        valid = n[None, :] >= 0
-        if HAS_MASK:
-            keep = tl.load(KPM + b * smb + n * sms)
-            valid = (keep != 0)[None, :]
+        k, v = _load_kv(k_base, v_base, n, offs_d, sks, skd, svs, svd, d_ok[None, :], DOT_FP32)
+        valid = _inner_valid(KPM + b * smb, n, sms, HAS_MASK)
         dq = _dq_step(q, do, lse, delta, k, v, dq, valid, qk_scale, HAS_MASK, DOT_FP32, PREC)
     for start in range(full, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < S
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = n_ok
-        if HAS_MASK:
-            keep = tl.load(KPM + b * smb + n * sms, mask=n_ok, other=0)
-            key_ok = key_ok & (keep != 0)
-        valid = key_ok[None, :]
-        if CAUSAL:
-            valid = valid & (n[None, :] <= offs_m[:, None] + off)
+        k, v = _load_kv(k_base, v_base, n, offs_d, sks, skd, svs, svd, kv_mask, DOT_FP32)
+        valid = _edge_valid(KPM + b * smb, n, n_ok, sms, offs_m, off, HAS_MASK, CAUSAL)
         dq = _dq_step(q, do, lse, delta, k, v, dq, valid, qk_scale, True, DOT_FP32, PREC)
 
     dq = dq * sm_scale
