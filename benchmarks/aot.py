@@ -117,15 +117,20 @@ def _nf4_specs(dt: str):
                           dict(qc, BLOCK_M=1 if m == 1 else 16, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot,
                                ROW_SCALE=True),
                           f"BM={1 if m == 1 else 16} BN={bn} BK={bk}", 4, 3))
-    # matmul: the launcher's big-tile GPU branch (M, P >= 128)
+    # matmul: the launcher's choice for a big GEMM (M, P >= 128)
+    import torch
+
     mm_types = dict(quant, **{p: f"*{dt}" for p in ("x_ptr", "c_ptr", "bias_ptr", "l_ptr", "r_ptr", "mask_ptr")})
     dots = dict(DOT_FP32=fp32, IEEE=fp32, LORA_FP32=fp32)
-    fwd = dict(qc, **dots, TRANS_W=True, HAS_BIAS=True, HAS_LORA=True, HAS_MASK=False, ROW_SCALE=True, PAIR=True,
-               BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, R_PAD=16, GROUP_M=8)
-    dx = dict(qc, **dots, TRANS_W=False, HAS_BIAS=False, HAS_LORA=True, HAS_MASK=True, ROW_SCALE=True, PAIR=False,
-              BLOCK_M=128, BLOCK_P=64, BLOCK_Q=64, R_PAD=16, GROUP_M=8)
-    specs.append(("nf4.matmul fwd", K._matmul_kernel, mm_types, ("lora_scale",), fwd, "128x128x64 pair", 8, 3))
-    specs.append(("nf4.matmul dx", K._matmul_kernel, mm_types, ("lora_scale",), dx, "128x64x64", 8, 3))
+    torch_dt = torch.float32 if fp32 else torch.bfloat16
+    for name, trans_w, extra in (
+            ("nf4.matmul fwd", True, dict(HAS_BIAS=True, HAS_MASK=False, PAIR=True)),
+            ("nf4.matmul dx", False, dict(HAS_BIAS=False, HAS_MASK=True, PAIR=False))):
+        bm, bp, bq, gm, kw = K._matmul_config(4096, 4096, trans_w, torch_dt, 64, interp=False)
+        const = dict(qc, **dots, **extra, TRANS_W=trans_w, HAS_LORA=True, ROW_SCALE=True,
+                     BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, R_PAD=16, GROUP_M=gm)
+        specs.append((name, K._matmul_kernel, mm_types, ("lora_scale",), const,
+                      f"{bm}x{bp}x{bq}" + (" pair" if extra["PAIR"] else ""), kw["num_warps"], kw["num_stages"]))
     return specs
 
 

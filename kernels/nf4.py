@@ -286,6 +286,27 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
+def _matmul_config(M: int, P: int, trans_w: bool, dtype: torch.dtype, blocksize: int, interp: bool):
+    """(BLOCK_M, BLOCK_P, BLOCK_Q, GROUP_M, launch kwargs) of :func:`matmul` for an ``[M, P]`` output.
+
+    16-bit on a GPU: 128x128 tiles (64-wide K for dx, where a 64-wide K tile keeps one scale per
+    weight row) once both sides reach 128, else 64x64; K steps of 64. fp32 (IEEE dots, twice the
+    register bytes): K steps of 32 and 8 warps. Compiled for sm_90 with triton 3.6 and 3.9
+    (``benchmarks/aot.py``) these spill at most 56 bytes per thread, where the 16-bit tiles in fp32
+    put 5-10 KB per thread of the dx kernel on the local-memory stack with 32 registers.
+    """
+    if interp:
+        return 32, 32, 32, 4, {}
+    big = M >= 128 and P >= 128
+    if dtype == torch.float32:
+        return (128, 64, 32, 8, dict(num_warps=8, num_stages=3)) if big and trans_w else \
+            (64, 64, 32, 8, dict(num_warps=8, num_stages=3))
+    BM, BP, BQ, GM = (128, 128, 64, 8) if big else (64, 64, 64, 8)
+    if big and not trans_w and blocksize == 64:
+        BP = 64
+    return BM, BP, BQ, GM, dict(num_warps=8 if big else 4, num_stages=3)
+
+
 def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=None,
            lora_l=None, lora_r=None, lora_scale: float = 1.0, lora_mask=None,
            out_dtype=None) -> torch.Tensor:
@@ -307,15 +328,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
     has_lora = lora_l is not None
     R = lora_l.shape[1] if has_lora else 1
     lora_fp32 = interp or x.dtype == torch.float32
-    if interp:
-        BM, BP, BQ, GM = 32, 32, 32, 4
-        kw = {}
-    else:
-        big = M >= 128 and P >= 128
-        BM, BP, BQ, GM = (128, 128, 64, 8) if big else (64, 64, 64, 8)
-        if big and not trans_w and state.blocksize == 64:
-            BP = 64  # dx = dy W: a 64-wide K tile keeps one scale per weight row (dequant work depends on BM, not BP)
-        kw = dict(num_warps=8 if big else 4, num_stages=3)
+    BM, BP, BQ, GM, kw = _matmul_config(M, P, trans_w, x.dtype, state.blocksize, interp)
     dummy = out
     row_scale = K % state.blocksize == 0 and state.blocksize % (BQ if trans_w else BP) == 0
     grid = (triton.cdiv(M, BM) * triton.cdiv(P, BP),)

@@ -529,16 +529,20 @@ def _configs(D: int, dtype: torch.dtype) -> dict:
     """Block sizes, warps and stages per kernel.
 
     Interpreter: 16-wide tiles (cheap on CPU, and tiny test shapes still span several blocks).
-    GPU: settings in the range of Triton's fused-attention tutorial for Hopper; head dims of
-    128 in fp32 use smaller tiles to stay within registers/shared memory.
+    GPU, 16-bit: settings in the range of Triton's fused-attention tutorial for Hopper.
+    GPU, fp32 (IEEE dots on CUDA cores, twice the register bytes per element): small tiles with 8
+    warps. Compiled for sm_90 (``benchmarks/aot.py``, triton 3.6 and 3.9), these spill at most 96
+    bytes per thread in any of the four kernels, where the 16-bit tiles in fp32 (or 32x32 with 4
+    warps at head dim 128) left 1-16 KB per thread on the local-memory stack with 32 registers.
     """
     if _interpreting():
         t = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
         return dict(fwd=t, dkdv=t, dq=t, dprefix=t)
-    big = D > 64 or dtype == torch.float32
-    if dtype == torch.float32 and D > 64:
-        t = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        t = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2) if D > 64 else \
+            dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
         return dict(fwd=t, dkdv=t, dq=t, dprefix=t)
+    big = D > 64
     fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if big else 4, num_stages=3)
     dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2)
     dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2)

@@ -5,8 +5,11 @@ Runs ``benchmarks/aot.py`` (triton's own compiler, bundled ``cuobjdump``) in a s
 triton cache (so every kernel is really compiled, not read back): each kernel once, with the
 configuration its launcher picks on a GPU, in bf16 and (where the kernel has a distinct fp32
 path) fp32. Checks that every kernel compiles to a cubin with a register count in (0, 255] and
-that the bf16 GEMM-shaped kernels use Hopper's ``wgmma``. Spills are reported by the script, not
-asserted (they vary across triton versions). The LoRA-linear kernels: test_lora_kernels_sm90.py.
+that the bf16 GEMM-shaped kernels use Hopper's ``wgmma``. Small spills are reported by the script,
+not asserted (they vary across triton versions), but no kernel may keep more than 1 KB per thread in
+local memory: that is the compiler giving up on registers (32 registers and a 5-10 KB stack, as the
+fp32 NF4 dx and fp32 prefix kernels once did), not a spill to tune on a GPU. The LoRA-linear
+kernels: test_lora_kernels_sm90.py.
 """
 
 import os
@@ -47,6 +50,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert {(r[0], r[1]) for r in rows} == EXPECTED and len(rows) == len(EXPECTED), out
     for name, dt, config, launch, regs, local, shared, wgmma in rows:
         assert 0 < int(regs) <= 255, (name, dt, regs)
-        assert int(local) >= 0 and int(shared) >= 0
+        assert 0 <= int(local) <= 1024, (name, dt, config, f"{local} local/stack bytes per thread")
+        assert int(shared) >= 0
         if (name, dt) in WGMMA:
             assert wgmma == "yes", (name, dt)
