@@ -29,6 +29,12 @@ packed weight used as is), in the same plain case; frozen ``Linear4bit`` layers 
 speed. On CPU the op's reference path reads bitsandbytes' CPU inference layout too, and never
 repacks weights.
 
+AdaLoRA: peft's ``SVDLinear`` on ``nn.Linear`` (or ``Conv1D`` with ``fan_in_fan_out``) is routed
+to the same LoRA-linear op in the same plain case, with ``A * E * scaling / (ranknum + 1e-5)``
+as the down-projection (formed with tensor ops, so no host sync, and ``A``, ``E`` get their
+gradients through the product); rank pruning (``update_and_allocate``) and the orthogonality
+regulariser read the same parameters and are unaffected.
+
 Prefix Tuning (a peft ``PeftModelForCausalLM`` with ``PREFIX_TUNING`` on a Llama-family
 model, or fastpeft's own prompt-learning model) is routed through the shared-prefix attention
 op instead of a per-batch copy of the prefix in the KV cache: see :mod:`fastpeft.patch_prefix`
@@ -151,6 +157,11 @@ def _is_lora_layer(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling", "lora_dropout"))
 
 
+def _is_adalora_layer(module: nn.Module) -> bool:
+    """An AdaLoRA SVD layer (peft's ``SVDLinear`` family): ``lora_A``/``lora_E``/``lora_B`` parameters."""
+    return all(hasattr(module, a) for a in ("lora_A", "lora_E", "lora_B", "ranknum", "scaling", "lora_dropout"))
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
@@ -212,6 +223,26 @@ def _static_skip_reason(module: nn.Module) -> Optional[str]:
     plain = [a for a in adapters if _adapter_skip_reason(module, a) is None]
     if adapters and not plain:
         return _adapter_skip_reason(module, adapters[0])
+    return None
+
+
+def _adalora_skip_reason(module: nn.Module) -> Optional[str]:
+    """Why this AdaLoRA layer can never use the LoRA-linear op (None if it can)."""
+    base = _base_of(module)
+    if type(module).__name__ != "SVDLinear":
+        return (f"AdaLoRA layer {type(module).__name__} on {type(base).__name__}: the fused op covers AdaLoRA's "
+                "SVDLinear on nn.Linear and Conv1D only")
+    if type(base).__name__ in _QUANTIZED_NAMES or getattr(getattr(base, "weight", None), "quant_state", None) is not None:
+        return f"quantized base layer {_cls_path(base)} (the LoRA-linear op needs a dense weight)"
+    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+        return f"base layer {_cls_path(base)} is neither torch.nn.Linear nor transformers' Conv1D"
+    if _is_conv1d(base) != bool(getattr(module, "fan_in_fan_out", False)):
+        return "fan_in_fan_out does not match the base layer's weight layout"
+    if _has_hooks(base) or _has_hooks(module):
+        return "the layer or its base layer has forward hooks (e.g. accelerate offloading); bypassing them would break it"
+    drops = [a for a, d in module.lora_dropout.items() if not isinstance(d, (nn.Dropout, nn.Identity))]
+    if drops and len(drops) == len(module.lora_A):
+        return f"adapter {drops[0]!r} uses dropout module {_cls_path(module.lora_dropout[drops[0]])}"
     return None
 
 
@@ -287,6 +318,8 @@ def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
             return _fallback(self, state, x, args, kwargs)
         return bnb_linear4bit(x, self.weight.data, _quant_state(self), self.bias, getattr(self, "compute_dtype", None),
                               backend=state["backend"])
+    if kind == "adalora":
+        return _adalora_forward(self, state, x, args, kwargs)
     adapter = _plain_adapter(self, x, args, kwargs, qlora=kind == "qlora")
     if adapter is None:
         return _fallback(self, state, x, args, kwargs)
@@ -312,6 +345,27 @@ def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
         x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
         float(self.scaling[adapter]), dropout_p=p, training=self.training, backend=state["backend"],
     )
+
+
+def _adalora_forward(self: nn.Module, state: Dict[str, Any], x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """peft's ``SVDLinear.forward`` through the LoRA-linear op, in the plain case (see the module doc)."""
+    if args or kwargs or self.disable_adapters or self.merged:
+        return _fallback(self, state, x, args, kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if len(active) != 1:
+        return _fallback(self, state, x, args, kwargs)
+    a = active[0]
+    base = _base_of(self)
+    drop = self.lora_dropout[a]
+    A, E, B = self.lora_A[a], self.lora_E[a], self.lora_B[a]
+    if not isinstance(drop, (nn.Dropout, nn.Identity)) or not (x.dtype == base.weight.dtype == A.dtype == B.dtype):
+        return _fallback(self, state, x, args, kwargs)
+    # peft: (drop(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5); the scale is folded into the
+    # down-projection as a tensor, so a changed ranknum needs no host read
+    down = (A * E) * (self.scaling[a] / (self.ranknum[a] + 1e-5))
+    weight = base.weight.t() if state["fan_in_fan_out"] else base.weight
+    return lora_linear(x, weight, base.bias, down, B, 1.0, dropout_p=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+                       training=self.training, backend=state["backend"])
 
 
 class _PatchedForward:
@@ -413,6 +467,18 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
                 note += f"; its backend follows FASTPEFT_BACKEND per call, not patch(backend={explicit!r})"
             report.native.append(PatchedModule(name, kind, note))
             continue
+        if lib == "peft" and _is_adalora_layer(module):
+            base = _base_of(module)
+            kind = f"{kind} on {type(base).__name__}"
+            reason = _adalora_skip_reason(module)
+            if reason is not None:
+                report.skipped.append(SkippedModule(name, kind, reason))
+                continue
+            _install(module, explicit, "adalora")
+            report.patched.append(PatchedModule(name, kind, "LoRA-linear op with A*E*scaling/ranknum as the down-"
+                                                "projection; original forward when merged, disabled or several "
+                                                "adapters are active"))
+            continue
         if not _is_lora_layer(module):
             report.skipped.append(SkippedModule(name, kind, "not a LoRA layer (another tuner); the fused op covers LoRA"))
             continue
@@ -446,7 +512,8 @@ def _install(module: nn.Module, backend: Optional[str], kind: str = "lora") -> N
     module.__dict__[_STATE_ATTR] = {
         "backend": backend,
         "kind": kind,
-        "fan_in_fan_out": kind == "lora" and (bool(getattr(module, "fan_in_fan_out", False)) or _is_conv1d(_base_of(module))),
+        "fan_in_fan_out": kind in ("lora", "adalora") and (bool(getattr(module, "fan_in_fan_out", False))
+                                                          or _is_conv1d(_base_of(module))),
         "orig_forward": module.__dict__.get("forward"),  # an instance forward set by someone else
     }
     module.forward = _PatchedForward(module)

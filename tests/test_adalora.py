@@ -255,3 +255,116 @@ def test_patch_reports_adalora_layers_as_native():
     report = fastpeft.patch(model)
     assert len(report.native) == 2 and not report.patched and not report.skipped
     assert all("lora_linear" in p.note for p in report.native)
+
+
+# ----------------------------------------------------------------------------- fastpeft.patch on peft AdaLoRA
+def _peft_adalora(make, **kw):
+    cfg = dict(BASE, init_lora_weights=False, **kw)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(make(), peft.AdaLoraConfig(**cfg))
+
+
+@pytest.fixture
+def adalora_op_calls(monkeypatch):
+    """The LoRA-linear op calls made by patched layers (proves the routing)."""
+    import sys
+
+    patch_mod = sys.modules["fastpeft.patch"]
+    calls, real = [], patch_mod.lora_linear
+
+    def counting(*a, **k):
+        calls.append(k.get("backend"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(patch_mod, "lora_linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2-defaults"])
+def test_patch_routes_peft_svdlinear_with_same_logits_and_grads(case, ids, adalora_op_calls, monkeypatch):
+    """peft's SVDLinear (nn.Linear, and GPT-2's Conv1D with fan_in_fan_out) through the op: the same
+    loss (with peft's orthogonality term), logits and A/E/B gradients as peft's own forward."""
+    from conftest import lora_train_step
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    make, kw = CASES[case]
+    model = _peft_adalora(make, lora_dropout=0.1, **kw)
+    n_layers = sum(type(m).__name__ == "SVDLinear" for m in model.modules())
+    logits0, grads0 = lora_train_step(model, ids)
+    report = fastpeft.patch(model)
+    assert len(report.patched) == n_layers > 0 and not report.skipped, report
+    assert all("A*E" in p.note for p in report.patched)
+    logits1, grads1 = lora_train_step(model, ids)
+    assert len(adalora_op_calls) == n_layers and report.backend == "reference (FASTPEFT_BACKEND)"
+    torch.testing.assert_close(logits1, logits0, atol=FP32_ATOL, rtol=0)
+    assert grads1.keys() == grads0.keys() and any("lora_E" in n for n in grads0)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], atol=1e-5, rtol=1e-5, msg=lambda s: f"{n}: {s}")
+
+
+def test_patch_peft_adalora_triton_interpreter_and_fallbacks(ids, adalora_op_calls, monkeypatch):
+    """The Triton kernels (interpreter) on a 1-layer peft AdaLoRA model, then the cases that must
+    take peft's own forward: disabled adapters and merged weights; unpatch restores."""
+    kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
+    if not kmod.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from conftest import lora_train_step
+
+    monkeypatch.setenv("FASTPEFT_LORA_IMPL", "kernels")
+    model = _peft_adalora(lambda: tiny_llama(layers=1), target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    logits0, grads0 = lora_train_step(model, ids)
+    model.eval()
+    base_logits = _logits_disabled(model, ids)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    assert len(fastpeft.patch(model).patched) == 2
+    logits1, grads1 = lora_train_step(model, ids)
+    assert len(adalora_op_calls) == 2
+    torch.testing.assert_close(logits1, logits0, atol=1e-4, rtol=0)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], atol=1e-4, rtol=1e-4, msg=lambda s: f"{n}: {s}")
+    model.eval()
+    adalora_op_calls.clear()
+    torch.testing.assert_close(_logits_disabled(model, ids), base_logits, atol=FP32_ATOL, rtol=0)
+    assert adalora_op_calls == []  # disabled: peft's forward, base layer only
+    on = _logits(model, ids)
+    model.merge_adapter()
+    adalora_op_calls.clear()
+    torch.testing.assert_close(_logits(model, ids), on, atol=1e-4, rtol=0)
+    assert adalora_op_calls == []  # merged: peft's forward
+    model.unmerge_adapter()
+    assert len(fastpeft.unpatch(model)) == 2
+
+
+def _logits_disabled(model, ids):
+    with torch.no_grad(), model.disable_adapter():
+        return model(input_ids=ids).logits
+
+
+def test_patched_peft_adalora_prunes_ranks_like_unpatched():
+    """Rank allocation reads the same parameters: a patched and an unpatched peft AdaLoRA model
+    trained side by side keep the same rank pattern and the same pruned singular values."""
+    make, kw = CASES["llama"]
+    models = [_peft_adalora(make, **kw) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    report = fastpeft.patch(models[1], backend="reference")
+    assert len(report.patched) == 6
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(1, 128, (4, 12), generator=g) for _ in range(BASE["total_step"] + 1)]
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    for step in range(1, BASE["total_step"] + 1):
+        for m, opt in zip(models, opts):
+            m.train()
+            m(input_ids=data[step], labels=data[step]).loss.backward()
+            opt.step()
+            m.base_model.update_and_allocate(step)
+            opt.zero_grad()
+        patterns = [m.peft_config["default"].rank_pattern for m in models]
+        assert patterns[0] == patterns[1], f"step {step}"
+    assert patterns[0] is not None
+    e0 = {n: p for n, p in models[0].named_parameters() if "lora_E" in n}
+    for n, p in models[1].named_parameters():
+        if "lora_E" in n:
+            assert torch.equal(p == 0, e0[n] == 0), n
+            torch.testing.assert_close(p, e0[n], atol=1e-4, rtol=1e-4)
