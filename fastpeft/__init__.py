@@ -28,6 +28,15 @@ from fastpeft.patch import PatchReport, patch, unpatch
 from fastpeft.utils.kbit import prepare_model_for_kbit_training
 
 
+def __getattr__(name: str):
+    # Trainer callbacks import transformers' Trainer stack: only when asked for
+    if name == "AdaLoraCallback":
+        from fastpeft.callbacks import AdaLoraCallback
+
+        return AdaLoraCallback
+    raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")
+
+
 def get_peft_model_state_dict(model: PeftModel, state_dict=None, adapter_name: str = "default"):
     """The adapter's tensors with peft's checkpoint keys (what ``save_pretrained`` writes).
 
@@ -62,4 +71,5 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
+    "AdaLoraCallback",
 ]

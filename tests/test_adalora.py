@@ -368,3 +368,67 @@ def test_patched_peft_adalora_prunes_ranks_like_unpatched():
         if "lora_E" in n:
             assert torch.equal(p == 0, e0[n] == 0), n
             torch.testing.assert_close(p, e0[n], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- Trainer callback
+class _Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        x = torch.arange(i, i + 12) % 100 + 1
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+
+
+def _train_with_callback(model, tmp_path, max_steps, accum=1):
+    from transformers import Trainer, TrainingArguments
+
+    calls = []
+    tuner = model.base_model
+    real = tuner.update_and_allocate
+
+    def spy(step):  # gradients must still be there when the scores are updated
+        grads = [p.grad for n, p in model.named_parameters() if "lora_E" in n]
+        calls.append((step, all(g is not None for g in grads)))
+        return real(step)
+
+    tuner.update_and_allocate = spy
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=max_steps,
+                             gradient_accumulation_steps=accum, learning_rate=1e-2, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[fastpeft.AdaLoraCallback()]).train()
+    return calls
+
+
+@pytest.mark.parametrize("library", ["fastpeft", "peft"])
+def test_adalora_callback_prunes_to_target_inside_trainer(library, tmp_path):
+    """One update_and_allocate per optimizer step (gradient accumulation 2), with gradients present,
+    0-based steps; at the end the layers keep target_r ranks each on average (AdaLoRA's budget is
+    global), as the schedule says."""
+    make, kw = CASES["llama"]
+    cfg = dict(BASE, **kw)
+    lib = fastpeft if library == "fastpeft" else peft
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lib.get_peft_model(make(), lib.AdaLoraConfig(**cfg))
+    assert model.peft_config["default"].rank_pattern is None
+    calls = _train_with_callback(model, tmp_path, BASE["total_step"], accum=2)
+    assert calls == [(s, True) for s in range(BASE["total_step"])]
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern is not None and len(pattern) == 6
+    assert sum(sum(keep) for keep in pattern.values()) == 6 * BASE["target_r"], pattern
+
+
+def test_adalora_callback_warns_on_schedule_mismatch_and_rejects_other_methods(tmp_path, caplog):
+    make, kw = CASES["llama"]
+    model = fastpeft.get_peft_model(make(), fastpeft.AdaLoraConfig(**dict(BASE, **kw)))
+    with caplog.at_level("WARNING", logger="fastpeft"):
+        calls = _train_with_callback(model, tmp_path, 3)
+    assert [s for s, _ in calls] == [0, 1, 2]
+    assert any("total_step=12" in r.getMessage() and "3 optimizer steps" in r.getMessage() for r in caplog.records)
+    lora = fastpeft.get_peft_model(make(), fastpeft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(TypeError, match="AdaLoraCallback needs an AdaLoRA PeftModel"):
+        Trainer(model=lora, args=args, train_dataset=_Data(), callbacks=[fastpeft.AdaLoraCallback()]).train()
