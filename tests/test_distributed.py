@@ -64,8 +64,14 @@ def _worker(rank: int, world: int, out_dir: str, canary: bool = False) -> None:
     # no dependence on the machine's hostname resolving to a usable interface.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"),
-                            rank=rank, world_size=world)
+    try:
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"),
+                                rank=rank, world_size=world)
+    except Exception as e:  # torch alone could not form the group (e.g. no loopback address)
+        with open(os.path.join(out_dir, f"init-failed-{rank}.txt"), "w") as f:
+            f.write(f"{type(e).__name__}: {' '.join(str(e).split())[-300:]}")
+        log.flush()
+        os._exit(3)
     if canary:  # torch alone, no fastpeft: can this machine run a gloo all-reduce at all?
         t = torch.full((4,), float(rank + 1))
         dist.all_reduce(t)
@@ -127,6 +133,9 @@ def dist_grads(tmp_path_factory):
     why = _spawn(out)
     if why is None:
         return out
+    init_failed = sorted(out.glob("init-failed-*.txt"))
+    if init_failed:  # before any fastpeft code ran: this machine cannot run torch.distributed's gloo
+        pytest.skip(f"torch.distributed (gloo) cannot start here: {init_failed[0].read_text()}")
     # The workers died (by a signal: a Python error would have raised above). Tell a fastpeft failure
     # from a machine where torch's gloo backend itself cannot run, with a bare two-process all-reduce.
     canary = tmp_path_factory.mktemp("dist-canary")
