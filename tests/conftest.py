@@ -83,6 +83,34 @@ def lora_train_step(model, ids, seed: int = 0):
     return out.logits.detach(), grads
 
 
+def count_calls(monkeypatch, owner, name: str, record=lambda args, kwargs: kwargs.get("backend")):
+    """Wrap ``owner.<name>`` (an op a layer calls) so every call appends ``record(args, kwargs)``
+    (by default its ``backend`` keyword) to the returned list, then runs the real op: proves a
+    forward was routed through it."""
+    calls, real = [], getattr(owner, name)
+
+    def counting(*a, **k):
+        calls.append(record(a, k))
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+class TokenRows(torch.utils.data.Dataset):
+    """``n`` causal-LM rows for Trainer tests: ids ``(i .. i+length-1) % 100 + 1``, labels = ids."""
+
+    def __init__(self, n: int, length: int):
+        self.n, self.length = n, length
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x = torch.arange(i, i + self.length) % 100 + 1
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+
+
 @pytest.fixture
 def ids():
     g = torch.Generator().manual_seed(1)

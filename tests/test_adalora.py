@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import FP32_ATOL, TokenRows, count_calls, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
@@ -271,15 +271,7 @@ def adalora_op_calls(monkeypatch):
     """The LoRA-linear op calls made by patched layers (proves the routing)."""
     import sys
 
-    patch_mod = sys.modules["fastpeft.patch"]
-    calls, real = [], patch_mod.lora_linear
-
-    def counting(*a, **k):
-        calls.append(k.get("backend"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(patch_mod, "lora_linear", counting)
-    return calls
+    return count_calls(monkeypatch, sys.modules["fastpeft.patch"], "lora_linear")
 
 
 @pytest.mark.parametrize("case", ["llama", "gpt2-defaults"])
@@ -371,15 +363,6 @@ def test_patched_peft_adalora_prunes_ranks_like_unpatched():
 
 
 # ----------------------------------------------------------------------------- Trainer callback
-class _Data(torch.utils.data.Dataset):
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        x = torch.arange(i, i + 12) % 100 + 1
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
-
-
 def _train_with_callback(model, tmp_path, max_steps, accum=1):
     from transformers import Trainer, TrainingArguments
 
@@ -396,7 +379,7 @@ def _train_with_callback(model, tmp_path, max_steps, accum=1):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=max_steps,
                              gradient_accumulation_steps=accum, learning_rate=1e-2, save_strategy="no",
                              report_to=[], use_cpu=True, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[fastpeft.AdaLoraCallback()]).train()
+    Trainer(model=model, args=args, train_dataset=TokenRows(16, 12), callbacks=[fastpeft.AdaLoraCallback()]).train()
     return calls
 
 
@@ -431,4 +414,4 @@ def test_adalora_callback_warns_on_schedule_mismatch_and_rejects_other_methods(t
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
     with pytest.raises(TypeError, match="AdaLoraCallback needs an AdaLoRA PeftModel"):
-        Trainer(model=lora, args=args, train_dataset=_Data(), callbacks=[fastpeft.AdaLoraCallback()]).train()
+        Trainer(model=lora, args=args, train_dataset=TokenRows(16, 12), callbacks=[fastpeft.AdaLoraCallback()]).train()

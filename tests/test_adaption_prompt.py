@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, tiny_gpt2, tiny_llama
+from conftest import FP32_ATOL, TokenRows, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -215,22 +215,13 @@ def test_bf16_base_matches_peft_and_trains_with_checkpointing(ids):
 
 
 def test_transformers_trainer_with_checkpointing_trains_and_saves_for_peft(ids, tmp_path):
-    from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments
-
-    class Data(Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            x = torch.arange(i, i + 10) % 100 + 1
-            return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
 
     model = fastpeft.get_peft_model(tiny_llama(), fastpeft.AdaptionPromptConfig(adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM"))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=5e-2,
                              save_strategy="no", report_to=[], use_cpu=True, gradient_checkpointing=True)
-    trainer = Trainer(model=model, args=args, train_dataset=Data())
+    trainer = Trainer(model=model, args=args, train_dataset=TokenRows(4, 10))
     trainer.train()
     base = model.get_base_model()
     assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing

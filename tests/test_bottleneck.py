@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastpeft
-from conftest import FP32_ATOL, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import FP32_ATOL, TokenRows, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from fastpeft.tuners.bottleneck import AdapterFusionLayer, BottleneckLayer
 from safetensors.torch import load_file
 
@@ -330,22 +330,13 @@ def test_bf16_base_fp32_adapters_and_checkpointing(ids):
 
 
 def test_transformers_trainer_with_checkpointing_trains_and_round_trips(ids, tmp_path):
-    from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments
-
-    class Data(Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            x = torch.arange(i, i + 10) % 100 + 1
-            return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
 
     model = fastpeft.get_peft_model(tiny_llama(), fastpeft.HoulsbyConfig(reduction_factor=4, task_type="CAUSAL_LM"))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
                              save_strategy="no", report_to=[], use_cpu=True, gradient_checkpointing=True)
-    trainer = Trainer(model=model, args=args, train_dataset=Data())
+    trainer = Trainer(model=model, args=args, train_dataset=TokenRows(4, 10))
     trainer.train()
     base = model.get_base_model()
     assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing

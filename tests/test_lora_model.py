@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import FP32_ATOL, TokenRows, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -220,22 +219,13 @@ def test_resume_style_load_into_existing_adapter(tmp_path, ids):
 
 # ---------------------------------------------------------------- Trainer
 def test_transformers_trainer_trains_and_saves_adapter(tmp_path):
-    from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments
-
-    class Data(Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            x = torch.arange(i, i + 12) % 100 + 1
-            return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
 
     model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
                              save_strategy="no", report_to=[], use_cpu=True, logging_steps=1)
-    trainer = Trainer(model=model, args=args, train_dataset=Data())
+    trainer = Trainer(model=model, args=args, train_dataset=TokenRows(8, 12))
     trainer.train()
     assert any((p - before[n]).abs().max() > 0 for n, p in model.named_parameters() if n in before)
     trainer.save_model(str(tmp_path / "final"))

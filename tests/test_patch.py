@@ -11,7 +11,6 @@ FASTPEFT_BACKEND=triton under the interpreter checks them against the reference.
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 import sys
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, lora_train_step, tiny_gpt2, tiny_llama
+from conftest import FP32_ATOL, count_calls, lora_train_step, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 patch_mod = sys.modules["fastpeft.patch"]
@@ -42,15 +41,7 @@ def _logits(model, ids):
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts calls of the fused op from patched layers (proves the forward was routed)."""
-    calls = []
-    real = patch_mod.lora_linear
-
-    def counting(*a, **k):
-        calls.append(k.get("backend"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(patch_mod, "lora_linear", counting)
-    return calls
+    return count_calls(monkeypatch, patch_mod, "lora_linear")
 
 
 def _assert_same(a, b, atol=FP32_ATOL):
@@ -104,15 +95,7 @@ def test_peft_dora_layers_patched_to_the_dora_op(ids, monkeypatch, backend, drop
         kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
         if not kmod.interpreting():
             pytest.skip("needs TRITON_INTERPRET=1")
-    dora_mod = sys.modules["fastpeft.ops.dora"]
-    calls = []
-    real = dora_mod.dora_linear
-
-    def counting(*a, **k):
-        calls.append(k.get("backend"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(patch_mod, "dora_linear", counting)
+    calls = count_calls(monkeypatch, patch_mod, "dora_linear")
     model = _peft_llama(layers=1, dropout=dropout, targets=["q_proj", "v_proj", "down_proj"], use_dora=True)
     with torch.no_grad():
         for n, prm in model.named_parameters():

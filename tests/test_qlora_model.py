@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, lora_train_step
+from conftest import FP32_ATOL, count_calls, lora_train_step
 from qlora_helpers import load_4bit, save_tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -50,23 +50,9 @@ def pair(path, dropout=0.0, **load_kw):
 
 
 @pytest.fixture
-def ids():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(1, 128, (2, 9), generator=g)
-
-
-@pytest.fixture
 def op_calls(monkeypatch):
     """Counts fastpeft 4-bit layer forwards that went through the QLoRA op."""
-    calls = []
-    real = lora_bnb.bnb_linear4bit
-
-    def counting(*a, **k):
-        calls.append(k.get("backend"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(lora_bnb, "bnb_linear4bit", counting)
-    return calls
+    return count_calls(monkeypatch, lora_bnb, "bnb_linear4bit")
 
 
 @pytest.mark.parametrize("quant_type,double_quant,dropout", [("nf4", True, 0.0), ("nf4", True, 0.1), ("fp4", False, 0.0)])

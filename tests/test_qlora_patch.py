@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, lora_train_step
+from conftest import FP32_ATOL, count_calls, lora_train_step
 from qlora_helpers import load_4bit, save_tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -30,22 +30,10 @@ def dirs(tmp_path_factory):
 
 
 @pytest.fixture
-def ids():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(1, 128, (2, 9), generator=g)
-
-
-@pytest.fixture
 def op_calls(monkeypatch):
-    calls = []
-    real = patch_mod.bnb_linear4bit
-
-    def counting(*a, **k):
-        calls.append((a[5] is not None if len(a) > 5 else False, k.get("backend")))
-        return real(*a, **k)
-
-    monkeypatch.setattr(patch_mod, "bnb_linear4bit", counting)
-    return calls
+    """(has a LoRA branch, backend) of every QLoRA op call from patched layers."""
+    return count_calls(monkeypatch, patch_mod, "bnb_linear4bit",
+                       record=lambda a, k: (a[5] is not None if len(a) > 5 else False, k.get("backend")))
 
 
 def peft_4bit(path, dropout=0.0):
