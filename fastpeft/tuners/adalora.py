@@ -30,7 +30,7 @@ from torch import nn
 
 from fastpeft.config import PeftType, register_config
 from fastpeft.ops.lora_linear import lora_delta, lora_linear
-from fastpeft.tuners.base import BaseTunerLayer, linear_fan_in_fan_out
+from fastpeft.tuners.base import BaseTunerLayer, default_modules, linear_fan_in_fan_out
 from fastpeft.tuners.lora import LoraConfig, LoraModel
 from fastpeft.utils.modules import get_submodules
 
@@ -416,13 +416,8 @@ class AdaLoraModel(LoraModel):
     # --- injection ------------------------------------------------------------------------
     def _prepare_adapter_config(self, config: AdaLoraConfig, model_config: Dict[str, Any]) -> AdaLoraConfig:
         if config.target_modules is None:
-            model_type = model_config.get("model_type")
-            if model_type not in ADALORA_TARGET_MODULES:
-                raise ValueError(
-                    f"No default AdaLoRA target modules for model type {model_type!r}; set target_modules "
-                    "(e.g. ['q_proj', 'v_proj'])."
-                )
-            config.target_modules = set(ADALORA_TARGET_MODULES[model_type])
+            config.target_modules = default_modules(ADALORA_TARGET_MODULES, model_config, "AdaLoRA target modules",
+                                                    "target_modules (e.g. ['q_proj', 'v_proj'])")
         return config
 
     def _check_new_adapter_config(self, config: AdaLoraConfig) -> None:

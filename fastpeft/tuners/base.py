@@ -495,6 +495,17 @@ def compact_target_modules(config: PeftConfig, model: nn.Module, matched: List[s
     config.target_modules = set(leaves) if selected == set(matched) else set(matched)
 
 
+def default_modules(table: Dict[str, Sequence[str]], model_config: Dict[str, Any], what: str, fix: str) -> set:
+    """``table[model_type]`` as a set: a method's default modules for the base model's type.
+
+    Raises a ``ValueError`` ("No default {what} for model type ...; set {fix}.") for a model type
+    the table does not know."""
+    model_type = model_config.get("model_type")
+    if model_type not in table:
+        raise ValueError(f"No default {what} for model type {model_type!r}; set {fix}.")
+    return set(table[model_type])
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D`` (a linear layer whose weight is stored ``(in, out)``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastpeft.config import PeftConfig, PeftType, register_config
-from fastpeft.tuners.base import BaseTuner, BaseTunerLayer, linear_fan_in_fan_out
+from fastpeft.tuners.base import BaseTuner, BaseTunerLayer, default_modules, linear_fan_in_fan_out
 
 # peft's defaults when target_modules / feedforward_modules are None
 IA3_TARGET_MODULES = {
@@ -234,21 +234,14 @@ class IA3Model(BaseTuner):
     prefix = "ia3_"
 
     def _prepare_adapter_config(self, config: IA3Config, model_config: Dict[str, Any]) -> IA3Config:
-        model_type = model_config.get("model_type")
         if config.target_modules is None:
-            if model_type not in IA3_TARGET_MODULES:
-                raise ValueError(
-                    f"No default (IA)^3 target modules for model type {model_type!r}; set target_modules "
-                    "(e.g. ['k_proj', 'v_proj', 'down_proj']) and feedforward_modules (e.g. ['down_proj'])."
-                )
-            config.target_modules = set(IA3_TARGET_MODULES[model_type])
+            config.target_modules = default_modules(
+                IA3_TARGET_MODULES, model_config, "(IA)^3 target modules",
+                "target_modules (e.g. ['k_proj', 'v_proj', 'down_proj']) and feedforward_modules (e.g. ['down_proj'])")
         if config.feedforward_modules is None:
-            if model_type not in IA3_FEEDFORWARD_MODULES:
-                raise ValueError(
-                    f"No default (IA)^3 feedforward modules for model type {model_type!r}; set feedforward_modules "
-                    "(a subset of target_modules, e.g. ['down_proj'], or [] for none)."
-                )
-            config.feedforward_modules = set(IA3_FEEDFORWARD_MODULES[model_type])
+            config.feedforward_modules = default_modules(
+                IA3_FEEDFORWARD_MODULES, model_config, "(IA)^3 feedforward modules",
+                "feedforward_modules (a subset of target_modules, e.g. ['down_proj'], or [] for none)")
         return config
 
     @staticmethod

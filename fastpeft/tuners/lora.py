@@ -23,7 +23,7 @@ from torch import nn
 from fastpeft.config import PeftConfig, PeftType, register_config
 from fastpeft.ops.dora import dora_delta, dora_linear, dora_weight_norm
 from fastpeft.ops.lora_linear import lora_delta, lora_linear
-from fastpeft.tuners.base import BaseTuner, BaseTunerLayer, linear_fan_in_fan_out
+from fastpeft.tuners.base import BaseTuner, BaseTunerLayer, default_modules, linear_fan_in_fan_out
 from fastpeft.utils.constants import DEFAULT_LORA_TARGET_MODULES
 from fastpeft.utils.modules import pattern_key
 
@@ -446,13 +446,8 @@ class LoraModel(BaseTuner):
 
     def _prepare_adapter_config(self, config: LoraConfig, model_config: Dict[str, Any]) -> LoraConfig:
         if config.target_modules is None:
-            model_type = model_config.get("model_type")
-            if model_type not in DEFAULT_LORA_TARGET_MODULES:
-                raise ValueError(
-                    f"No default LoRA target modules for model type {model_type!r}; set target_modules "
-                    "(e.g. ['q_proj', 'v_proj'] or 'all-linear')."
-                )
-            config.target_modules = set(DEFAULT_LORA_TARGET_MODULES[model_type])
+            config.target_modules = default_modules(DEFAULT_LORA_TARGET_MODULES, model_config, "LoRA target modules",
+                                                    "target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear')")
         return config
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
