@@ -198,7 +198,8 @@ def _has_hooks(module: nn.Module) -> bool:
 def _static_skip_reason(module: nn.Module) -> Optional[str]:
     """Why this LoRA layer can never use the op (None if it can, at least for some calls)."""
     base = _base_of(module)
-    if _is_bnb_4bit(base):
+    adalora = _is_adalora_layer(module)  # peft's SVDLinear: same checks, its own class name
+    if _is_bnb_4bit(base) and not adalora:
         if type(module).__name__ != "Linear4bit":
             return f"LoRA layer {type(module).__name__} on a 4-bit base: the QLoRA op covers peft's and fastpeft's Linear4bit"
         if _has_hooks(base) or _has_hooks(module):
@@ -208,8 +209,9 @@ def _static_skip_reason(module: nn.Module) -> Optional[str]:
         return _qlora_adapter_skip_reason(module, adapters[0]) if adapters and not plain else None
     if type(base).__name__ in _QUANTIZED_NAMES or getattr(getattr(base, "weight", None), "quant_state", None) is not None:
         return f"quantized base layer {_cls_path(base)} (the LoRA-linear op needs a dense weight; see the QLoRA op)"
-    if type(module).__name__ != "Linear":
-        return (f"LoRA layer {type(module).__name__} on {type(base).__name__}: the fused op covers LoRA on "
+    if type(module).__name__ != ("SVDLinear" if adalora else "Linear"):
+        method = "AdaLoRA" if adalora else "LoRA"
+        return (f"{method} layer {type(module).__name__} on {type(base).__name__}: the fused op covers {method} on "
                 "nn.Linear and Conv1D only")
     if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
         return f"base layer {_cls_path(base)} is neither torch.nn.Linear nor transformers' Conv1D"
@@ -223,26 +225,6 @@ def _static_skip_reason(module: nn.Module) -> Optional[str]:
     plain = [a for a in adapters if _adapter_skip_reason(module, a) is None]
     if adapters and not plain:
         return _adapter_skip_reason(module, adapters[0])
-    return None
-
-
-def _adalora_skip_reason(module: nn.Module) -> Optional[str]:
-    """Why this AdaLoRA layer can never use the LoRA-linear op (None if it can)."""
-    base = _base_of(module)
-    if type(module).__name__ != "SVDLinear":
-        return (f"AdaLoRA layer {type(module).__name__} on {type(base).__name__}: the fused op covers AdaLoRA's "
-                "SVDLinear on nn.Linear and Conv1D only")
-    if type(base).__name__ in _QUANTIZED_NAMES or getattr(getattr(base, "weight", None), "quant_state", None) is not None:
-        return f"quantized base layer {_cls_path(base)} (the LoRA-linear op needs a dense weight)"
-    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
-        return f"base layer {_cls_path(base)} is neither torch.nn.Linear nor transformers' Conv1D"
-    if _is_conv1d(base) != bool(getattr(module, "fan_in_fan_out", False)):
-        return "fan_in_fan_out does not match the base layer's weight layout"
-    if _has_hooks(base) or _has_hooks(module):
-        return "the layer or its base layer has forward hooks (e.g. accelerate offloading); bypassing them would break it"
-    drops = [a for a, d in module.lora_dropout.items() if not isinstance(d, (nn.Dropout, nn.Identity))]
-    if drops and len(drops) == len(module.lora_A):
-        return f"adapter {drops[0]!r} uses dropout module {_cls_path(module.lora_dropout[drops[0]])}"
     return None
 
 
@@ -349,22 +331,17 @@ def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
 
 def _adalora_forward(self: nn.Module, state: Dict[str, Any], x: torch.Tensor, args, kwargs) -> torch.Tensor:
     """peft's ``SVDLinear.forward`` through the LoRA-linear op, in the plain case (see the module doc)."""
-    if args or kwargs or self.disable_adapters or self.merged:
+    a = _plain_adapter(self, x, args, kwargs)
+    if a is None or x.dtype != self.lora_A[a].dtype or x.dtype != self.lora_B[a].dtype:
         return _fallback(self, state, x, args, kwargs)
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if len(active) != 1:
-        return _fallback(self, state, x, args, kwargs)
-    a = active[0]
     base = _base_of(self)
     drop = self.lora_dropout[a]
-    A, E, B = self.lora_A[a], self.lora_E[a], self.lora_B[a]
-    if not isinstance(drop, (nn.Dropout, nn.Identity)) or not (x.dtype == base.weight.dtype == A.dtype == B.dtype):
-        return _fallback(self, state, x, args, kwargs)
     # peft: (drop(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5); the scale is folded into the
     # down-projection as a tensor, so a changed ranknum needs no host read
-    down = (A * E) * (self.scaling[a] / (self.ranknum[a] + 1e-5))
+    down = (self.lora_A[a] * self.lora_E[a]) * (self.scaling[a] / (self.ranknum[a] + 1e-5))
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight
-    return lora_linear(x, weight, base.bias, down, B, 1.0, dropout_p=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+    return lora_linear(x, weight, base.bias, down, self.lora_B[a], 1.0,
+                       dropout_p=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
                        training=self.training, backend=state["backend"])
 
 
@@ -467,18 +444,6 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
                 note += f"; its backend follows FASTPEFT_BACKEND per call, not patch(backend={explicit!r})"
             report.native.append(PatchedModule(name, kind, note))
             continue
-        if lib == "peft" and _is_adalora_layer(module):
-            base = _base_of(module)
-            kind = f"{kind} on {type(base).__name__}"
-            reason = _adalora_skip_reason(module)
-            if reason is not None:
-                report.skipped.append(SkippedModule(name, kind, reason))
-                continue
-            _install(module, explicit, "adalora")
-            report.patched.append(PatchedModule(name, kind, "LoRA-linear op with A*E*scaling/ranknum as the down-"
-                                                "projection; original forward when merged, disabled or several "
-                                                "adapters are active"))
-            continue
         if not _is_lora_layer(module):
             report.skipped.append(SkippedModule(name, kind, "not a LoRA layer (another tuner); the fused op covers LoRA"))
             continue
@@ -492,10 +457,12 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         if lib == "fastpeft" and explicit is None:
             report.native.append(PatchedModule(name, kind, "runs the QLoRA op already" if qlora else "runs the fused op already"))
             continue
-        _install(module, explicit, "qlora" if qlora else "lora")
+        op = "qlora" if qlora else "adalora" if _is_adalora_layer(module) else "lora"
+        _install(module, explicit, op)
         skip = _qlora_adapter_skip_reason if qlora else _adapter_skip_reason
         notes = [a for a in module.lora_A.keys() if skip(module, a) is not None]
-        note = ("QLoRA op (4-bit weight dequantised in the matmul); " if qlora else "") + \
+        note = {"qlora": "QLoRA op (4-bit weight dequantised in the matmul); ",
+                "adalora": "LoRA-linear op with A*E*scaling/ranknum as the down-projection; "}.get(op, "") + \
             "original forward when merged, disabled or several adapters are active"
         if notes:
             note += f"; adapters {notes} always use the original forward"
