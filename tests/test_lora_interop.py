@@ -194,3 +194,26 @@ def test_bert_token_cls_and_feature_extraction_match_peft(task, ids, tmp_path):
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     # TOKEN_CLS trains and saves the classifier head in full, as peft does
     assert ("base_model.model.classifier.weight" in saved) == (task == "TOKEN_CLS")
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-regex-rslora"])
+def test_set_scale_and_scale_layer_match_peft(case, ids):
+    """peft's scaling API (used by e.g. diffusers' LoRA weight scale): set_scale resets to
+    ``scale *`` the initial scaling (``alpha/sqrt(r)`` under rsLoRA), scale_layer multiplies,
+    unscale_layer(None) restores; logits follow peft's at each step."""
+    ours, theirs = _pair(case)
+
+    def lora_layers(model):
+        return {n: m for n, m in model.named_modules() if hasattr(m, "set_scale") and hasattr(m, "lora_A")}
+
+    for step in (lambda m: m.set_scale("default", 0.5), lambda m: m.scale_layer(3.0),
+                 lambda m: m.unscale_layer(2.0), lambda m: m.unscale_layer(None)):
+        for model in (ours, theirs):
+            for layer in lora_layers(model).values():
+                step(layer)
+        ours_scaling = {n: m.scaling["default"] for n, m in lora_layers(ours).items()}
+        theirs_scaling = {n: m.scaling["default"] for n, m in lora_layers(theirs).items()}
+        assert ours_scaling.keys() == theirs_scaling.keys() and ours_scaling
+        for name, value in theirs_scaling.items():
+            assert ours_scaling[name] == pytest.approx(value, rel=1e-12), name
+        torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=FP32_ATOL, rtol=0)

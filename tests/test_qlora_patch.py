@@ -2,7 +2,7 @@
 ``Linear4bit`` and frozen ``Linear4bit`` layers go through the QLoRA op.
 
 Oracle: the same model unpatched (bitsandbytes + peft), compared in train mode (bitsandbytes
-repacks weights for a different CPU kernel in eval mode, see DESIGN.md). The reference backend
+repacks weights for a different CPU kernel in eval mode, with an input that needs no grad). The reference backend
 on a 2-layer tiny Llama; the Triton kernels under the interpreter on a 1-layer one.
 """
 

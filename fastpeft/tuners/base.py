@@ -113,11 +113,8 @@ class BaseTunerLayer:
             adapter_names = [adapter_names]
         for attr in self.adapter_layer_names:
             layer = getattr(self, attr)
-            for key, sub in layer.items():
-                if isinstance(sub, nn.Parameter):
-                    sub.requires_grad_(key in adapter_names)
-                else:
-                    sub.requires_grad_(key in adapter_names)
+            for key, sub in layer.items():  # nn.Module or nn.Parameter: both take requires_grad_
+                sub.requires_grad_(key in adapter_names)
         self._active_adapter = list(adapter_names)
 
     def delete_adapter(self, adapter_name: str) -> None:

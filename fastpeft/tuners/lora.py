@@ -146,7 +146,7 @@ class LoraLayer(BaseTunerLayer):
     """Per-adapter LoRA state shared by every LoRA layer type."""
 
     adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora")
     # layer types whose forward implements DoRA set this (a subclass overriding forward must set it itself)
     supports_dora = False
 
@@ -159,6 +159,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.use_dora: Dict[str, bool] = {}
+        self.use_rslora: Dict[str, bool] = {}
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA; added to adapter_layer_names once used
         self._dora_merged_norm: Dict[str, torch.Tensor] = {}
         self._dora_norm_cache: Dict[str, tuple] = {}  # adapter -> (weights' identity and versions, norm)
@@ -179,7 +180,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.scaling[adapter_name] = self._initial_scaling(adapter_name)
         self.use_dora[adapter_name] = bool(use_dora)
         self._dora_norm_cache.pop(adapter_name, None)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
@@ -248,9 +250,27 @@ class LoraLayer(BaseTunerLayer):
         for attr in ("lora_A", "lora_B"):
             getattr(self, attr)[adapter_name].to(device=weight.device if weight.device.type != "meta" else None, dtype=dtype)
 
+    def _initial_scaling(self, adapter: str) -> float:
+        """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
+        r = self.r[adapter]
+        return self.lora_alpha[adapter] / (math.sqrt(r) if self.use_rslora.get(adapter, False) else r)
+
     def set_scale(self, adapter: str, scale: float) -> None:
+        """Set ``adapter``'s scaling to ``scale`` times its initial one (peft's ``set_scale``)."""
         if adapter in self.scaling:
-            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+            self.scaling[adapter] = scale * self._initial_scaling(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of every active adapter on this layer by ``scale``."""
+        for adapter in self.active_adapters:
+            if adapter in self.scaling:
+                self.scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Divide the active adapters' scaling by ``scale``; ``None`` restores the initial scaling."""
+        for adapter in self.active_adapters:
+            if adapter in self.scaling:
+                self.scaling[adapter] = self._initial_scaling(adapter) if scale is None else self.scaling[adapter] / scale
 
     def _dropout_p(self, adapter: str) -> float:
         drop = self.lora_dropout[adapter]
@@ -450,10 +470,6 @@ class LoraModel(BaseTuner):
                                                     "target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear')")
         return config
 
-    def _check_new_adapter_config(self, config: LoraConfig) -> None:
-        if config.use_dora and not _dora_available():
-            raise NotImplementedError("use_dora=True is not supported by this fastpeft build yet.")
-
     def adapter_key_map(self, adapter_name: str, prefix: str = "") -> Dict[str, str]:
         """peft's checkpoint keys; DoRA's magnitude is saved as ``...lora_magnitude_vector`` (no ``.weight``)."""
         mapping = super().adapter_key_map(adapter_name, prefix)
@@ -498,10 +514,6 @@ class LoraModel(BaseTuner):
             new.set_adapter(self.active_adapters)
             new.requires_grad_(False)
         setattr(parent, target_name, new)
-
-
-def _dora_available() -> bool:
-    return True
 
 
 def _layer_supports_dora(layer: nn.Module) -> bool:

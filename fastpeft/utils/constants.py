@@ -32,4 +32,3 @@ DEFAULT_LORA_TARGET_MODULES = {
 
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 SEQ_CLS_HEAD_NAMES = ["score", "classifier"]
-EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
