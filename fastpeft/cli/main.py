@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from fastpeft.cli.train import add_train_arguments
+    from fastpeft.cli.arguments import add_train_arguments
 
     p = argparse.ArgumentParser(prog="fastpeft", description="fastpeft: PEFT with fused kernels")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -39,7 +39,8 @@ def _bench(extra: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastpeft`` console script; returns the exit status."""
-    from fastpeft.cli.train import TrainError, run_train
+    from fastpeft.cli.errors import TrainError
+    from fastpeft.cli.train import run_train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
