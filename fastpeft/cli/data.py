@@ -37,16 +37,21 @@ class Example:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Read and validate a JSONL dataset; errors name the file and line."""
+    """Read and validate a JSONL dataset; errors (bad UTF-8, bad JSON, bad rows) name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"data file not found: {path} (pass an existing JSONL file)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so a decoding error knows its line
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise TrainError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                 "re-save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -196,13 +201,46 @@ def collate(examples: list[Example], pad_id: int, left_pad: bool = False):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(examples: list[Example], batch_size: int, gen):
-    """Endless shuffled micro-batches (a new permutation every epoch)."""
-    import torch
-    while True:
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            if len(idx) < batch_size and len(order) >= batch_size:
-                break  # drop the ragged tail; the next epoch reshuffles
-            yield [examples[j] for j in idx]
+class BatchStream:
+    """Endless shuffled micro-batches: a new permutation every epoch, the ragged tail dropped.
+
+    Its position (the shuffling generator's state at the start of the current epoch, plus the
+    offset into that epoch's order) is part of every checkpoint, so a resumed run sees the
+    same batches as an uninterrupted one.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int):
+        import torch
+        self.examples, self.batch_size = examples, batch_size
+        self._gen = torch.Generator().manual_seed(seed)
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        import torch
+        self._epoch_start = self._gen.get_state()
+        self._order = torch.randperm(len(self.examples), generator=self._gen).tolist()
+        self._offset = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[Example]:
+        while True:
+            idx = self._order[self._offset:self._offset + self.batch_size]
+            if idx and (len(idx) == self.batch_size or len(self._order) < self.batch_size):
+                self._offset += self.batch_size
+                return [self.examples[j] for j in idx]
+            self._new_epoch()  # epoch done (or only a ragged tail left): reshuffle
+
+    def state_dict(self) -> dict:
+        """The data position: where in which shuffle the next batch starts."""
+        return {"epoch_start_rng": self._epoch_start.clone(), "offset": self._offset, "rows": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` of a stream over the same examples."""
+        if state["rows"] != len(self.examples):
+            raise TrainError(f"--resume: the checkpoint was trained on {state['rows']} rows, this data has "
+                             f"{len(self.examples)}; resume with the same --data and --max-length")
+        self._gen.set_state(state["epoch_start_rng"])
+        self._new_epoch()
+        self._offset = state["offset"]

@@ -1,17 +1,24 @@
-"""The training loop of ``fastpeft train``: optimizer, learning-rate schedule, steps, checkpoints."""
+"""The training loop of ``fastpeft train``: optimizer, learning-rate schedule, steps, checkpoints,
+resuming, and stopping cleanly on SIGINT / SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastpeft.cli.checkpoint import save_adapter
-from fastpeft.cli.data import IGNORE_INDEX, batches, collate
-from fastpeft.cli.errors import TrainError
+from fastpeft.cli.checkpoint import (capture_rng, checkpoint_dirs, load_training_state, prune_checkpoints,
+                                     restore_rng, save_checkpoint, ADAPTER_WEIGHTS)
+from fastpeft.cli.data import IGNORE_INDEX, BatchStream, collate
+from fastpeft.cli.errors import TrainError, TrainInterrupted
 from fastpeft.cli.loss import batch_loss
+
+STATE_FORMAT = 1
 
 
 def make_optimizer(params, args: argparse.Namespace, device):
@@ -50,37 +57,134 @@ def train_step(model, micro: list, pad_id: int, device, use_bf16: bool) -> tuple
     return step_loss, tokens
 
 
-def train_loop(model, tok, train_ex, params, opt, sched, args, device, use_bf16: bool, out_dir: Path) -> dict:
-    """Run ``args.steps`` optimizer steps; {"losses", "tokens_seen", "checkpoints", "train_seconds"}."""
-    import torch
+class StopOnSignal:
+    """While training (``deferring``), SIGINT / SIGTERM only set ``signum``: the loop finishes its
+    step, saves a checkpoint and stops. Outside the loop (loading, evaluation), or on a second
+    signal, they raise KeyboardInterrupt at once. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.deferring = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferring and self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                  "(send it again to stop at once, without one)", file=sys.stderr)
+            return
+        raise KeyboardInterrupt
+
+
+@dataclass
+class TrainingRun:
+    """Everything a checkpoint restores, and the progress so far (``step`` optimizer steps done)."""
+    model: object
+    pad_id: int
+    params: list
+    opt: object
+    sched: object
+    stream: BatchStream
+    device: object
+    use_bf16: bool
+    identity: dict  # the options that define the run; --resume refuses a checkpoint of another run
+    step: int = 0
+    losses: list = field(default_factory=list)
+    tokens_seen: int = 0
+    eval_before: dict | None = None
+
+    def training_state(self) -> dict:
+        return {"format": STATE_FORMAT, "step": self.step, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": capture_rng(), "data": self.stream.state_dict(),
+                "losses": list(self.losses), "tokens_seen": self.tokens_seen, "eval_before": self.eval_before,
+                "run": dict(self.identity)}
+
+    def save(self, out_dir: Path, keep: int | None) -> Path:
+        """Write ``checkpoint-<step>`` and drop the oldest beyond ``keep``."""
+        path = save_checkpoint(self.model, self.training_state(), Path(out_dir) / f"checkpoint-{self.step}")
+        prune_checkpoints(out_dir, keep)
+        return path
+
+    def resume(self, ckpt: Path) -> None:
+        """Load adapter weights, optimizer, scheduler, data position and RNG states from ``ckpt``."""
+        from safetensors.torch import load_file
+
+        from fastpeft import set_peft_model_state_dict
+        state = load_training_state(ckpt)
+        if state.get("format") != STATE_FORMAT:
+            raise TrainError(f"--resume: {ckpt} has training-state format {state.get('format')}, this fastpeft "
+                             f"writes {STATE_FORMAT}; start a new run in another --output-dir")
+        changed = [k for k in self.identity if state["run"].get(k) != self.identity[k]]
+        if changed:
+            k = changed[0]
+            raise TrainError(f"--resume: {ckpt} was written by a run with {k} {state['run'].get(k)}, this command "
+                             f"has {self.identity[k]}; resume with the original options, or pass another "
+                             "--output-dir to start a new run")
+        set_peft_model_state_dict(self.model, load_file(str(Path(ckpt) / ADAPTER_WEIGHTS)))
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        self.step, self.losses, self.tokens_seen = state["step"], list(state["losses"]), state["tokens_seen"]
+        self.eval_before = state["eval_before"]
+        restore_rng(state["rng"])  # last: nothing may draw random numbers between this and the next step
+
+    def one_step(self, grad_accum: int, max_grad_norm: float) -> tuple[float, int]:
+        """One optimizer step; (its loss, tokens processed)."""
+        import torch
+        micro = [next(self.stream) for _ in range(grad_accum)]
+        loss, tokens = train_step(self.model, micro, self.pad_id, self.device, self.use_bf16)
+        if not math.isfinite(loss):
+            raise TrainError(f"loss became {loss} at step {self.step + 1}; lower --lr")
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.losses.append(loss)
+        self.tokens_seen += tokens
+        return loss, tokens
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete (resumable) checkpoint in ``out_dir``, or None."""
+    found = checkpoint_dirs(out_dir)
+    return found[-1][1] if found else None
+
+
+def train_loop(run: TrainingRun, args: argparse.Namespace, out_dir: Path, stop: StopOnSignal) -> dict:
+    """Steps ``run.step + 1 .. args.steps``; a checkpoint every ``--save-every`` steps and when a signal
+    arrives (then :class:`TrainInterrupted`). Returns this session's {"tokens", "seconds"}."""
     from tqdm.auto import tqdm
-    gen = torch.Generator().manual_seed(args.seed)
-    stream = batches(train_ex, args.batch_size, gen)
-    model.train()
-    losses: list[float] = []
-    saved: list[str] = []
-    tokens_seen = 0
-    t_train = time.perf_counter()
-    bar = tqdm(total=args.steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-    for step in range(1, args.steps + 1):
-        step_loss, tokens = train_step(model, [next(stream) for _ in range(args.grad_accum)], tok.pad_token_id,
-                                       device, use_bf16)
-        tokens_seen += tokens
-        if not math.isfinite(step_loss):
-            bar.close()
-            raise TrainError(f"loss became {step_loss} at step {step}; lower --lr")
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        elapsed = time.perf_counter() - t_train
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}",
-                        lr=f"{sched.get_last_lr()[0]:.1e}")
-        bar.update(1)
-        if args.save_every and step % args.save_every == 0 and step != args.steps:
-            saved.append(str(save_adapter(model, out_dir / f"checkpoint-{step}")))
-    bar.close()
-    return {"losses": losses, "tokens_seen": tokens_seen, "checkpoints": saved,
-            "train_seconds": time.perf_counter() - t_train}
+    run.model.train()
+    tokens, t0 = 0, time.perf_counter()
+    bar = tqdm(total=args.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    stop.deferring = True
+    try:
+        while run.step < args.steps:
+            loss, n = run.one_step(args.grad_accum, args.max_grad_norm)
+            tokens += n
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
+                            lr=f"{run.sched.get_last_lr()[0]:.1e}")
+            bar.update(1)
+            if stop.signum is not None:
+                path = run.save(out_dir, args.save_total_limit)
+                raise TrainInterrupted(signal.Signals(stop.signum).name, run.step, path)
+            if args.save_every and run.step % args.save_every == 0 and run.step != args.steps:
+                run.save(out_dir, args.save_total_limit)
+        if stop.signum is not None:  # it came after the last step's check
+            raise TrainInterrupted(signal.Signals(stop.signum).name, run.step, run.save(out_dir, args.save_total_limit))
+    finally:
+        stop.deferring = False
+        bar.close()
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0}

@@ -197,3 +197,21 @@ def build_model(args: argparse.Namespace, device, use_bf16: bool):
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return tok, model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, 4-bit weights counted as the values they hold.
+
+    bitsandbytes stores a 4-bit ``Params4bit`` packed, two values per byte of its storage
+    dtype, so its ``numel()`` is a fraction of the layer's weight count; count it the way
+    peft's ``get_nb_trainable_parameters`` does: ``numel * 2 * bytes per storage element``.
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n *= 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

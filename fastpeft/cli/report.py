@@ -71,10 +71,13 @@ def run_eval(label: str, model, tok, eval_ex: list[Example], device, use_bf16: b
     return res
 
 
-def first_last(losses: list[float], k: int = 5) -> tuple[float, float]:
-    """Mean of the first and of the last ``k`` losses."""
-    k = min(k, len(losses))
-    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+def first_last(losses: list[float], k: int = 5) -> tuple[float, float, int]:
+    """(mean of the first ``w`` losses, mean of the last ``w``, ``w``): ``w`` is ``k``, or fewer for a
+    short run so that the two windows never overlap (one step each for 2-3 steps)."""
+    if not losses:
+        return float("nan"), float("nan"), 0
+    w = max(1, min(k, len(losses) // 2))
+    return sum(losses[:w]) / w, sum(losses[-w:]) / w, w
 
 
 def without_samples(res: dict | None) -> dict | None:
@@ -90,10 +93,14 @@ def print_summary(s: dict, load_s: float) -> None:
     if before and after:
         print(f"  exact match (held-out, n={after['n']}): {before['exact_match']:.1%} -> {after['exact_match']:.1%}")
         print(f"  eval loss:                      {before['loss']:.4f} -> {after['loss']:.4f}")
-    print(f"  train loss (first/last 5 steps): {s['train_loss_first']:.4f} -> {s['train_loss_last']:.4f}")
+    w = s["train_loss_window"]
+    print(f"  train loss (first/last {w} step{'s' if w != 1 else ''}): {s['train_loss_first']:.4f} -> "
+          f"{s['train_loss_last']:.4f}")
+    speed = f", {s['tokens_per_s']:.0f} tokens/s" if s["tokens_per_s"] is not None else ""
+    resumed = f" (resumed at step {s['resumed_from_step']})" if s["resumed_from_step"] else ""
     print(f"  time: {s['total_seconds']:.1f}s total ({load_s:.1f}s load, {s['train_seconds']:.1f}s for "
-          f"{s['steps']} steps, {s['tokens_per_s']:.0f} tokens/s; {s['process_cpu_seconds']:.0f} s of CPU time "
-          "in this process)")
+          f"{s['steps'] - s['resumed_from_step']} steps{resumed}{speed}; {s['process_cpu_seconds']:.0f} s of "
+          "CPU time in this process)")
     if s["peak_gpu_memory_gib"] is not None:
         print(f"  peak GPU memory: {s['peak_gpu_memory_gib']:.2f} GiB (torch.cuda.max_memory_allocated)")
     print(f"  adapter (PEFT format): {s['adapter_dir']}")

@@ -21,12 +21,17 @@ import time
 from pathlib import Path
 
 from fastpeft.cli.arguments import check_args
-from fastpeft.cli.checkpoint import save_adapter, write_json
-from fastpeft.cli.data import encode_rows, load_rows
+from fastpeft.cli.checkpoint import checkpoint_dirs, check_output_dir, remove_leftovers, save_adapter, write_json
+from fastpeft.cli.data import BatchStream, encode_rows, load_rows
 from fastpeft.cli.errors import TrainError
-from fastpeft.cli.loop import make_optimizer, make_scheduler, train_loop
-from fastpeft.cli.model import build_model
+from fastpeft.cli.loop import StopOnSignal, TrainingRun, latest_checkpoint, make_optimizer, make_scheduler, train_loop
+from fastpeft.cli.model import build_model, count_parameters
 from fastpeft.cli.report import first_last, print_summary, run_eval, without_samples
+
+# the options that define a run: `--resume` continues a checkpoint only if they are unchanged
+_RUN_OPTIONS = ("model", "data", "eval_data", "eval_examples", "chat_template", "max_length", "steps", "batch_size",
+                "grad_accum", "lr", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "r", "lora_alpha",
+                "lora_dropout", "target_modules", "qlora")
 
 
 def _set_cpu_threads(threads: int | None) -> None:
@@ -71,11 +76,22 @@ def _pick_device(args: argparse.Namespace):
     return device, use_bf16
 
 
-def _output_dir(args: argparse.Namespace) -> Path:
+def _output_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The run directory, created and proven writable now; (path, whether it was created here)."""
     out_dir = Path(args.output_dir or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainError(f"--output-dir {out_dir} exists and is not a directory")
-    return out_dir
+    created = check_output_dir(out_dir)
+    removed = remove_leftovers(out_dir)
+    if removed:
+        print(f"note: removed {len(removed)} temporary folder(s) left by an interrupted save in {out_dir}: "
+              f"{', '.join(removed)}", file=sys.stderr)
+    return out_dir, created
+
+
+def _run_identity(args: argparse.Namespace, use_bf16: bool) -> dict:
+    ident = {"--" + k.replace("_", "-"): getattr(args, k) for k in _RUN_OPTIONS}
+    ident = {k: str(v) if isinstance(v, Path) else v for k, v in ident.items()}
+    ident["--bf16"] = bool(use_bf16)
+    return ident
 
 
 def _max_new_tokens(args: argparse.Namespace, tok, eval_ex) -> int:
@@ -111,17 +127,37 @@ def run_train(args: argparse.Namespace) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> dict:
+    check_args(args)
+    out_dir, created = _output_dir(args)  # before anything slow: a bad directory fails in a second
+    try:
+        with StopOnSignal() as stop:
+            return _train_in(args, out_dir, stop)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):  # a failed start leaves no empty run directory
+            out_dir.rmdir()
+        raise
+
+
+def _describe(args, device, use_bf16, load_s, opt_name, model, train_ex, eval_ex, train_path, eval_src, use_chat):
+    n_train, n_all = count_parameters(model)
+    print(f"model {args.model} on {device} ({'bf16 autocast' if use_bf16 else 'fp32'}"
+          f"{', 4-bit NF4 base (QLoRA)' if args.qlora else ''}), loaded in {load_s:.1f}s; "
+          f"{opt_name}; LoRA r={args.r} alpha={args.lora_alpha:g} on {args.target_modules}: "
+          f"{n_train:,} trainable / {n_all:,} params ({100 * n_train / n_all:.2f}%)")
+    print(f"data: {len(train_ex)} training rows from {train_path}; {len(eval_ex)} eval rows ({eval_src}); "
+          f"{'chat template' if use_chat else 'plain text'} format")
+    return n_train, n_all
+
+
+def _train_in(args: argparse.Namespace, out_dir: Path, stop: StopOnSignal) -> dict:
     import torch
 
-    check_args(args)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device, use_bf16 = _pick_device(args)
     # data first: a bad file should fail before a slow model load
     train_rows, eval_rows, train_path, eval_src = load_rows(args.data, args.eval_data, args.seed, args.eval_examples)
-    out_dir = _output_dir(args)
-
     t0 = time.perf_counter()
     tok, model = build_model(args, device, use_bf16)
     load_s = time.perf_counter() - t0
@@ -132,44 +168,54 @@ def _run_train(args: argparse.Namespace) -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt, opt_name = make_optimizer(params, args, device)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model} on {device} ({'bf16 autocast' if use_bf16 else 'fp32'}"
-          f"{', 4-bit NF4 base (QLoRA)' if args.qlora else ''}), loaded in {load_s:.1f}s; "
-          f"{opt_name}; LoRA r={args.r} alpha={args.lora_alpha:g} on {args.target_modules}: "
-          f"{n_train:,} trainable / {n_all:,} params ({100 * n_train / n_all:.2f}%)")
-    print(f"data: {len(train_ex)} training rows from {train_path}; {len(eval_ex)} eval rows ({eval_src}); "
-          f"{'chat template' if use_chat else 'plain text'} format")
+    n_params = _describe(args, device, use_bf16, load_s, opt_name, model, train_ex, eval_ex, train_path, eval_src,
+                         use_chat)
     if device.type == "cuda":
         _patch_on_cuda(model, device)
-
-    try:  # created once the model and data loaded: a failed start leaves no empty run directory
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainError(f"cannot create --output-dir {out_dir}: {exc}") from None
-
+    run = TrainingRun(model, tok.pad_token_id, params, opt, make_scheduler(opt, args.steps, args.warmup_steps),
+                      BatchStream(train_ex, args.batch_size, args.seed), device, use_bf16,
+                      _run_identity(args, use_bf16))
     evaluate = lambda label: run_eval(label, model, tok, eval_ex, device, use_bf16,  # noqa: E731
                                       args.eval_batch_size, max_new)
-    before = evaluate("before")
-    sched = make_scheduler(opt, args.steps, args.warmup_steps)
-    run = train_loop(model, tok, train_ex, params, opt, sched, args, device, use_bf16, out_dir)
+    resumed_from = _maybe_resume(run, args, out_dir)
+    if resumed_from is None:
+        run.eval_before = without_samples(evaluate("before"))
+    session = train_loop(run, args, out_dir, stop)
+    adapter_dir = save_adapter(model, out_dir / "adapter")  # before the final eval: it is the run's product
     after = evaluate("after")
-    adapter_dir = save_adapter(model, out_dir / "adapter")
 
-    l0, l1 = first_last(run["losses"])
+    l0, l1, window = first_last(run.losses)
     summary = {
         "model": args.model, "device": str(device), "bf16": bool(use_bf16), "steps": args.steps,
         "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
         "train_rows": len(train_ex), "eval_rows": len(eval_ex),
-        "train_loss_first": l0, "train_loss_last": l1, "train_losses": run["losses"],
-        "eval_before": without_samples(before), "eval_after": without_samples(after),
-        "tokens_per_s": run["tokens_seen"] / run["train_seconds"], "train_seconds": run["train_seconds"],
-        "total_seconds": time.perf_counter() - t_start, "process_cpu_seconds": time.process_time() - cpu_start,
-        "adapter_dir": str(adapter_dir), "checkpoints": run["checkpoints"],
+        "trainable_params": n_params[0], "total_params": n_params[1],
+        "train_loss_first": l0, "train_loss_last": l1, "train_loss_window": window, "train_losses": run.losses,
+        "eval_before": run.eval_before, "eval_after": without_samples(after),
+        "resumed_from_step": resumed_from or 0,
+        "tokens_per_s": session["tokens"] / session["seconds"] if session["tokens"] else None,
+        "train_seconds": session["seconds"], "total_seconds": time.perf_counter() - t_start,
+        "process_cpu_seconds": time.process_time() - cpu_start,
+        "adapter_dir": str(adapter_dir), "checkpoints": [str(p) for _, p in checkpoint_dirs(out_dir)],
         "qlora": bool(args.qlora), "optimizer": opt_name,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     write_json(out_dir / "summary.json", summary)
     print_summary(summary, load_s)
     return summary
+
+
+def _maybe_resume(run: TrainingRun, args: argparse.Namespace, out_dir: Path) -> int | None:
+    """With --resume, load the newest complete checkpoint; the step it was at, or None (a fresh start)."""
+    if not args.resume:
+        return None
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        print(f"note: --resume: no checkpoint in {out_dir} yet; starting at step 0", file=sys.stderr)
+        return None
+    run.resume(ckpt)
+    if run.step > args.steps:
+        raise TrainError(f"--resume: {ckpt} is past --steps {args.steps}")
+    print(f"resuming from {ckpt} (step {run.step} of {args.steps})")
+    return run.step
