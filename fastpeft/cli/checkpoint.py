@@ -118,15 +118,20 @@ def remove_leftovers(out_dir: Path) -> list[str]:
     return removed
 
 
-def check_output_dir(out_dir: Path) -> bool:
+def check_output_dir(out_dir: Path) -> Path | None:
     """Create ``out_dir`` if needed and prove it writable with a probe file, before anything slow runs.
 
-    Returns whether it was created here (so a failed start can remove it again).
+    Returns the topmost directory created here (None if ``out_dir`` existed), so that a failed
+    start can remove what it made with :func:`remove_if_empty`.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainError(f"--output-dir {out_dir} exists and is not a directory")
-    created = not out_dir.exists()
+    created = None
+    for p in (out_dir, *out_dir.parents):
+        if p.exists():
+            break
+        created = p
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -137,9 +142,26 @@ def check_output_dir(out_dir: Path) -> bool:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        remove_if_empty(out_dir, created)
         raise TrainError(f"--output-dir {out_dir} is not writable ({exc.strerror}); "
                          "fix its permissions or pass another --output-dir") from None
     return created
+
+
+def remove_if_empty(out_dir: Path, created: Path | None) -> None:
+    """Remove ``out_dir`` and its parents up to ``created`` while they are empty (``created``: what
+    :func:`check_output_dir` made; None: nothing)."""
+    if created is None:
+        return
+    p = Path(out_dir)
+    while True:
+        try:
+            p.rmdir()  # only succeeds on an empty directory
+        except OSError:
+            return
+        if p == created:
+            return
+        p = p.parent
 
 
 # ----------------------------------------------------------------------------- RNG state

@@ -168,8 +168,8 @@ def train_loop(run: TrainingRun, args: argparse.Namespace, out_dir: Path, stop: 
     from tqdm.auto import tqdm
     run.model.train()
     tokens, t0 = 0, time.perf_counter()
+    stop.deferring = True  # from here on a signal waits for the end of a step
     bar = tqdm(total=args.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-    stop.deferring = True
     try:
         while run.step < args.steps:
             loss, n = run.one_step(args.grad_accum, args.max_grad_norm)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from fastpeft.cli.arguments import check_args
-from fastpeft.cli.checkpoint import checkpoint_dirs, check_output_dir, remove_leftovers, save_adapter, write_json
+from fastpeft.cli.checkpoint import checkpoint_dirs, check_output_dir, remove_if_empty, remove_leftovers, save_adapter, write_json
 from fastpeft.cli.data import BatchStream, encode_rows, load_rows
 from fastpeft.cli.errors import TrainError
 from fastpeft.cli.loop import StopOnSignal, TrainingRun, latest_checkpoint, make_optimizer, make_scheduler, train_loop
@@ -76,8 +76,8 @@ def _pick_device(args: argparse.Namespace):
     return device, use_bf16
 
 
-def _output_dir(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The run directory, created and proven writable now; (path, whether it was created here)."""
+def _output_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The run directory, created and proven writable now; (path, the topmost directory created here)."""
     out_dir = Path(args.output_dir or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
     created = check_output_dir(out_dir)
     removed = remove_leftovers(out_dir)
@@ -133,8 +133,7 @@ def _run_train(args: argparse.Namespace) -> dict:
         with StopOnSignal() as stop:
             return _train_in(args, out_dir, stop)
     except BaseException:
-        if created and not any(out_dir.iterdir()):  # a failed start leaves no empty run directory
-            out_dir.rmdir()
+        remove_if_empty(out_dir, created)  # a failed start leaves no empty run directory behind
         raise
 
 
