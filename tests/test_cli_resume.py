@@ -146,16 +146,18 @@ def test_leftovers_of_a_killed_save_are_removed(setup, tmp_path, capsys):
     (out / ".adapter.tmp-x9").mkdir()
     (out / ".checkpoint-2.old-1234").mkdir()
     (out / ".checkpoint-2.old-1234" / "adapter_config.json").write_text("{}")
+    (out / ".summary.json.q7w2").write_text("{")
     (out / "notes.txt").write_text("mine")
-    assert remove_leftovers(out) == [".adapter.tmp-x9", ".checkpoint-4.tmp-k1ll3d"]
+    (out / ".hidden").write_text("not ours")
+    assert remove_leftovers(out) == [".adapter.tmp-x9", ".checkpoint-4.tmp-k1ll3d", ".summary.json.q7w2"]
     # the moved-aside copy had no replacement: it is put back, not deleted
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "notes.txt"]
+    assert sorted(os.listdir(out)) == [".hidden", "checkpoint-2", "notes.txt"]
     assert (out / "checkpoint-2" / "adapter_config.json").read_text() == "{}"
 
     (out / ".checkpoint-7.tmp-abc").mkdir()
     assert main(_argv(setup, out, "--steps", "1")) == 0
     assert "removed 1 temporary folder(s) left by an interrupted save" in capsys.readouterr().err
-    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    assert [n for n in os.listdir(out) if n.startswith(".")] == [".hidden"]
 
 
 def test_sigterm_to_a_real_process(setup, tmp_path):

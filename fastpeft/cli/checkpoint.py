@@ -27,9 +27,10 @@ from fastpeft.cli.errors import TrainError
 STATE_FILE = "training_state.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-# what a save killed half-way leaves: ".<name>.tmp-<random>" (being written) and
-# ".<name>.old-<pid>" (the previous copy, moved aside for the instant of the swap)
-_LEFTOVER = re.compile(r"\.(checkpoint-\d+|adapter)\.(tmp|old)-.+")
+# what a save killed half-way leaves: ".<name>.tmp-<random>" (being written),
+# ".<name>.old-<pid>" (the previous copy, moved aside for the instant of the swap) and
+# ".summary.json.<random>" (write_json's temporary file)
+_LEFTOVER = re.compile(r"\.(checkpoint-\d+|adapter)\.(tmp|old)-.+|\.summary\.json\..+")
 
 
 def _atomic_dir(dest: Path, write: Callable[[Path], None]) -> Path:
@@ -99,7 +100,7 @@ def prune_checkpoints(out_dir: Path, keep: int | None) -> None:
 
 
 def remove_leftovers(out_dir: Path) -> list[str]:
-    """Remove what killed saves left in ``out_dir``; returns the names removed.
+    """Remove what killed saves left in ``out_dir`` (temporary names only); returns the names removed.
 
     A previous copy moved aside (``.<name>.old-*``) whose replacement never arrived is moved
     back instead: it is the last complete save of ``<name>``.
@@ -109,11 +110,13 @@ def remove_leftovers(out_dir: Path) -> list[str]:
         m = _LEFTOVER.fullmatch(p.name)
         if not m:
             continue
-        dest = p.parent / m.group(1)
-        if m.group(2) == "old" and not dest.exists():
-            os.replace(p, dest)
+        if m.group(2) == "old" and not (p.parent / m.group(1)).exists():
+            os.replace(p, p.parent / m.group(1))
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed.append(p.name)
     return removed
 
