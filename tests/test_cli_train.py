@@ -250,6 +250,7 @@ def test_version(capsys):
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--resume"], "--resume needs the --output-dir of the run to continue"),
 ])
 def test_bad_arguments(tmp_path, task_data, capsys, args, needle):
     train, ev = task_data
