@@ -163,7 +163,7 @@ def per_rank_batch_size(global_batch_size: int, world_size: int, grad_accum_step
     parts = world_size * grad_accum_steps
     if global_batch_size % parts:
         lower = global_batch_size - global_batch_size % parts
-        fix = f"a global batch of {lower or parts} or {lower + parts}"
+        fix = "a global batch of " + " or ".join(str(b) for b in (lower, lower + parts) if b)
         raise DistributedSetupError(
             f"global batch size {global_batch_size} does not split over {world_size} processes x "
             f"{grad_accum_steps} accumulation step(s) ({parts} equal micro-batches): use {fix} "
