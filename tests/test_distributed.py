@@ -29,7 +29,8 @@ from conftest import FP32_ATOL  # noqa: E402
 FP_SETUPS = ("ddp-fastpeft", "ddp-peft-patched", "fsdp2-fastpeft")
 QLORA_PROBE = "fsdp2-qlora-peft"  # no fastpeft code: can bitsandbytes' 4-bit base be sharded here at all?
 QLORA_SETUPS = (QLORA_PROBE, "fsdp2-qlora-fastpeft", "fsdp2-qlora-peft-patched", "ddp-qlora-peft-patched",
-                "fsdp2-qlora-peft-patched-triton")
+                # the Triton kernels in the CPU interpreter: for CPU machines (conftest sets TRITON_INTERPRET=1)
+                *(() if torch.cuda.is_available() else ("fsdp2-qlora-peft-patched-triton",)))
 LR = 1.0  # one SGD step on the adapters, large enough that the saved adapter differs from the initial one
 LORA_KW = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear", task_type="CAUSAL_LM")
 
@@ -343,3 +344,52 @@ def test_qlora_saved_adapter_is_one_process_step_and_loads_in_peft(qlora_run, se
                                             str(saved_dir))
     ids = _batch()
     torch.testing.assert_close(_logits(loaded, ids), _logits(trained, ids), atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_qlora_fsdp2_one_gpu(tmp_path):
+    """The 4-bit FSDP2 setup on a GPU (one rank, NCCL): fastpeft's LoRA on a CUDA bitsandbytes base
+    (fp32 quant storage) through its CUDA kernels, wrapped by wrap_model("fsdp2"): the same LoRA
+    gradients as the unwrapped model, and the adapter gathered by save_adapter after an SGD step
+    loads in peft with the same logits. (Two ranks on CPU: test_qlora_gradients_match_single_process.)"""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    import fastpeft
+    from fastpeft.utils.distributed import check_strategy, save_adapter, wrap_model
+    from qlora_helpers import load_4bit, save_tiny_llama
+
+    assert check_strategy("fsdp2", "cuda") == "nccl"
+    ckpt = save_tiny_llama(tmp_path / "llama", layers=2)
+    ids = _batch().cuda()
+
+    def build():
+        torch.manual_seed(0)
+        base = load_4bit(ckpt, quant_storage=torch.float32, device_map="cuda:0")
+        return fastpeft.get_peft_model(base, fastpeft.LoraConfig(**LORA_KW)).train()
+
+    def step(model):
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR).step()
+        return grads
+
+    ref_model = build()
+    ref = step(ref_model)
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        sharded = wrap_model(build(), "fsdp2")
+        got = step(sharded)
+        save_adapter(sharded, str(tmp_path / "adapter"))
+    finally:
+        dist.destroy_process_group()
+    assert sorted(got) == sorted(ref) and all("lora_" in n for n in ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    # the gathered adapter is the unwrapped model's after the step, and peft computes the same with either
+    ref_model.save_pretrained(str(tmp_path / "reference"))
+    logits = {}
+    for name in ("adapter", "reference"):
+        base = load_4bit(ckpt, quant_storage=torch.float32, device_map="cuda:0")
+        logits[name] = _logits(peft.PeftModel.from_pretrained(base, str(tmp_path / name)), ids)
+    torch.testing.assert_close(logits["adapter"], logits["reference"], atol=1e-5, rtol=1e-4)
