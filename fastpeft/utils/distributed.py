@@ -113,6 +113,16 @@ def _fully_shard_fn():
     return fully_shard
 
 
+def _require_fully_shard():
+    fully_shard = _fully_shard_fn()
+    if fully_shard is None:
+        raise DistributedSetupError(
+            f"--strategy fsdp2 needs torch's fully_shard (torch >= 2.6); torch {torch.__version__} lacks it: "
+            "upgrade torch, or use --strategy ddp."
+        )
+    return fully_shard
+
+
 def check_strategy(strategy: str, device: str, local_rank: int = 0) -> str:
     """Refuse a strategy/device pair that cannot run here; return the process-group backend to use
     (``"nccl"`` for ``device="cuda"``, ``"gloo"`` for ``"cpu"``)."""
@@ -123,11 +133,8 @@ def check_strategy(strategy: str, device: str, local_rank: int = 0) -> str:
             f"--strategy {strategy} needs torch.distributed, which this torch build lacks: install a torch "
             "wheel from pytorch.org (they include it), or train in one process without --strategy."
         )
-    if strategy == "fsdp2" and _fully_shard_fn() is None:
-        raise DistributedSetupError(
-            f"--strategy fsdp2 needs torch's fully_shard (torch >= 2.6); torch {torch.__version__} lacks it: "
-            "upgrade torch, or use --strategy ddp."
-        )
+    if strategy == "fsdp2":
+        _require_fully_shard()
     if device not in ("cpu", "cuda"):
         raise DistributedSetupError(f"Unknown device {device!r} for distributed training: use 'cuda' or 'cpu'.")
     if device == "cpu":
@@ -239,12 +246,7 @@ def wrap_model(model: nn.Module, strategy: str, device_ids: Optional[List[int]] 
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
     if strategy != "fsdp2":
         raise DistributedSetupError(f"Unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}.")
-    fully_shard = _fully_shard_fn()
-    if fully_shard is None:
-        raise DistributedSetupError(
-            f"--strategy fsdp2 needs torch's fully_shard (torch >= 2.6), missing in torch {torch.__version__}: "
-            "upgrade torch, or use --strategy ddp."
-        )
+    fully_shard = _require_fully_shard()
     layers = decoder_layers(model)
     if not layers:
         raise DistributedSetupError(
