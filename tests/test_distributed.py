@@ -50,7 +50,7 @@ def _model(setup: str):
 
     torch.manual_seed(0)
     lib = _library(setup)
-    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(**{k: v for k, v in LORA_KW.items() if k != "lora_alpha"}))
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(**LORA_KW))
     if setup.endswith("patched"):
         import fastpeft
 
