@@ -18,11 +18,13 @@ def save_tiny_llama(path, layers: int = 2, seed: int = 0) -> str:
     return str(path)
 
 
-def load_4bit(path, quant_type: str = "nf4", double_quant: bool = True):
-    """The checkpoint at ``path`` loaded 4-bit (BitsAndBytesConfig) on CPU."""
+def load_4bit(path, quant_type: str = "nf4", double_quant: bool = True, quant_storage=None, device_map="cpu"):
+    """The checkpoint at ``path`` loaded 4-bit (BitsAndBytesConfig) on CPU; ``quant_storage``: the
+    dtype packing the 4-bit codes (bitsandbytes' default uint8; FSDP setups use the compute dtype)."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                           **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+        return LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map=device_map)
