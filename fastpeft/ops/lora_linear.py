@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from fastpeft.ops.backend import choose_backend
+from fastpeft.ops.dropout import reference_dropout_mask as _dropout_mask
 from fastpeft.ops.settings import LORA_IMPLS as IMPLS, Settings, get_settings
 
 __all__ = ["lora_linear", "lora_delta", "lora_merge", "lora_impl", "LoraLinearReference", "LoraLinearTriton", "check_lora_shapes"]
@@ -44,11 +45,6 @@ def check_lora_shapes(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tenso
         raise ValueError(f"lora_linear: lora_A has shape {tuple(lora_A.shape)}, expected [r, {K}]")
     if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_linear: lora_B has shape {tuple(lora_B.shape)}, expected [{N}, {r}] (out_features, r)")
-
-
-def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    # Same draw as torch.nn.functional.dropout on CPU: empty_like(x).bernoulli_(1 - p) / (1 - p)
-    return torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 class LoraLinearReference(torch.autograd.Function):

@@ -36,6 +36,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from fastpeft.ops.backend import choose_backend
+from fastpeft.ops.dropout import reference_dropout_mask as _dropout_mask
 from fastpeft.ops.settings import NF4_IMPLS, Settings, get_settings
 
 __all__ = [
@@ -358,11 +359,6 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any, dtype: Optional[torch
 # --------------------------------------------------------------------------------------------
 # The QLoRA matmul op
 # --------------------------------------------------------------------------------------------
-
-
-def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    # The same draw as torch.nn.functional.dropout on CPU, so peft's outputs are reproduced.
-    return torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 def _check(x, state: NF4State, bias, lora_A, lora_B):
