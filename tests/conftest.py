@@ -85,8 +85,8 @@ def lora_train_step(model, ids, seed: int = 0):
 
 def count_calls(monkeypatch, owner, name: str, record=lambda args, kwargs: backend_of(kwargs)):
     """Wrap ``owner.<name>`` (an op a layer calls) so every call appends ``record(args, kwargs)``
-    (by default the backend it runs with, :func:`backend_of`) to the returned list, then runs the real op: proves a
-    forward was routed through it."""
+    (by default the backend it runs with, :func:`backend_of`) to the returned list, then runs
+    the real op: proves a forward was routed through it."""
     calls, real = [], getattr(owner, name)
 
     def counting(*a, **k):

@@ -205,3 +205,22 @@ def test_patch_settings_and_backend_arguments(settings):
     assert len(states) == 2 and all(s["settings"] == Settings(backend="reference") for s in states)
     with pytest.raises(ValueError, match="Unknown fastpeft backend 'gpu'"):
         fastpeft.patch(model, backend="gpu")
+
+
+def test_only_the_settings_module_reads_fastpeft_variables():
+    """No op, kernel or patch code reads a FASTPEFT_* setting from the environment (they would
+    silently ignore use_settings); the kernels read no environment beyond triton's own switch."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env_read = re.compile(r"os\.environ|os\.getenv|getenv\(")
+    offenders = []
+    for path in sorted([*root.joinpath("fastpeft").rglob("*.py"), *root.joinpath("kernels").rglob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if rel in ("fastpeft/ops/settings.py", "kernels/_common.py") or rel.startswith("fastpeft/cli/"):
+            continue  # the settings read; triton's TRITON_INTERPRET; the CLI's own FASTPEFT_CACHE
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if env_read.search(line) and (rel.startswith("kernels/") or "FASTPEFT_" in line):
+                offenders.append(f"{rel}:{n}: {line.strip()}")
+    assert not offenders, offenders
