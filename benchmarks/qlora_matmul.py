@@ -12,7 +12,7 @@ with double quantisation (QLoRA's default). Forward of the frozen 4-bit linear:
 
 and, at M = 4096, forward+backward of a LoRA r=16 layer (``*_train`` columns): fastpeft's
 ``qlora_linear`` (default fused plan; ``fastpeft_dequant_train``: its ``impl="dequant"`` plan,
-Triton dequantisation then a torch matmul, see ``FASTPEFT_NF4_IMPL``) vs bitsandbytes'
+Triton dequantisation then a torch matmul, see ``Settings.nf4_impl``) vs bitsandbytes'
 ``matmul_4bit`` + eager peft-style LoRA. Ratios: ``bnb/fastpeft``
 > 1 means fastpeft is faster; ``fastpeft/dense`` is the cost of 4-bit weights over bf16.
 
@@ -83,13 +83,9 @@ def _case(K, N, M, dtype, dev, quick) -> List[Dict[str, object]]:
     res["fastpeft"] = t(lambda: nf4.nf4_linear(x, packed, qs))
     res["fastpeft_cuda"] = None
     if dev.type == "cuda" and M == 1:
-        os.environ["FASTPEFT_NF4_GEMV"] = "cuda"
-        try:
-            if nf4_cuda.available():
-                p2, s2 = nf4.canonicalize(packed, qs)
-                res["fastpeft_cuda"] = t(lambda: nf4_cuda.gemv(x, p2, s2))
-        finally:
-            os.environ.pop("FASTPEFT_NF4_GEMV", None)
+        if nf4_cuda.available(gemv="cuda"):
+            p2, s2 = nf4.canonicalize(packed, qs)
+            res["fastpeft_cuda"] = t(lambda: nf4_cuda.gemv(x, p2, s2))
     res["bnb_dequant_mm"] = res["bnb_gemv"] = None
     if bnb is not None:
         res["bnb_dequant_mm"] = t(lambda: F.linear(x, BF.dequantize_4bit(packed, qs).to(dtype)))

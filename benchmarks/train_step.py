@@ -13,7 +13,7 @@ random tokens. Arms, each on a fresh model built from the same seed:
 * ``fastpeft`` - ``fastpeft.prepare_model_for_kbit_training`` + ``fastpeft.get_peft_model``
   (fastpeft's own ``Linear4bit`` LoRA layers);
 * ``peft+patch/dequant`` (GPU runs only) - ``peft+patch`` with the op's other Triton plan,
-  ``FASTPEFT_NF4_IMPL=dequant`` (Triton dequantisation, then a torch matmul).
+  ``nf4_impl="dequant"`` (``fastpeft.use_settings``; Triton dequantisation, then a torch matmul).
 
 Columns: median step time, tokens/s, peak allocated memory during a step (total, weights and
 optimizer state included) and the ratios to ``peft`` (``speedup`` > 1: faster than peft,
@@ -143,18 +143,16 @@ def measure(config: str, arm: str, batch: int, seq: int, warmup: int, rep: int) 
     cuda = dev.type == "cuda"
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     _free(cuda)  # nothing of a previous arm may count in this arm's peak memory
-    model, report = wrap(arm, build_model(config, dev, compute_dtype))
-    old_impl = os.environ.get("FASTPEFT_NF4_IMPL")
-    os.environ["FASTPEFT_NF4_IMPL"] = "dequant" if arm.endswith("/dequant") else "fused"
-    try:
-        row = _measure(model, report, config, arm, batch, seq, warmup, rep, dev)
-    finally:
-        if old_impl is None:
-            os.environ.pop("FASTPEFT_NF4_IMPL", None)
-        else:
-            os.environ["FASTPEFT_NF4_IMPL"] = old_impl
-        del model, report
-        _free(cuda)
+    import fastpeft
+
+    # before wrap: fastpeft.patch bakes the settings of the moment into the layers it patches
+    with fastpeft.use_settings(nf4_impl="dequant" if arm.endswith("/dequant") else "fused"):
+        model, report = wrap(arm, build_model(config, dev, compute_dtype))
+        try:
+            row = _measure(model, report, config, arm, batch, seq, warmup, rep, dev)
+        finally:
+            del model, report
+            _free(cuda)
     return row
 
 

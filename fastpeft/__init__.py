@@ -24,6 +24,7 @@ from fastpeft.peft_model import (
 from fastpeft import tuners as _tuners
 from fastpeft.tuners import *  # noqa: F401,F403  (every method's Config/Model: see fastpeft.tuners.__all__)
 from fastpeft.mapping import get_peft_model
+from fastpeft.ops.settings import Settings, get_settings, set_settings, use_settings
 from fastpeft.patch import PatchReport, patch, unpatch
 from fastpeft.utils.kbit import prepare_model_for_kbit_training
 
@@ -68,6 +69,10 @@ __all__ = [
     "patch",
     "unpatch",
     "PatchReport",
+    "Settings",
+    "get_settings",
+    "set_settings",
+    "use_settings",
     "prepare_model_for_kbit_training",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",

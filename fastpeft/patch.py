@@ -43,7 +43,11 @@ op instead of a per-batch copy of the prefix in the KV cache: see :mod:`fastpeft
 Layers fastpeft cannot route (LoRA on embeddings or convolutions, 8-bit and other quantized
 bases, other LoRA variants, base layers with accelerate hooks, other peft tuners) are left
 untouched and listed in the :class:`PatchReport` with the reason. fastpeft's own LoRA layers already call the op;
-they are reported as ``native`` and are only re-routed when ``backend`` is given.
+they are reported as ``native`` and are only re-routed when ``backend`` or ``settings`` is given.
+
+The backend and kernel plans are resolved once, by :func:`patch` (its ``settings`` and
+``backend`` arguments, else :func:`fastpeft.get_settings`), and baked into the patched layers:
+later :func:`fastpeft.use_settings` blocks do not change them (patch again to change them).
 
 peft is never imported here: its layers are recognised by their class's module name.
 """
@@ -61,6 +65,7 @@ from fastpeft.ops.backend import choose_backend, fallback_reason, requested_back
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.nf4 import bnb_linear4bit
+from fastpeft.ops.settings import Settings, get_settings
 from fastpeft.patch_prefix import patch_prefix, unpatch_prefix
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchedModule", "SkippedModule"]
@@ -92,6 +97,8 @@ class PatchReport:
         backend: the backend the patched layers use (``"triton"``/``"reference"``; "auto"
             when chosen per call from the input's device).
         backend_note: why Triton is not used (None when it is).
+        settings: the :class:`fastpeft.Settings` baked into the patched layers (backend and
+            Triton plans).
         patched: layers whose forward now runs a fused op: LoRA layers (the LoRA-linear op, or
             the QLoRA op on bitsandbytes 4-bit bases) and frozen bitsandbytes ``Linear4bit``
             layers without an adapter (the QLoRA op without a LoRA branch).
@@ -104,6 +111,7 @@ class PatchReport:
     patched: List[PatchedModule] = field(default_factory=list)
     native: List[PatchedModule] = field(default_factory=list)
     skipped: List[SkippedModule] = field(default_factory=list)
+    settings: Optional[Settings] = None
 
     @property
     def patched_names(self) -> List[str]:
@@ -120,6 +128,7 @@ class PatchReport:
             "patched": [vars(p) for p in self.patched],
             "native": [vars(p) for p in self.native],
             "skipped": [vars(s) for s in self.skipped],
+            "settings": None if self.settings is None else dict(vars(self.settings)),
         }
 
     def __str__(self) -> str:
@@ -128,6 +137,8 @@ class PatchReport:
             f"{len(self.skipped)} skipped; backend={self.backend}"
             + (f" ({self.backend_note})" if self.backend_note else "")
         ]
+        if self.settings is not None:
+            lines.append(f"  {self.settings}")
         for p in self.patched:
             lines.append(f"  patched  {p.name}: {p.kind}" + (f" [{p.note}]" if p.note else ""))
         for p in self.native:
@@ -299,7 +310,7 @@ def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
         if args or kwargs:
             return _fallback(self, state, x, args, kwargs)
         return bnb_linear4bit(x, self.weight.data, _quant_state(self), self.bias, getattr(self, "compute_dtype", None),
-                              backend=state["backend"])
+                              settings=state["settings"])
     if kind == "adalora":
         return _adalora_forward(self, state, x, args, kwargs)
     adapter = _plain_adapter(self, x, args, kwargs, qlora=kind == "qlora")
@@ -312,7 +323,7 @@ def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
             x, base.weight.data, _quant_state(base), base.bias, getattr(base, "compute_dtype", None),
             self.lora_A[adapter].weight, self.lora_B[adapter].weight, float(self.scaling[adapter]),
             dropout_p=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0, training=self.training,
-            backend=state["backend"],
+            settings=state["settings"],
         )
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight  # always [out, in]
     drop = self.lora_dropout[adapter]
@@ -321,11 +332,11 @@ def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
         return dora_linear(
             x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
             _dora_magnitude(self, adapter), float(self.scaling[adapter]), dropout_p=p, training=self.training,
-            backend=state["backend"],
+            settings=state["settings"],
         )
     return lora_linear(
         x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-        float(self.scaling[adapter]), dropout_p=p, training=self.training, backend=state["backend"],
+        float(self.scaling[adapter]), dropout_p=p, training=self.training, settings=state["settings"],
     )
 
 
@@ -342,7 +353,7 @@ def _adalora_forward(self: nn.Module, state: Dict[str, Any], x: torch.Tensor, ar
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight
     return lora_linear(x, weight, base.bias, down, self.lora_B[a], 1.0,
                        dropout_p=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
-                       training=self.training, backend=state["backend"])
+                       training=self.training, settings=state["settings"])
 
 
 class _PatchedForward:
@@ -369,7 +380,7 @@ def _probe_tensor(model: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
-def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
+def patch(model: nn.Module, backend: Optional[str] = None, *, settings: Optional[Settings] = None) -> PatchReport:
     """Route the LoRA layers of ``model`` to fastpeft's fused LoRA-linear op (the QLoRA op for
     LoRA on bitsandbytes 4-bit bases), and frozen bitsandbytes ``Linear4bit`` layers to the
     QLoRA op.
@@ -379,8 +390,11 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             LoRA layers). A Prefix Tuning model on a Llama-family base is routed to the
             shared-prefix attention op (:mod:`fastpeft.patch_prefix`).
         backend: ``"triton"`` or ``"reference"`` to force one for the patched layers (also
-            re-routes fastpeft's own layers); None: automatic per call (Triton for CUDA
-            tensors), honouring ``FASTPEFT_BACKEND``.
+            re-routes fastpeft's own layers; ``"auto"``: per call from the input's device);
+            None: ``settings.backend``.
+        settings: the :class:`fastpeft.Settings` the patched layers use (also re-routes
+            fastpeft's own layers); None: :func:`fastpeft.get_settings` now. Resolved once
+            and baked into the layers, with ``backend`` overriding its backend.
 
     Returns:
         A :class:`PatchReport` listing patched, native and skipped layers (with reasons); it
@@ -392,24 +406,28 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             (no triton, or CPU tensors without ``TRITON_INTERPRET=1``); Prefix Tuning on a model
             type with no known attention layout, or an adapter that does not fit its base model.
 
-    Calling ``patch`` again updates the backend of already patched layers.
+    Calling ``patch`` again updates the settings of already patched layers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastpeft.patch expects a torch.nn.Module (a PeftModel), got {type(model).__name__}")
-    explicit = requested_backend(backend) if backend is not None else None  # baked into the layers
-    forced = requested_backend(backend)  # explicit, else FASTPEFT_BACKEND (read again at each call)
+    explicit = backend is not None or settings is not None  # re-route fastpeft's own layers too
+    resolved = settings if settings is not None else get_settings()
+    if backend is not None:
+        requested_backend(backend)  # an unknown name raises here, naming the allowed ones
+        resolved = resolved.replace(backend=backend)
+    forced = resolved.forced_backend()
     probe = _probe_tensor(model)
     if forced is not None:
         shown = choose_backend(probe, backend=forced)  # raises when the forced backend cannot run
-        label = shown if explicit is not None else f"{shown} (FASTPEFT_BACKEND)"
+        label = shown if explicit else f"{shown} (fastpeft settings)"
         note = None if shown == "triton" else f"forced {shown}"
     else:
-        why = fallback_reason(probe) if probe is not None else "model has no parameters"
+        why = fallback_reason(probe, backend="auto") if probe is not None else "model has no parameters"
         shown = "triton" if why is None else "reference"
         label, note = f"auto ({shown} for this model's device)", why
-    report = PatchReport(backend=label, backend_note=note)
+    report = PatchReport(backend=label, backend_note=note, settings=resolved)
 
-    prefix = patch_prefix(model, explicit)
+    prefix = patch_prefix(model, resolved.backend)
     if prefix is not None:
         if "reason" in prefix:
             report.skipped.append(SkippedModule(**prefix))
@@ -429,7 +447,7 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
                     report.skipped.append(SkippedModule(name, kind, "the layer has forward hooks (e.g. accelerate "
                                                         "offloading); bypassing them would break it"))
                 else:
-                    _install(module, explicit, "nf4")
+                    _install(module, resolved, "nf4")
                     report.patched.append(PatchedModule(name, kind, "QLoRA op without a LoRA branch (frozen 4-bit linear)"))
             continue
         parts = type(module).__module__.split(".")
@@ -440,8 +458,8 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         native_op = getattr(type(module), "native_fused_op", None) if lib == "fastpeft" else None
         if native_op and type(module).__name__ != "Linear":  # e.g. AdaLoRA's SVDLinear: not re-routable
             note = f"runs {native_op} already"
-            if explicit is not None:
-                note += f"; its backend follows FASTPEFT_BACKEND per call, not patch(backend={explicit!r})"
+            if explicit:
+                note += "; it follows fastpeft.get_settings() per call, not patch()'s backend / settings"
             report.native.append(PatchedModule(name, kind, note))
             continue
         if not _is_lora_layer(module):
@@ -454,11 +472,11 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             report.skipped.append(SkippedModule(name, kind, reason))
             continue
         qlora = _is_bnb_4bit(base)
-        if lib == "fastpeft" and explicit is None:
+        if lib == "fastpeft" and not explicit:
             report.native.append(PatchedModule(name, kind, "runs the QLoRA op already" if qlora else "runs the fused op already"))
             continue
         op = "qlora" if qlora else "adalora" if _is_adalora_layer(module) else "lora"
-        _install(module, explicit, op)
+        _install(module, resolved, op)
         skip = _qlora_adapter_skip_reason if qlora else _adapter_skip_reason
         notes = [a for a in module.lora_A.keys() if skip(module, a) is not None]
         note = {"qlora": "QLoRA op (4-bit weight dequantised in the matmul); ",
@@ -471,13 +489,13 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
     return report
 
 
-def _install(module: nn.Module, backend: Optional[str], kind: str = "lora") -> None:
+def _install(module: nn.Module, settings: Settings, kind: str = "lora") -> None:
     state = module.__dict__.get(_STATE_ATTR)
-    if state is not None:  # already patched: only update the backend
-        state["backend"] = backend
+    if state is not None:  # already patched: only update the settings
+        state["settings"] = settings
         return
     module.__dict__[_STATE_ATTR] = {
-        "backend": backend,
+        "settings": settings,
         "kind": kind,
         "fan_in_fan_out": kind in ("lora", "adalora") and (bool(getattr(module, "fan_in_fan_out", False))
                                                           or _is_conv1d(_base_of(module))),

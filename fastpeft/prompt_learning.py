@@ -42,7 +42,9 @@ from fastpeft.utils.modules import ModulesToSaveWrapper, set_modules_to_save
 PREFIX_ARCH_UNSUPPORTED_KEYS = ("global_head_dim", "per_layer_config", "num_kv_shared_layers")
 
 
-def _model_config_dict(model: nn.Module) -> Dict[str, Any]:
+def _text_config_dict(model: nn.Module) -> Dict[str, Any]:
+    """The text model's config as a dict (``text_config`` of a multimodal config), with the
+    aliases its ``attribute_map`` resolves filled in; ``{}`` for a model without a config."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {}
@@ -74,7 +76,7 @@ def prepare_prompt_learning_config(config: PeftConfig, model: nn.Module) -> Peft
     Prefix Tuning on grouped-query attention stores keys/values for the KV heads only
     (``token_dim = num_key_value_heads * head_dim``), as peft does.
     """
-    data = _model_config_dict(model)
+    data = _text_config_dict(model)
     model_type = data.get("model_type", type(model).__name__)
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
@@ -125,7 +127,7 @@ def find_word_embeddings(model: nn.Module) -> Optional[nn.Module]:
             return emb
     except (AttributeError, NotImplementedError):
         pass
-    vocab = _model_config_dict(model).get("vocab_size")
+    vocab = _text_config_dict(model).get("vocab_size")
     for name, p in model.named_parameters():
         if vocab is not None and p.dim() == 2 and p.shape[0] == vocab:
             return model.get_submodule(name.rsplit(".", 1)[0])

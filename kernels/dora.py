@@ -16,17 +16,13 @@ is set; under the CPU interpreter every tile is upcast to fp32 (its bf16 dot is 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting as _interpreting
+
 __all__ = ["dora_weight_norm"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 @triton.jit

@@ -64,12 +64,13 @@ registers and spills (benchmarks/NOTES-lora-linear.md).
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import interpreting
 
 __all__ = [
     "lora_down",
@@ -84,10 +85,6 @@ __all__ = [
 
 MAX_RANK = 256
 MAX_FUSED_RANK = 64
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 _INTERPRET = interpreting()

@@ -30,17 +30,13 @@ Only features of triton 3.x up to 3.6 are used.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting as _interpreting
+
 __all__ = ["dequantize", "matmul", "gemv", "state_args"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 @triton.jit
@@ -276,12 +272,6 @@ def dequantize(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _pair_enabled() -> bool:
-    """``FASTPEFT_NF4_PAIR=0`` turns the forward GEMM's one-load-per-byte path off (kept as a
-    switch until it is timed on a GPU)."""
-    return os.environ.get("FASTPEFT_NF4_PAIR", "1").strip() not in ("0", "false", "False")
-
-
 def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
@@ -309,9 +299,11 @@ def _matmul_config(M: int, P: int, trans_w: bool, dtype: torch.dtype, blocksize:
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=None,
            lora_l=None, lora_r=None, lora_scale: float = 1.0, lora_mask=None,
-           out_dtype=None) -> torch.Tensor:
+           out_dtype=None, pair: bool = True) -> torch.Tensor:
     """``x @ W^T`` (``trans_w``) or ``x @ W`` for the packed ``[N, K]`` weight, plus optional
     ``bias`` and ``lora_scale * (lora_l @ lora_r)`` (times ``lora_mask``) in the epilogue.
+    ``pair=False`` turns the forward's one-load-per-byte path off (``Settings.nf4_pair``, kept
+    as a switch until it is timed on a GPU).
 
     ``x``: ``[M, Q]``; ``lora_l``: ``[M, r]``; ``lora_r``: ``[r, P]`` (any strides).
     """
@@ -345,7 +337,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
         TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=lora_mask is not None,
         BS=state.blocksize, NESTED=nested, NBS=nbs,
         DOT_FP32=dot_fp32, IEEE=x.dtype == torch.float32 or interp, LORA_FP32=lora_fp32,
-        ROW_SCALE=row_scale, PAIR=row_scale and trans_w and _pair_enabled(),
+        ROW_SCALE=row_scale, PAIR=row_scale and trans_w and pair,
         BLOCK_M=BM, BLOCK_P=BP, BLOCK_Q=BQ, R_PAD=_pow2_at_least(R, 16), GROUP_M=GM, **kw,
     )
     return out

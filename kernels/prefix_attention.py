@@ -45,21 +45,18 @@ These are launchers only: the autograd Function lives in ``fastpeft.ops.prefix_a
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting as _interpreting
+
 __all__ = ["prefix_attention_fwd", "prefix_attention_bwd", "MAX_HEAD_DIM"]
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 # --------------------------------------------------------------------------------------

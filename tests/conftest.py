@@ -83,10 +83,10 @@ def lora_train_step(model, ids, seed: int = 0):
     return out.logits.detach(), grads
 
 
-def count_calls(monkeypatch, owner, name: str, record=lambda args, kwargs: kwargs.get("backend")):
+def count_calls(monkeypatch, owner, name: str, record=lambda args, kwargs: backend_of(kwargs)):
     """Wrap ``owner.<name>`` (an op a layer calls) so every call appends ``record(args, kwargs)``
-    (by default its ``backend`` keyword) to the returned list, then runs the real op: proves a
-    forward was routed through it."""
+    (by default the backend it runs with, :func:`backend_of`) to the returned list, then runs
+    the real op: proves a forward was routed through it."""
     calls, real = [], getattr(owner, name)
 
     def counting(*a, **k):
@@ -95,6 +95,39 @@ def count_calls(monkeypatch, owner, name: str, record=lambda args, kwargs: kwarg
 
     monkeypatch.setattr(owner, name, counting)
     return calls
+
+
+@pytest.fixture
+def settings():
+    """The one way tests change fastpeft's settings (backend, Triton plans).
+
+    ``settings(backend="triton", lora_impl="fused")`` makes the current settings (what
+    ``fastpeft.get_settings()`` returns, used by every op not given explicit values) those of
+    the moment with the overrides applied, and returns them; call it again to change them
+    within the test. The settings from before the test are restored after it, whether it
+    passed or failed.
+    """
+    from fastpeft.ops.settings import get_settings, set_settings
+
+    before = get_settings()
+
+    def apply(**overrides):
+        new = get_settings().replace(**overrides)
+        set_settings(new)
+        return new
+
+    yield apply
+    set_settings(before)
+
+
+def backend_of(kwargs) -> str:
+    """The backend an op call uses: its ``backend=`` keyword, else its ``settings=``' backend
+    (what patched layers pass), else the current settings'."""
+    from fastpeft.ops.settings import get_settings
+
+    if kwargs.get("backend") is not None:
+        return kwargs["backend"]
+    return (kwargs.get("settings") or get_settings()).backend
 
 
 class TokenRows(torch.utils.data.Dataset):

@@ -228,7 +228,7 @@ def test_misuse_gives_clear_errors(ids):
         fastpeft.get_peft_model(tiny_llama(), fastpeft.AdaLoraConfig(**dict(BASE, target_modules=["qq_proj"])))
 
 
-def test_triton_backend_matches_reference(ids, monkeypatch):
+def test_triton_backend_matches_reference(ids, settings):
     """SVDLinear runs the LoRA-linear op with A*E: under TRITON_INTERPRET=1 the Triton kernels
     (impl=kernels) give the reference path's logits and gradients."""
     kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
@@ -237,8 +237,7 @@ def test_triton_backend_matches_reference(ids, monkeypatch):
     kw = dict(BASE, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     results = []
     for backend in ("reference", "triton"):
-        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
-        monkeypatch.setenv("FASTPEFT_LORA_IMPL", "kernels")
+        settings(backend=backend, lora_impl="kernels")
         model = fastpeft.get_peft_model(tiny_llama(layers=1), fastpeft.AdaLoraConfig(**kw)) if not results else results[0][2]
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
@@ -275,12 +274,12 @@ def adalora_op_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["llama", "gpt2-defaults"])
-def test_patch_routes_peft_svdlinear_with_same_logits_and_grads(case, ids, adalora_op_calls, monkeypatch):
+def test_patch_routes_peft_svdlinear_with_same_logits_and_grads(case, ids, adalora_op_calls, settings):
     """peft's SVDLinear (nn.Linear, and GPT-2's Conv1D with fan_in_fan_out) through the op: the same
     loss (with peft's orthogonality term), logits and A/E/B gradients as peft's own forward."""
     from conftest import lora_train_step
 
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     make, kw = CASES[case]
     model = _peft_adalora(make, lora_dropout=0.1, **kw)
     n_layers = sum(type(m).__name__ == "SVDLinear" for m in model.modules())
@@ -289,14 +288,14 @@ def test_patch_routes_peft_svdlinear_with_same_logits_and_grads(case, ids, adalo
     assert len(report.patched) == n_layers > 0 and not report.skipped, report
     assert all("A*E" in p.note for p in report.patched)
     logits1, grads1 = lora_train_step(model, ids)
-    assert len(adalora_op_calls) == n_layers and report.backend == "reference (FASTPEFT_BACKEND)"
+    assert len(adalora_op_calls) == n_layers and report.backend == "reference (fastpeft settings)"
     torch.testing.assert_close(logits1, logits0, atol=FP32_ATOL, rtol=0)
     assert grads1.keys() == grads0.keys() and any("lora_E" in n for n in grads0)
     for n in grads0:
         torch.testing.assert_close(grads1[n], grads0[n], atol=1e-5, rtol=1e-5, msg=lambda s: f"{n}: {s}")
 
 
-def test_patch_peft_adalora_triton_interpreter_and_fallbacks(ids, adalora_op_calls, monkeypatch):
+def test_patch_peft_adalora_triton_interpreter_and_fallbacks(ids, adalora_op_calls, settings):
     """The Triton kernels (interpreter) on a 1-layer peft AdaLoRA model, then the cases that must
     take peft's own forward: disabled adapters and merged weights; unpatch restores."""
     kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
@@ -304,12 +303,12 @@ def test_patch_peft_adalora_triton_interpreter_and_fallbacks(ids, adalora_op_cal
         pytest.skip("needs TRITON_INTERPRET=1")
     from conftest import lora_train_step
 
-    monkeypatch.setenv("FASTPEFT_LORA_IMPL", "kernels")
+    settings(lora_impl="kernels")
     model = _peft_adalora(lambda: tiny_llama(layers=1), target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     logits0, grads0 = lora_train_step(model, ids)
     model.eval()
     base_logits = _logits_disabled(model, ids)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    settings(backend="triton")
     assert len(fastpeft.patch(model).patched) == 2
     logits1, grads1 = lora_train_step(model, ids)
     assert len(adalora_op_calls) == 2

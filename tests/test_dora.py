@@ -224,7 +224,7 @@ def test_weight_norm_cache_in_eval_follows_weight_updates(ids, monkeypatch):
     assert len(calls) == n_layers and not layer._dora_norm_cache  # training never uses the cache
 
 
-def test_triton_backend_matches_reference(ids, monkeypatch):
+def test_triton_backend_matches_reference(ids, settings):
     """fastpeft's DoRA layer under TRITON_INTERPRET=1 (norm kernel + LoRA kernels) vs its reference path."""
     kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
     if not kmod.interpreting():
@@ -233,8 +233,7 @@ def test_triton_backend_matches_reference(ids, monkeypatch):
         target_modules=["q_proj", "down_proj"], use_dora=True, init_lora_weights=False))
     results = []
     for backend in ("reference", "triton"):
-        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
-        monkeypatch.setenv("FASTPEFT_LORA_IMPL", "fused")
+        settings(backend=backend, lora_impl="fused")
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()

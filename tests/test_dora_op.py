@@ -105,8 +105,8 @@ def _leaf(t, grad=True):
     return None if t is None else t.detach().clone().requires_grad_(grad)
 
 
-def _run(lead, K, N, r, bias, dtype, p, impl, monkeypatch, conv1d=False):
-    monkeypatch.setenv("FASTPEFT_LORA_IMPL", impl)
+def _run(lead, K, N, r, bias, dtype, p, impl, settings, conv1d=False):
+    settings(lora_impl=impl)
     W, A, B, m = _factors(N, K, r, gen_seed=K)
     g = torch.Generator().manual_seed(N)
     x = torch.randn(*lead, K, generator=g)
@@ -135,20 +135,20 @@ def _run(lead, K, N, r, bias, dtype, p, impl, monkeypatch, conv1d=False):
 @interp
 @pytest.mark.parametrize("impl", ["split", "fused"])
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c[:4])))
-def test_dora_linear_triton_fwd_bwd_fp32(case, impl, monkeypatch):
-    _run(*case, torch.float32, 0.0, impl, monkeypatch)
+def test_dora_linear_triton_fwd_bwd_fp32(case, impl, settings):
+    _run(*case, torch.float32, 0.0, impl, settings)
 
 
 @interp
 @pytest.mark.parametrize("impl", ["kernels", "fused"])
-def test_dora_linear_triton_dropout_and_conv1d_weight(impl, monkeypatch):
-    _run((4, 5), 37, 23, 6, True, torch.float32, 0.3, impl, monkeypatch, conv1d=True)
+def test_dora_linear_triton_dropout_and_conv1d_weight(impl, settings):
+    _run((4, 5), 37, 23, 6, True, torch.float32, 0.3, impl, settings, conv1d=True)
 
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_dora_linear_triton_half(dtype, monkeypatch):
-    _run((2, 9), 48, 40, 8, True, dtype, 0.0, "fused", monkeypatch)
+def test_dora_linear_triton_half(dtype, settings):
+    _run((2, 9), 48, 40, 8, True, dtype, 0.0, "fused", settings)
 
 
 def test_reference_backend_matches_oracle_with_mixed_dtypes():

@@ -276,16 +276,22 @@ def test_no_grad_inference():
 
 
 @interp
-def test_env_var_forces_backend(monkeypatch):
+def test_settings_force_backend_and_plan(settings, monkeypatch):
     x, W, b, A, B = _operands(5, 16, 8, 2)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-    monkeypatch.setenv("FASTPEFT_LORA_IMPL", "fused")
+    settings(backend="triton", lora_impl="fused")
     assert lora_impl() == "fused"
+    from fastpeft.kernels import lora_linear as K
+
+    fused = []
+    real = K.lora_fused_forward
+    monkeypatch.setattr(K, "lora_fused_forward", lambda *a, **k: fused.append(1) or real(*a, **k))
     y = lora_linear(x, W, b, A, B, 1.0)
+    assert fused  # the settings' plan ran, with no argument naming it
     torch.testing.assert_close(y, _oracle(x, W, b, A, B, 1.0, None), atol=1e-4, rtol=1e-4)
-    monkeypatch.setenv("FASTPEFT_LORA_IMPL", "bogus")
     with pytest.raises(ValueError, match="FASTPEFT_LORA_IMPL"):
-        lora_linear(x, W, b, A, B, 1.0)
+        settings(lora_impl="bogus")
+    with pytest.raises(ValueError, match="Unknown LoRA-linear implementation 'bogus'"):
+        lora_linear(x, W, b, A, B, 1.0, impl="bogus")
 
 
 @interp
@@ -322,19 +328,19 @@ def test_autocast_dtype_wins_on_both_backends():
         _assert_close([(f"y[{backend}]", y, want)], torch.float16)
 
 
-def test_auto_backend_is_triton_for_cuda_tensors_reference_on_cpu(monkeypatch):
+def test_auto_backend_is_triton_for_cuda_tensors_reference_on_cpu(settings):
     """The automatic choice (what fastpeft's LoRA layers use): Triton for CUDA tensors, the
-    reference path for CPU ones; FASTPEFT_BACKEND overrides it."""
+    reference path for CPU ones; the settings' backend overrides it."""
     from fastpeft.ops import backend as bk
 
     class FakeCuda:
         is_cuda = True
 
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    settings(backend="auto")
     cpu = torch.zeros(1)
     assert bk.choose_backend(cpu, cpu) == "reference"
     assert bk.choose_backend(FakeCuda(), cpu) == ("triton" if bk.triton_available() else "reference")
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     assert bk.choose_backend(FakeCuda()) == "reference"
 
 

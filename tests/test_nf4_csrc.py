@@ -32,8 +32,8 @@ def test_nvcc_compiles_the_gemv(tmp_path):
     assert out.stat().st_size > 0
 
 
-def test_cuda_gemv_not_used_without_cuda(monkeypatch):
-    monkeypatch.setenv("FASTPEFT_NF4_GEMV", "cuda")
+def test_cuda_gemv_not_used_without_cuda(settings):
+    settings(nf4_gemv="cuda")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: covered by test_cuda_gemv_matches_reference")
     assert not nf4_cuda.available()
@@ -47,8 +47,8 @@ def test_cuda_gemv_not_used_without_cuda(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("nested", [True, False])
-def test_cuda_gemv_matches_reference(monkeypatch, dtype, nested):
-    monkeypatch.setenv("FASTPEFT_NF4_GEMV", "cuda")
+def test_cuda_gemv_matches_reference(settings, dtype, nested):
+    settings(nf4_gemv="cuda")
     assert nf4_cuda.available(), nf4_cuda.unavailable_reason()
     packed, st = nf4.quantize_nf4(torch.randn(200, 4096) * 0.05, 64, compress_statistics=nested)
     packed, st = packed.cuda(), st.to("cuda")

@@ -77,10 +77,10 @@ def test_fused_matmul_forward_backward(M, N, K, blocksize, nested, quant_type, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dequant_then_matmul_plan(monkeypatch, dtype):
-    """FASTPEFT_NF4_IMPL=dequant: the Triton dequantisation kernel then a torch matmul, forward
+def test_dequant_then_matmul_plan(monkeypatch, dtype, settings):
+    """nf4_impl="dequant" (FASTPEFT_NF4_IMPL): the Triton dequantisation kernel then a torch matmul, forward
     and every gradient equal to the reference."""
-    monkeypatch.setenv("FASTPEFT_NF4_IMPL", "dequant")
+    settings(nf4_impl="dequant")
     from fastpeft.kernels import nf4 as K_
 
     calls = []
@@ -99,14 +99,15 @@ def test_dequant_then_matmul_plan(monkeypatch, dtype):
     torch.testing.assert_close(y_tri, y_ref, **TOL[dtype])
     for a, b in zip(g_tri, g_ref):
         torch.testing.assert_close(a, b, **TOL[dtype])
-    monkeypatch.setenv("FASTPEFT_NF4_IMPL", "magic")
-    with pytest.raises(ValueError, match="FASTPEFT_NF4_IMPL='magic'"):
-        nf4.qlora_linear(x0, packed, st, backend="triton")
+    with pytest.raises(ValueError, match="FASTPEFT_NF4_IMPL.*'magic'"):
+        settings(nf4_impl="magic")
+    with pytest.raises(ValueError, match="nf4_impl='magic'"):
+        nf4.qlora_linear(x0, packed, st, backend="triton", impl="magic")
 
 
-def test_fused_forward_without_the_byte_pair_path(monkeypatch):
-    """FASTPEFT_NF4_PAIR=0: the forward GEMM's per-element path with one scale per row."""
-    monkeypatch.setenv("FASTPEFT_NF4_PAIR", "0")
+def test_fused_forward_without_the_byte_pair_path(settings):
+    """nf4_pair=False (FASTPEFT_NF4_PAIR=0): the forward GEMM's per-element path with one scale per row."""
+    settings(nf4_pair=False)
     packed, st = _quantized(40, 128, 64, True)
     g = torch.Generator().manual_seed(5)
     x0, dy = torch.randn(21, 128, generator=g), torch.randn(21, 40, generator=g)
@@ -158,7 +159,7 @@ def test_gemv_split_k_matches(N, K, blocksize, nested, M):
         torch.testing.assert_close(K_.gemv(x, packed.reshape(-1), st, split_k=split), ref, **TOL[torch.float32])
 
 
-def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
+def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch, settings):
     from fastpeft.kernels import nf4 as K_
 
     packed, st = _quantized(16, 64)
@@ -168,6 +169,6 @@ def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
     with pytest.raises(RuntimeError, match="CPU tensor outside the Triton interpreter"):
         K_.matmul(torch.randn(2, 64), packed.reshape(-1), st, trans_w=True)
     # automatic choice on CPU is the reference path
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    settings(backend="auto")
     y = nf4.qlora_linear(torch.randn(2, 64), packed, st)
     assert y.shape == (2, 16)

@@ -5,7 +5,7 @@ must give the same logits and the same LoRA gradients (reference backend; Triton
 1-layer model), keep save_pretrained / merging / adapter switching / disabling working in both
 libraries, compute only the active adapter, and the report must name what was patched and what
 was left untouched (with reasons). fastpeft's own layers run the op without patching; forcing
-FASTPEFT_BACKEND=triton under the interpreter checks them against the reference.
+backend "triton" (the settings fixture) under the interpreter checks them against the reference.
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ def _assert_same(a, b, atol=FP32_ATOL):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_peft_llama_logits_and_grads_equal_unpatched(ids, op_calls, monkeypatch, dropout):
+def test_peft_llama_logits_and_grads_equal_unpatched(ids, op_calls, settings, dropout):
     """Reference backend on CPU; with dropout the op's reference draws the mask like
     torch.nn.Dropout does, so with the same seed peft and the patched model agree exactly."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     model = _peft_llama(dropout=dropout)
     logits0, grads0 = lora_train_step(model, ids)
     report = fastpeft.patch(model)
     assert len(report.patched) == 2 * len(LLAMA_TARGETS) and not report.skipped
-    assert report.backend == "reference (FASTPEFT_BACKEND)"
+    assert report.backend == "reference (fastpeft settings)"
     logits1, grads1 = lora_train_step(model, ids)
     assert len(op_calls) == 2 * len(LLAMA_TARGETS)
     _assert_same(logits1, logits0)
@@ -68,18 +68,18 @@ def test_peft_llama_logits_and_grads_equal_unpatched(ids, op_calls, monkeypatch,
     _assert_same(_logits(model, ids), _logits(copy.deepcopy(model), ids))
 
 
-def test_peft_llama_triton_interpreter_one_layer(ids, op_calls, monkeypatch):
-    """FASTPEFT_BACKEND=triton under TRITON_INTERPRET=1: every LoRA kernel runs (impl=kernels,
+def test_peft_llama_triton_interpreter_one_layer(ids, op_calls, settings):
+    """Settings backend "triton" under TRITON_INTERPRET=1: every LoRA kernel runs (impl=kernels,
     no dropout so peft's output is the oracle) on a 1-layer model."""
     kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
     if not kmod.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1")
-    monkeypatch.setenv("FASTPEFT_LORA_IMPL", "kernels")
+    settings(lora_impl="kernels")
     model = _peft_llama(layers=1)
     logits0, grads0 = lora_train_step(model, ids)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    settings(backend="triton")
     report = fastpeft.patch(model)
-    assert report.backend == "triton (FASTPEFT_BACKEND)" and len(report.patched) == len(LLAMA_TARGETS)
+    assert report.backend == "triton (fastpeft settings)" and len(report.patched) == len(LLAMA_TARGETS)
     logits1, grads1 = lora_train_step(model, ids)
     assert len(op_calls) == len(LLAMA_TARGETS)
     _assert_same(logits1, logits0, atol=1e-4)
@@ -88,7 +88,7 @@ def test_peft_llama_triton_interpreter_one_layer(ids, op_calls, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,dropout", [("reference", 0.1), ("triton", 0.0)])
-def test_peft_dora_layers_patched_to_the_dora_op(ids, monkeypatch, backend, dropout):
+def test_peft_dora_layers_patched_to_the_dora_op(ids, monkeypatch, backend, dropout, settings):
     """peft's DoRA layers run fastpeft's DoRA op (fused norm + LoRA-linear op): same logits and
     gradients (magnitude included) as peft's own forward; triton: the norm kernel runs."""
     if backend == "triton":
@@ -102,7 +102,7 @@ def test_peft_dora_layers_patched_to_the_dora_op(ids, monkeypatch, backend, drop
             if "lora_magnitude_vector" in n:
                 prm.mul_(torch.linspace(0.5, 1.5, prm.numel()))
     logits0, grads0 = lora_train_step(model, ids)
-    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    settings(backend=backend)
     report = fastpeft.patch(model)
     assert len(report.patched) == 3 and not report.skipped
     logits1, grads1 = lora_train_step(model, ids)
@@ -114,8 +114,8 @@ def test_peft_dora_layers_patched_to_the_dora_op(ids, monkeypatch, backend, drop
         _assert_same(grads1[n], grads0[n], atol=atol)
 
 
-def test_gpt2_conv1d_patched(ids, op_calls, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_gpt2_conv1d_patched(ids, op_calls, settings):
+    settings(backend="reference")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn", "c_proj", "c_fc"],
                           fan_in_fan_out=True, task_type="CAUSAL_LM")
     torch.manual_seed(0)
@@ -130,8 +130,8 @@ def test_gpt2_conv1d_patched(ids, op_calls, monkeypatch):
         _assert_same(grads1[n], grads0[n])
 
 
-def test_save_merge_switch_disable_on_patched_peft_model(ids, op_calls, tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_save_merge_switch_disable_on_patched_peft_model(ids, op_calls, tmp_path, settings):
+    settings(backend="reference")
     model = _peft_llama(targets=["q_proj", "v_proj"]).eval()
     model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
                                                target_modules=["q_proj", "v_proj"]))
@@ -175,8 +175,8 @@ def test_save_merge_switch_disable_on_patched_peft_model(ids, op_calls, tmp_path
     assert patch_mod.is_patched(clone.base_model.model.model.layers[0].self_attn.q_proj)
 
 
-def test_unpatch_restores(ids, op_calls, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_unpatch_restores(ids, op_calls, settings):
+    settings(backend="reference")
     model = _peft_llama(targets=["q_proj", "v_proj"]).eval()
     before = _logits(model, ids)
     report = fastpeft.patch(model)
@@ -192,8 +192,8 @@ def test_unpatch_restores(ids, op_calls, monkeypatch):
     assert fastpeft.unpatch(model) == []
 
 
-def test_report_lists_skipped_modules_with_reasons(ids, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_report_lists_skipped_modules_with_reasons(ids, settings):
+    settings(backend="reference")
     model = _peft_llama(targets=["q_proj", "embed_tokens"]).eval()
     before = _logits(model, ids)
     report = fastpeft.patch(model)
@@ -215,8 +215,8 @@ def test_report_lists_skipped_modules_with_reasons(ids, monkeypatch):
     assert all("DoRA" in s.reason and "lora_magnitude_vector" in s.reason for s in rep.skipped)
 
 
-def test_fastpeft_model_is_native_unless_backend_forced(ids, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_fastpeft_model_is_native_unless_backend_forced(ids, settings):
+    settings(backend="reference")
     torch.manual_seed(0)
     model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).eval()
@@ -247,10 +247,10 @@ def _adapter_A_ptrs(model, adapter):
     return {p.data_ptr() for n, p in model.named_parameters() if f".lora_A.{adapter}." in n}
 
 
-def test_several_adapters_only_the_active_one_is_computed(ids, op_A, monkeypatch):
+def test_several_adapters_only_the_active_one_is_computed(ids, op_A, settings):
     """Two adapters on the same layers of a patched peft model: each op call gets the active
     adapter's weights only, and only the active adapter receives gradients."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     model = _peft_llama(targets=["q_proj", "v_proj"])
     model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
                                                target_modules=["q_proj", "v_proj"]))
@@ -270,10 +270,10 @@ def test_several_adapters_only_the_active_one_is_computed(ids, op_A, monkeypatch
             _assert_same(grads[n], ref_grads[n])
 
 
-def test_fastpeft_model_patched_keeps_save_merge_switch(ids, op_A, tmp_path, monkeypatch):
+def test_fastpeft_model_patched_keeps_save_merge_switch(ids, op_A, tmp_path, settings):
     """A fastpeft model re-routed by patch(backend=...) keeps adapter switching, disabling,
     save_pretrained (same files as its unpatched twin; peft and fastpeft load them) and merging."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     kw = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     torch.manual_seed(0)
     model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(**kw)).eval()
@@ -322,9 +322,9 @@ def test_fastpeft_model_patched_keeps_save_merge_switch(ids, op_A, tmp_path, mon
     assert not op_A
 
 
-def test_fastpeft_model_triton_interpreter_without_patch(ids, monkeypatch):
+def test_fastpeft_model_triton_interpreter_without_patch(ids, monkeypatch, settings):
     """fastpeft's own LoRA layers call the op with the automatic backend; forcing
-    FASTPEFT_BACKEND=triton under TRITON_INTERPRET=1 runs the Triton kernels on a 1-layer model
+    backend "triton" under TRITON_INTERPRET=1 runs the Triton kernels on a 1-layer model
     and gives the reference backend's logits and LoRA gradients."""
     kmod = pytest.importorskip("fastpeft.kernels.lora_linear")
     if not kmod.interpreting():
@@ -341,14 +341,14 @@ def test_fastpeft_model_triton_interpreter_without_patch(ids, monkeypatch):
     for kname in ("lora_down", "lora_dx_add", "lora_grad_a"):
         real_k = getattr(kmod, kname)
         monkeypatch.setattr(kmod, kname, lambda *a, _f=real_k, _n=kname, **k: (kernel_calls.append(_n), _f(*a, **k))[1])
-    monkeypatch.setenv("FASTPEFT_LORA_IMPL", "kernels")
+    settings(lora_impl="kernels")
     torch.manual_seed(0)
     model = fastpeft.get_peft_model(tiny_llama(layers=1), fastpeft.LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=False, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM"))
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     logits0, grads0 = lora_train_step(model, ids)
     assert not kernel_calls
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    settings(backend="triton")
     logits1, grads1 = lora_train_step(model, ids)
     assert backends and set(backends) == {None}  # the layers never force a backend themselves
     n = len(LLAMA_TARGETS)
@@ -378,11 +378,10 @@ def test_import_fastpeft_does_not_import_peft():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton kernels)")
 @pytest.mark.parametrize("impl", ["split", "fused"])
-def test_cuda_patched_peft_llama_matches_unpatched(ids, monkeypatch, impl):
+def test_cuda_patched_peft_llama_matches_unpatched(ids, settings, impl):
     """On a GPU the automatic backend is Triton: a patched peft model (fp32, no dropout) gives
     the unpatched model's logits and LoRA gradients."""
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
-    monkeypatch.setenv("FASTPEFT_LORA_IMPL", impl)
+    settings(backend="auto", lora_impl=impl)
     model = _peft_llama().cuda()
     ids = ids.cuda()
     logits0, grads0 = lora_train_step(model, ids)

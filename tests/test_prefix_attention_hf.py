@@ -77,8 +77,8 @@ def _fastpeft_logits(model, registry, ids, mask, flat):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("left_pad", [True, False])
-def test_logits_and_prefix_grads_match_peft_style_cache(monkeypatch, backend, left_pad):
-    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+def test_logits_and_prefix_grads_match_peft_style_cache(monkeypatch, backend, left_pad, settings):
+    settings(backend=backend)
     model = _model()
     ids, mask = _batch(left_pad=left_pad)
     flat = _prefix()
@@ -189,9 +189,9 @@ def test_split_prefix_kv_layout_and_errors():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cached_decoding_matches_peft_style_cache(monkeypatch, backend):
+def test_cached_decoding_matches_peft_style_cache(settings, backend):
     """Prefill then single-token steps with a KV cache (T < S, left padding): same logits as peft's path."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    settings(backend=backend)
     model = _model()
     ids, mask = _batch(left_pad=True)
     flat = _prefix()
@@ -230,11 +230,11 @@ def test_cached_decoding_matches_peft_style_cache(monkeypatch, backend):
         disable_prefix_attention(model)
 
 
-def test_per_call_prefix_keyword_takes_precedence_and_carries_backend(monkeypatch):
+def test_per_call_prefix_keyword_takes_precedence_and_carries_backend(monkeypatch, settings):
     """fastpeft_prefix=PrefixKVRegistry(kvs, backend=...) overrides the attached registry; wrong types fail clearly."""
     import fastpeft.ops.prefix_attention as op
 
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    settings(backend="auto")
     calls = []
     fused = op.PrefixAttentionFunction.apply
     monkeypatch.setattr(op.PrefixAttentionFunction, "apply", lambda *a: calls.append(1) or fused(*a))

@@ -155,8 +155,8 @@ def test_reference_per_batch_prefix_equals_shared():
     assert (other - shared).abs().max() > 1e-3
 
 
-def test_cpu_automatic_backend_is_reference(monkeypatch):
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+def test_cpu_automatic_backend_is_reference(settings):
+    settings(backend="auto")
     q, k, v, pk, pv, kpm, _ = _inputs(1, 2, 1, 5, 5, 2, 8, torch.float32, pad=False)
     out = prefix_attention(q.requires_grad_(True), k, v, pk, pv)
     assert "PrefixAttentionFunction" not in type(out.grad_fn).__name__

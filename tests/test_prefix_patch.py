@@ -84,8 +84,8 @@ def _compare(pm, ids, mask):
 
 
 @pytest.mark.parametrize("projection", [False, True])
-def test_patched_logits_and_prefix_grads_match_peft_reference(monkeypatch, projection):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_patched_logits_and_prefix_grads_match_peft_reference(settings, projection):
+    settings(backend="reference")
     pm = _prefix_model(projection=projection)
     ids, mask = _batch()
     report = _compare(pm, ids, mask)
@@ -96,9 +96,9 @@ def test_patched_logits_and_prefix_grads_match_peft_reference(monkeypatch, proje
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU models reach Triton only under TRITON_INTERPRET=1")
-def test_patched_triton_kernels_match_peft_one_layer(monkeypatch):
+def test_patched_triton_kernels_match_peft_one_layer(monkeypatch, settings):
     """The Triton kernels (interpreter) behind the patched model, 1 layer: logits and grads equal peft's."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    settings(backend="triton")
     import fastpeft.ops.prefix_attention as op
 
     calls = []
@@ -106,10 +106,10 @@ def test_patched_triton_kernels_match_peft_one_layer(monkeypatch):
     monkeypatch.setattr(op.PrefixAttentionFunction, "apply", lambda *a: calls.append(1) or fused(*a))
     pm = _prefix_model(layers=1)
     ids, mask = _batch(B=2, T=7)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")  # the oracle: peft's path (no prefix op at all)
+    settings(backend="reference")  # the oracle: peft's path (no prefix op at all)
     ref_logits, ref_loss, ref_grads = _step(pm, ids, mask)
     assert not calls
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    settings(backend="triton")
     fastpeft.patch(pm)
     try:
         logits, loss, grads = _step(pm, ids, mask)
@@ -123,15 +123,15 @@ def test_patched_triton_kernels_match_peft_one_layer(monkeypatch):
 
 
 @pytest.mark.parametrize("model_type", [t for t in PREFIX_MODEL_TYPES if t != "llama"])
-def test_other_llama_family_models(monkeypatch, model_type):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_other_llama_family_models(settings, model_type):
+    settings(backend="reference")
     pm = _prefix_model(model_type=model_type, layers=1)
     _compare(pm, *_batch(B=2, T=6))
 
 
-def test_patched_generate_equals_peft_greedy(monkeypatch):
+def test_patched_generate_equals_peft_greedy(monkeypatch, settings):
     """Greedy decoding: the cache holds only real tokens while every step sees the shared prefix."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     pm = _prefix_model()
     ids, mask = _batch()
     kw = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
@@ -168,8 +168,8 @@ def test_patched_generate_equals_peft_greedy(monkeypatch):
     assert not torch.equal(plain, ref)
 
 
-def test_unpatch_restores_peft_path_and_disable_adapter_works(monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_unpatch_restores_peft_path_and_disable_adapter_works(settings):
+    settings(backend="reference")
     pm = _prefix_model()
     ids, mask = _batch()
     with torch.no_grad():
@@ -193,9 +193,9 @@ def test_unpatch_restores_peft_path_and_disable_adapter_works(monkeypatch):
         assert fastpeft.unpatch(pm) == []
 
 
-def test_patched_with_activation_checkpointing(monkeypatch):
+def test_patched_with_activation_checkpointing(settings):
     """Recomputation in backward sees the same prefix (it travels with the call, not in global state)."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     pm = _prefix_model()
     ids, mask = _batch()
     pm.train()
@@ -225,9 +225,9 @@ def test_prefix_adapter_not_fitting_base_is_a_clear_error():
         fastpeft.patch(pm)
 
 
-def test_patched_adapter_loaded_for_inference(monkeypatch, tmp_path):
+def test_patched_adapter_loaded_for_inference(settings, tmp_path):
     """An adapter loaded with PeftModel.from_pretrained (inference_mode: the saved prefix is used as is)."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     trained = _prefix_model(projection=True)
     trained.save_pretrained(str(tmp_path))
     pm = peft.PeftModel.from_pretrained(_base(), str(tmp_path))
@@ -244,13 +244,13 @@ def test_patched_adapter_loaded_for_inference(monkeypatch, tmp_path):
     torch.testing.assert_close(out, ref, **TOL)
 
 
-def test_patched_peft_prefix_trains_under_trainer(monkeypatch, tmp_path):
+def test_patched_peft_prefix_trains_under_trainer(monkeypatch, tmp_path, settings):
     """transformers.Trainer on the patched peft model: loss goes down, only the prefix encoder changes."""
     import inspect
 
     from transformers import Trainer, TrainingArguments
 
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     import fastpeft.ops.prefix_attention as op
 
     calls = []
@@ -299,9 +299,9 @@ def test_other_peft_task_types_are_reported_and_left_alone():
 
 
 @pytest.mark.skipif(not hasattr(fastpeft, "PrefixTuningConfig"), reason="fastpeft's prompt-learning tuners not merged")
-def test_patch_routes_fastpeft_prefix_model(monkeypatch):
+def test_patch_routes_fastpeft_prefix_model(monkeypatch, settings):
     """fastpeft.patch on fastpeft's own prefix model attaches the registry its forward fills: same numbers."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    settings(backend="reference")
     import fastpeft.ops.prefix_attention as op
 
     calls = []

@@ -21,8 +21,8 @@ def _load(name="train_step"):
     return mod
 
 
-def test_train_step_quick_rows(monkeypatch):
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+def test_train_step_quick_rows(settings):
+    settings(backend="auto")
     bench = _load()
     rows = bench.run(quick=True)
     assert [r["arm"] for r in rows] == list(bench.QUICK_ARMS) == ["peft", "peft+patch", "fastpeft"]
@@ -46,8 +46,8 @@ def test_bad_config_and_arm_are_refused():
         bench.wrap("nope", None)
 
 
-def test_qlora_matmul_quick_rows(monkeypatch):
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+def test_qlora_matmul_quick_rows(settings):
+    settings(backend="auto")
     bench = _load("qlora_matmul")
     rows = bench.run(quick=True)
     assert rows and all(list(r) == list(rows[0]) for r in rows)

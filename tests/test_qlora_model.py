@@ -189,7 +189,7 @@ def test_input_dtype_other_than_compute_dtype_matches_peft_rounding():
     assert torch.equal(got, want)
 
 
-def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
+def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch, settings):
     """Automatic choice on CPU runs the reference path; forcing Triton on CPU without the
     interpreter is refused with a message naming the fix."""
     import fastpeft.kernels.nf4 as K
@@ -202,9 +202,9 @@ def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
 
     monkeypatch.setattr(K, "matmul", boom)
     monkeypatch.setattr(K, "gemv", boom)
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    settings(backend="auto")
     assert layer(x).shape == (2, 16)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    settings(backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         layer(x)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, count_calls, lora_train_step
+from conftest import FP32_ATOL, backend_of, count_calls, lora_train_step
 from qlora_helpers import load_4bit, save_tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -33,7 +33,7 @@ def dirs(tmp_path_factory):
 def op_calls(monkeypatch):
     """(has a LoRA branch, backend) of every QLoRA op call from patched layers."""
     return count_calls(monkeypatch, patch_mod, "bnb_linear4bit",
-                       record=lambda a, k: (a[5] is not None if len(a) > 5 else False, k.get("backend")))
+                       record=lambda a, k: (a[5] is not None if len(a) > 5 else False, backend_of(k)))
 
 
 def peft_4bit(path, dropout=0.0):
@@ -47,8 +47,8 @@ def assert_same(a, b, atol=FP32_ATOL):
     torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
-def test_peft_qlora_llama_same_logits_and_grads(dirs, ids, op_calls, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+def test_peft_qlora_llama_same_logits_and_grads(dirs, ids, op_calls, settings):
+    settings(backend="reference")
     model = peft_4bit(dirs[2], dropout=0.1)
     logits0, grads0 = lora_train_step(model, ids)
     with model.disable_adapter():

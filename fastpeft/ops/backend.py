@@ -1,8 +1,10 @@
 """Backend choice shared by every fused op.
 
-Rules (see DESIGN.md):
+Rules (the README's "Backends" section says the same):
 
-* ``FASTPEFT_BACKEND=reference|triton`` forces a backend (unset or ``auto``: automatic).
+* ``Settings.backend`` (``fastpeft.get_settings()``; from ``FASTPEFT_BACKEND`` read once at
+  import, or ``fastpeft.use_settings(backend=...)``) or an op's ``backend=`` argument forces
+  ``reference`` or ``triton`` (``auto``: automatic).
 * Automatic: a CUDA tensor with triton importable runs the Triton kernel, anything else
   runs the pure-PyTorch reference path.
 * A CPU tensor only reaches a Triton kernel when ``TRITON_INTERPRET=1`` is set and the
@@ -12,10 +14,12 @@ Rules (see DESIGN.md):
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
+
+from fastpeft.kernels._common import interpreting
+from fastpeft.ops.settings import get_settings
 
 BACKENDS = ("reference", "triton")
 
@@ -31,21 +35,16 @@ def triton_available() -> bool:
     return True
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-
-
 def requested_backend(backend: Optional[str] = None) -> Optional[str]:
-    """The backend asked for by argument or by ``FASTPEFT_BACKEND`` (None: automatic)."""
-    value = backend if backend is not None else os.environ.get("FASTPEFT_BACKEND", "")
+    """The backend asked for by argument, else by the current settings (None: automatic)."""
+    value = backend if backend is not None else get_settings().backend
     value = value.strip().lower()
     if value in ("", "auto"):
         return None
     if value not in BACKENDS:
         raise ValueError(
             f"Unknown fastpeft backend {value!r}; use one of {BACKENDS} "
-            "(or leave FASTPEFT_BACKEND unset for automatic choice)."
+            "(or 'auto' / FASTPEFT_BACKEND unset for automatic choice)."
         )
     return value
 
@@ -62,24 +61,25 @@ def choose_backend(*tensors: Optional[torch.Tensor], backend: Optional[str] = No
         return "reference"
     if forced == "triton":
         if not triton_available():
-            raise RuntimeError("FASTPEFT_BACKEND=triton but triton is not installed (pip install triton).")
+            raise RuntimeError("backend 'triton' is forced but triton is not installed (pip install triton).")
         if not on_cuda and not interpreting():
             raise RuntimeError(
-                "FASTPEFT_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 "
+                "backend 'triton' with CPU tensors needs TRITON_INTERPRET=1 "
                 "(the Triton interpreter); otherwise use a CUDA device or the reference backend."
             )
         return "triton"
     return "triton" if (on_cuda and triton_available()) else "reference"
 
 
-def fallback_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
-    """Why the automatic choice would not use Triton for these tensors (None if it would)."""
-    if requested_backend() == "reference":
-        return "FASTPEFT_BACKEND=reference"
+def fallback_reason(*tensors: Optional[torch.Tensor], backend: Optional[str] = None) -> Optional[str]:
+    """Why the choice for ``backend`` (default: the current settings') would not use Triton for
+    these tensors (None if it would)."""
+    if requested_backend(backend) == "reference":
+        return "backend forced to reference"
     if not triton_available():
         return "triton is not installed"
     if not any(t is not None and t.is_cuda for t in tensors):
         # automatic choice never interprets kernels on CPU (choose_backend); forcing does
-        hint = " (FASTPEFT_BACKEND=triton runs the kernels in the interpreter)" if interpreting() else ""
+        hint = " (backend 'triton' runs the kernels in the interpreter)" if interpreting() else ""
         return "tensors are on CPU (reference path)" + hint
     return None

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fastpeft.ops.backend import choose_backend
 from fastpeft.ops.lora_linear import check_lora_shapes, lora_linear
+from fastpeft.ops.settings import Settings, get_settings
 
 __all__ = ["dora_weight_norm", "dora_weight_norm_reference", "dora_linear", "dora_delta", "ScaleColumns"]
 
@@ -45,7 +46,7 @@ def dora_weight_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, backend: Optional[str] = None) -> torch.Tensor:
     """Detached fp32 ``[N]`` row norms of ``weight + scaling * lora_B @ lora_A``.
 
-    ``backend`` (or ``FASTPEFT_BACKEND``) forces ``"reference"`` or ``"triton"``; by default CUDA
+    ``backend`` (default: the current settings') forces ``"reference"`` or ``"triton"``; by default CUDA
     tensors use the fused Triton kernel and CPU tensors the reference.
     """
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
@@ -108,6 +109,7 @@ def dora_linear(
     backend: Optional[str] = None,
     norm_backend: Optional[str] = None,
     weight_norm: Optional[torch.Tensor] = None,
+    settings: Optional[Settings] = None,
 ) -> torch.Tensor:
     """DoRA linear output for ``x`` ``[..., K]`` (peft's ``lora.Linear`` with ``use_dora=True``).
 
@@ -118,7 +120,7 @@ def dora_linear(
 
     The product runs through :func:`fastpeft.ops.lora_linear.lora_linear` (``backend`` picks its
     backend), the norm through :func:`dora_weight_norm` (``norm_backend``, default ``backend``),
-    unless ``weight_norm`` (``[N]``, e.g. cached by the caller while the weights are unchanged)
+    ``settings`` (default :func:`fastpeft.get_settings`) supplying ``backend`` and the LoRA plan, unless ``weight_norm`` (``[N]``, e.g. cached by the caller while the weights are unchanged)
     is given. ``weight`` and ``bias`` must have ``x``'s dtype (as in ``nn.Linear``); the adapter factors and
     the magnitude may differ (fp32 on a half base, as peft and fastpeft store them) and are cast,
     differentiably. Inside ``torch.autocast`` everything computes in the autocast dtype. The output
@@ -127,6 +129,8 @@ def dora_linear(
     check_lora_shapes(x, weight, lora_A, lora_B)
     if magnitude.shape != (weight.shape[0],):
         raise ValueError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)}, expected [{weight.shape[0]}] (out_features)")
+    settings = settings if settings is not None else get_settings()
+    backend = backend if backend is not None else settings.backend
     if weight_norm is None:
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend=norm_backend if norm_backend is not None else backend)
     elif weight_norm.shape != (weight.shape[0],):
@@ -144,12 +148,12 @@ def dora_linear(
     scale = magnitude.float() / norm  # fp32; the gradient reaches m only (the norm is detached)
     if training and dropout_p > 0.0:
         dx = F.dropout(x, dropout_p, training=True)
-        y = ScaleColumns.apply(lora_linear(dx, weight, None, lora_A, lora_B, scaling, backend=backend), scale)
+        y = ScaleColumns.apply(lora_linear(dx, weight, None, lora_A, lora_B, scaling, backend=backend, settings=settings), scale)
         rest = x - dx
         w = weight if weight.dtype == dtype else weight.to(dtype)
         b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
         return y + F.linear(rest if rest.dtype == dtype else rest.to(dtype), w, b)
-    y = ScaleColumns.apply(lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend), scale)
+    y = ScaleColumns.apply(lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend, settings=settings), scale)
     if bias is not None:
         y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
     return y

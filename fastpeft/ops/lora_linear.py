@@ -22,13 +22,14 @@ a plain linear.
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
 import torch
 
 from fastpeft.ops.backend import choose_backend
+from fastpeft.ops.dropout import reference_dropout_mask as _dropout_mask
+from fastpeft.ops.settings import LORA_IMPLS as IMPLS, Settings, get_settings
 
 __all__ = ["lora_linear", "lora_delta", "lora_merge", "lora_impl", "LoraLinearReference", "LoraLinearTriton", "check_lora_shapes"]
 
@@ -44,11 +45,6 @@ def check_lora_shapes(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tenso
         raise ValueError(f"lora_linear: lora_A has shape {tuple(lora_A.shape)}, expected [r, {K}]")
     if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_linear: lora_B has shape {tuple(lora_B.shape)}, expected [{N}, {r}] (out_features, r)")
-
-
-def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    # Same draw as torch.nn.functional.dropout on CPU: empty_like(x).bernoulli_(1 - p) / (1 - p)
-    return torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 class LoraLinearReference(torch.autograd.Function):
@@ -92,11 +88,9 @@ class LoraLinearReference(torch.autograd.Function):
         return dx, dW, db, dA, dB, None, None, None
 
 
-IMPLS = ("split", "kernels", "fused")
-
-
 def lora_impl(impl: Optional[str] = None) -> str:
-    """The Triton implementation plan: argument, else ``FASTPEFT_LORA_IMPL``, else ``"split"``.
+    """The Triton implementation plan: argument, else the current settings' ``lora_impl``
+    (``FASTPEFT_LORA_IMPL`` at import; default ``"split"``).
 
     * ``split`` - cuBLAS for the base GEMM and every dropout-free LoRA product (LoRA branch
       accumulated into the base output with beta = 1), Triton kernels where the dropout mask
@@ -104,9 +98,9 @@ def lora_impl(impl: Optional[str] = None) -> str:
     * ``kernels`` - as ``split`` but the Triton down/dx/dA kernels even without dropout.
     * ``fused`` - one Triton kernel for the whole forward (r <= 64; larger r uses ``split``).
     """
-    value = (impl if impl is not None else os.environ.get("FASTPEFT_LORA_IMPL", "")).strip().lower() or "split"
+    value = (impl if impl is not None else get_settings().lora_impl).strip().lower() or "split"
     if value not in IMPLS:
-        raise ValueError(f"Unknown LoRA-linear implementation {value!r}; use one of {IMPLS} (FASTPEFT_LORA_IMPL).")
+        raise ValueError(f"Unknown LoRA-linear implementation {value!r}; use one of {IMPLS} (lora_impl, FASTPEFT_LORA_IMPL).")
     return value
 
 
@@ -220,11 +214,13 @@ def lora_linear(
     *,
     impl: Optional[str] = None,
     seed: Optional[int] = None,
+    settings: Optional[Settings] = None,
 ) -> torch.Tensor:
     """``x W^T + b + scaling * dropout(x) A^T B^T`` for ``x`` of shape ``[..., K]``.
 
-    ``backend`` (or ``FASTPEFT_BACKEND``) forces ``"reference"`` or ``"triton"``; by default
-    CUDA tensors use Triton and CPU tensors the reference path. Triton-only keywords:
+    ``backend`` forces ``"reference"`` or ``"triton"``; by default CUDA tensors use Triton and
+    CPU tensors the reference path. ``settings`` (default :func:`fastpeft.get_settings`) supplies
+    ``backend`` and ``impl`` when they are not given. Triton-only keywords:
     ``impl`` picks the kernel plan (see :func:`lora_impl`), ``seed`` fixes the dropout mask
     (``fastpeft.kernels.lora_linear.dropout_mask(seed, p, M, K)`` materialises it; by default
     a seed is drawn from torch's CPU generator).
@@ -254,11 +250,12 @@ def lora_linear(
         bias = bias.to(dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    which = choose_backend(x, weight, backend=backend)
+    s = settings if settings is not None else get_settings()
+    which = choose_backend(x, weight, backend=backend if backend is not None else s.backend)
     with torch.autocast(device_type, enabled=False) if autocast_on else _nullcontext():
         if which == "triton":
             y = _triton_lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
-                                    bool(training), impl, seed)
+                                    bool(training), impl if impl is not None else s.lora_impl, seed)
         else:
             y = LoraLinearReference.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
                                           bool(training))

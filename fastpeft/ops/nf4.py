@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Optional, Tuple
 
 import torch
 
 from fastpeft.ops.backend import choose_backend
+from fastpeft.ops.dropout import reference_dropout_mask as _dropout_mask
+from fastpeft.ops.settings import NF4_IMPLS, Settings, get_settings
 
 __all__ = [
     "NF4_CODE",
@@ -360,11 +361,6 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any, dtype: Optional[torch
 # --------------------------------------------------------------------------------------------
 
 
-def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    # The same draw as torch.nn.functional.dropout on CPU, so peft's outputs are reproduced.
-    return torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
-
-
 def _check(x, state: NF4State, bias, lora_A, lora_B):
     N, K = state.shape
     if x.shape[-1] != K:
@@ -440,18 +436,15 @@ class QLoraLinearReference(torch.autograd.Function):
         return dx, None, None, db, dA, dB, None, None, None
 
 
-NF4_IMPLS = ("fused", "dequant")
-
-
 def nf4_impl(impl: Optional[str] = None) -> str:
     """The Triton plan for training-size QLoRA matmuls: ``"fused"`` (default; dequantisation
     inside the GEMM's weight loads, no dequantised weight in memory) or ``"dequant"`` (the
     Triton dequantisation kernel writes the weight in the compute dtype, then a cuBLAS matmul,
     the weight freed at once: bitsandbytes' plan, kept to compare and to fall back on where it
-    is faster). Argument, else ``FASTPEFT_NF4_IMPL``."""
-    value = (impl if impl is not None else os.environ.get("FASTPEFT_NF4_IMPL", "fused")).strip().lower() or "fused"
+    is faster). Argument, else the current settings' ``nf4_impl`` (``FASTPEFT_NF4_IMPL`` at import)."""
+    value = (impl if impl is not None else get_settings().nf4_impl).strip().lower() or "fused"
     if value not in NF4_IMPLS:
-        raise ValueError(f"FASTPEFT_NF4_IMPL={value!r} is not one of {NF4_IMPLS}")
+        raise ValueError(f"nf4_impl={value!r} (FASTPEFT_NF4_IMPL) is not one of {NF4_IMPLS}")
     return value
 
 
@@ -463,11 +456,12 @@ class QLoraLinearTriton(torch.autograd.Function):
     Backward: ``dx`` from the fused dequant-GEMM ``dy W`` with ``(G A) * mask`` in the
     epilogue (``G = s dy B``); ``dA``, ``dB`` and ``db`` are small torch matmuls/sums. Only
     the packed weight is kept for backward. With ``impl="dequant"`` (see :func:`nf4_impl`) the
-    two GEMMs are a Triton dequantisation then a torch matmul instead.
+    two GEMMs are a Triton dequantisation then a torch matmul instead. ``pair`` is
+    ``Settings.nf4_pair`` (the forward GEMM's one-load-per-byte path).
     """
 
     @staticmethod
-    def forward(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, impl="fused"):
+    def forward(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, impl="fused", pair=True):
         from fastpeft.kernels import nf4 as K
 
         x = x.contiguous()
@@ -493,7 +487,7 @@ class QLoraLinearTriton(torch.autograd.Function):
                 y = y + ((u @ lora_B.t()) * scaling).to(y.dtype)
         else:
             y = K.matmul(x, packed, state, trans_w=True, bias=bias,
-                         lora_l=u, lora_r=lora_B.t() if has_lora else None, lora_scale=scaling)
+                         lora_l=u, lora_r=lora_B.t() if has_lora else None, lora_scale=scaling, pair=pair)
         ctx.save_for_backward(x, packed, lora_A, lora_B, u, mask)
         ctx.state, ctx.scaling, ctx.has_bias, ctx.has_lora = state, scaling, bias is not None, has_lora
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -531,15 +525,15 @@ class QLoraLinearTriton(torch.autograd.Function):
                           lora_scale=1.0, lora_mask=mask, out_dtype=dy.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(0).to(ctx.bias_dtype)
-        return dx, None, None, db, dA, dB, None, None, None, None
+        return dx, None, None, db, dA, dB, None, None, None, None, None
 
 
-def _use_cuda_gemv(x2: torch.Tensor, state: NF4State, has_lora: bool, training: bool) -> bool:
+def _use_cuda_gemv(x2: torch.Tensor, state: NF4State, has_lora: bool, training: bool, gemv: str) -> bool:
     if not x2.is_cuda or x2.shape[0] != 1 or x2.requires_grad or has_lora or torch.is_grad_enabled() and training:
         return False
     from fastpeft.ops import nf4_cuda
 
-    return nf4_cuda.available() and nf4_cuda.supports(x2, state)
+    return nf4_cuda.available(gemv) and nf4_cuda.supports(x2, state)
 
 
 def qlora_linear(
@@ -554,16 +548,19 @@ def qlora_linear(
     training: bool = False,
     backend: Optional[str] = None,
     impl: Optional[str] = None,
+    *,
+    settings: Optional[Settings] = None,
 ) -> torch.Tensor:
     """``x dequant(Wq)^T + b + scaling * dropout(x) A^T B^T`` for ``x`` ``[..., K]``.
 
     ``packed``/``quant_state``: a bitsandbytes ``Params4bit``'s data and ``QuantState`` (or
     an :class:`NF4State`), ``[N, K]`` weight, used as is. ``lora_A`` ``[r, K]`` and ``lora_B``
     ``[N, r]`` may both be None (a frozen 4-bit linear). Gradients flow to ``x``, ``bias``,
-    ``lora_A`` and ``lora_B``; the 4-bit weight is frozen. ``backend`` (or
-    ``FASTPEFT_BACKEND``) forces ``"reference"`` or ``"triton"``; ``impl`` (or
-    ``FASTPEFT_NF4_IMPL``) picks the Triton plan, see :func:`nf4_impl`.
+    ``lora_A`` and ``lora_B``; the 4-bit weight is frozen. ``backend`` forces ``"reference"``
+    or ``"triton"``; ``impl`` picks the Triton plan, see :func:`nf4_impl`. ``settings`` (default
+    :func:`fastpeft.get_settings`) supplies ``backend``, ``impl``, ``nf4_pair`` and ``nf4_gemv``.
     """
+    settings = settings if settings is not None else get_settings()
     packed, state = canonicalize(packed, quant_state)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -573,7 +570,8 @@ def qlora_linear(
         dt = torch.get_autocast_dtype(device_type)
         x, bias, lora_A, lora_B = (None if t is None else t.to(dt) for t in (x, bias, lora_A, lora_B))
         with torch.autocast(device_type, enabled=False):
-            return qlora_linear(x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, backend, impl)
+            return qlora_linear(x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, backend, impl,
+                                settings=settings)
     _check(x, state, bias, lora_A, lora_B)
     N, K = state.shape
     lead = x.shape[:-1]
@@ -581,26 +579,26 @@ def qlora_linear(
     if state.absmax.device != x.device or packed.device != x.device:
         raise ValueError(f"qlora_linear: the 4-bit weight is on {packed.device}, the input on {x.device}")
     has_lora = lora_A is not None
-    if _use_cuda_gemv(x2, state, has_lora, training):
+    if _use_cuda_gemv(x2, state, has_lora, training, settings.nf4_gemv):
         from fastpeft.ops import nf4_cuda
 
         y = nf4_cuda.gemv(x2, packed, state)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, N)
-    which = choose_backend(x, packed, backend=backend)
+    which = choose_backend(x, packed, backend=backend if backend is not None else settings.backend)
     args = (x2, packed, state, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
     if which == "triton":
-        y = QLoraLinearTriton.apply(*args, nf4_impl(impl))
+        y = QLoraLinearTriton.apply(*args, nf4_impl(impl if impl is not None else settings.nf4_impl), settings.nf4_pair)
     else:
         y = QLoraLinearReference.apply(*args)
     return y.reshape(*lead, N)
 
 
 def nf4_linear(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: Optional[torch.Tensor] = None,
-               backend: Optional[str] = None) -> torch.Tensor:
+               backend: Optional[str] = None, settings: Optional[Settings] = None) -> torch.Tensor:
     """``x dequant(Wq)^T + b``: a frozen bitsandbytes 4-bit linear (no adapter)."""
-    return qlora_linear(x, packed, quant_state, bias, None, None, backend=backend)
+    return qlora_linear(x, packed, quant_state, bias, None, None, backend=backend, settings=settings)
 
 
 def bnb_linear4bit(
@@ -615,6 +613,7 @@ def bnb_linear4bit(
     dropout_p: float = 0.0,
     training: bool = False,
     backend: Optional[str] = None,
+    settings: Optional[Settings] = None,
 ) -> torch.Tensor:
     """What a bitsandbytes ``Linear4bit`` (plus, optionally, one peft LoRA adapter) computes,
     through :func:`qlora_linear`.
@@ -626,18 +625,21 @@ def bnb_linear4bit(
     fused op; otherwise the base product goes through the op and the LoRA branch is added as
     peft adds it, so the rounding is the same as bitsandbytes + peft either way. Under
     ``torch.autocast`` everything runs in the autocast dtype (see :func:`qlora_linear`) and
-    the result is returned in the input's dtype.
+    the result is returned in the input's dtype. ``backend`` and ``settings`` go to
+    :func:`qlora_linear`.
     """
     inp_dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
-        y = qlora_linear(x, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
+        y = qlora_linear(x, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, training, backend,
+                         settings=settings)
         return y.to(inp_dtype)
     cd = compute_dtype or inp_dtype
     if cd == inp_dtype:
         if bias is not None and bias.dtype != cd:
             bias = bias.to(cd)
-        return qlora_linear(x, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
-    y = qlora_linear(x.to(cd), packed, quant_state, None if bias is None else bias.to(cd), backend=backend)
+        return qlora_linear(x, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, training, backend,
+                            settings=settings)
+    y = qlora_linear(x.to(cd), packed, quant_state, None if bias is None else bias.to(cd), backend=backend, settings=settings)
     y = y.to(inp_dtype)
     if lora_A is not None:
         xl = torch.nn.functional.dropout(x.to(lora_A.dtype), dropout_p, training=training and dropout_p > 0)

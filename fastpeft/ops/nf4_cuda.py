@@ -4,7 +4,8 @@ Built with ``torch.utils.cpp_extension.load`` the first time it is needed, only 
 is present (a CUDA device, torch built with CUDA, and nvcc). A failed build is remembered and
 reported by :func:`unavailable_reason`; callers then use the Triton GEMV.
 
-Which GEMV decodes is chosen by ``FASTPEFT_NF4_GEMV``: ``triton`` (default) or ``cuda``. The
+Which GEMV decodes is chosen by ``Settings.nf4_gemv`` (``fastpeft.get_settings()``; from
+``FASTPEFT_NF4_GEMV`` read once at import): ``triton`` (default) or ``cuda``. The
 default stays Triton until ``benchmarks/qlora_matmul.py`` shows the CUDA kernel faster on the
 target GPU (the benchmark times both).
 """
@@ -18,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from fastpeft.ops.settings import get_settings
+
 __all__ = ["available", "unavailable_reason", "supports", "gemv", "build", "source_dir", "requested"]
 
 _error: Optional[str] = None
@@ -30,9 +33,9 @@ def source_dir() -> str:
     return os.path.dirname(os.path.abspath(csrc.__file__))
 
 
-def requested() -> bool:
-    """True when ``FASTPEFT_NF4_GEMV=cuda`` asks for the CUDA GEMV."""
-    return os.environ.get("FASTPEFT_NF4_GEMV", "triton").strip().lower() == "cuda"
+def requested(gemv: Optional[str] = None) -> bool:
+    """True when ``gemv`` (default: the current settings' ``nf4_gemv``) asks for the CUDA GEMV."""
+    return (gemv if gemv is not None else get_settings().nf4_gemv).strip().lower() == "cuda"
 
 
 def unavailable_reason() -> Optional[str]:
@@ -62,10 +65,11 @@ def build():
     )
 
 
-def available() -> bool:
-    """True when asked for (``FASTPEFT_NF4_GEMV=cuda``), CUDA is present and the build works."""
+def available(gemv: Optional[str] = None) -> bool:
+    """True when asked for (``gemv`` or the current ``nf4_gemv`` is ``"cuda"``), CUDA is present
+    and the build works."""
     global _error
-    if not requested() or unavailable_reason() is not None:
+    if not requested(gemv) or unavailable_reason() is not None:
         return False
     try:
         build()

@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from fastpeft.ops.backend import choose_backend, requested_backend
+from fastpeft.ops.settings import get_settings
 
 __all__ = [
     "prefix_attention",
@@ -253,12 +254,13 @@ def prefix_attention(
         causal: mask sequence keys ``s > t + (S - T)`` for query ``t`` (the prefix is never masked).
         key_padding_mask: optional ``[B, S]`` bool/int, True/1 = keep, for the sequence keys.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"reference"``, ``"triton"`` or None (automatic; ``FASTPEFT_BACKEND`` overrides).
+        backend: ``"reference"``, ``"triton"``, ``"auto"`` or None (the current settings' backend).
 
     Returns:
         ``[B, H, T, D]`` in q's dtype.
     """
     per_batch = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask)
+    backend = backend if backend is not None else get_settings().backend  # one read for the whole call
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if per_batch:
@@ -314,7 +316,7 @@ class PrefixKVRegistry:
     Each entry is ``(prefix_k, prefix_v)``, both ``[num_kv_heads, P, head_dim]`` (shared by the
     batch; they may carry autograd history, e.g. a prefix encoder's output, so set them for
     every forward). Layers without an entry run plain SDPA attention. ``backend`` is handed to
-    :func:`prefix_attention` (None: automatic, honouring ``FASTPEFT_BACKEND``).
+    :func:`prefix_attention` (None: the current settings' backend at each call).
 
     Two ways to reach the attention function: attached to the model's attention modules by
     :func:`enable_prefix_attention` (the per-model registry), or passed per call as the model
@@ -327,7 +329,7 @@ class PrefixKVRegistry:
                  backend: Optional[str] = None) -> None:
         self._kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._mask_cache = None  # (weakref to the 4D mask, its _version, key, result)
-        self.backend = backend  # passed to prefix_attention (None: automatic / FASTPEFT_BACKEND)
+        self.backend = backend  # passed to prefix_attention (None: the current settings')
         if kvs is not None:
             self.set_layers(kvs)
 

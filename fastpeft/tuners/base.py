@@ -200,7 +200,7 @@ class BaseTuner(nn.Module):
         """Replace every targeted submodule of ``model`` with a tuner layer for ``adapter_name``."""
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
-        model_config = _model_config_dict(model)
+        model_config = _adapter_model_config(model)
         config = self._prepare_adapter_config(config, model_config)
         targets = getattr(config, "target_modules", None)
         expanded_all_linear = isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
@@ -414,7 +414,9 @@ class BaseTuner(nn.Module):
         return out
 
 
-def _model_config_dict(model: nn.Module) -> Dict[str, Any]:
+def _adapter_model_config(model: nn.Module) -> Dict[str, Any]:
+    """peft's ``model_config`` for ``_prepare_adapter_config``: the whole model config as a dict
+    (``{"model_type": "custom"}`` for a model without one, as peft does)."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {"model_type": "custom"}
