@@ -18,14 +18,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from fastpeft.ops.prefix_attention import (  # noqa: E402
+from fastpeft.ops.prefix_attention import mask_structure  # noqa: E402
+from fastpeft.prefix_attention_hf import (  # noqa: E402
     PrefixKVRegistry,
     disable_prefix_attention,
     enable_prefix_attention,
-    mask_structure,
     prefix_attention_forward,
-    split_prefix_kv,
 )
+from fastpeft.prefix_route import cache_kwarg, split_prefix_kv  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32 model
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
@@ -65,7 +65,7 @@ def _peft_style_logits(model, ids, mask, flat):
     for layer, kv in enumerate(past):
         cache.update(kv[0], kv[1], layer)
     full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
-    return model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=False).logits
+    return model(input_ids=ids, attention_mask=full_mask, use_cache=False, **{cache_kwarg(model): cache}).logits
 
 
 def _fastpeft_logits(model, registry, ids, mask, flat):
@@ -206,7 +206,7 @@ def test_cached_decoding_matches_peft_style_cache(monkeypatch, backend):
     mask_ref = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
     refs, inputs, step_ids = [], [], ids
     for _ in range(steps):
-        ref = model(input_ids=step_ids, attention_mask=mask_ref, past_key_values=cache_ref, use_cache=True).logits
+        ref = model(input_ids=step_ids, attention_mask=mask_ref, use_cache=True, **{cache_kwarg(model): cache_ref}).logits
         refs.append(ref)
         inputs.append(step_ids)
         step_ids = ref[:, -1:].argmax(-1)
@@ -219,8 +219,8 @@ def test_cached_decoding_matches_peft_style_cache(monkeypatch, backend):
             for step_ids, ref in zip(inputs, refs):
                 n = step_ids.shape[1]
                 pos = torch.arange(P + start, P + start + n).unsqueeze(0).expand(B, -1)
-                ours = model(input_ids=step_ids, attention_mask=mask_ours, past_key_values=cache_ours,
-                             position_ids=pos, use_cache=True).logits
+                ours = model(input_ids=step_ids, attention_mask=mask_ours, position_ids=pos, use_cache=True,
+                             **{cache_kwarg(model): cache_ours}).logits
                 torch.testing.assert_close(ours, ref, **TOL)
                 start += n
                 mask_ours = torch.cat([mask_ours, torch.ones(B, 1, dtype=mask.dtype)], dim=1)

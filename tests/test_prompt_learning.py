@@ -7,7 +7,7 @@ gives peft's tokens; short training runs reduce the loss touching only prompt pa
 RANDOM / TEXT / SAMPLE_VOCAB initialisation (RANDOM and SAMPLE_VOCAB draw peft's numbers under
 the same seed); trainable counts and print_trainable_parameters equal peft's; bf16 bases; two
 adapters; bad input gives clear errors. The fused shared-prefix path (registry attached by
-``fastpeft.ops.prefix_attention``) is checked against peft when that op is in the build.
+``fastpeft.prefix_attention_hf``) is checked against peft when that op is in the build.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 import fastpeft
 from conftest import FP32_ATOL, tiny_bert, tiny_bert_tokens, tiny_llama, tiny_t5
+from fastpeft.prefix_route import output_cache
 
 peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
@@ -446,13 +447,11 @@ def test_save_pretrained_reads_a_given_full_state_dict(tmp_path):
     torch.testing.assert_close(saved["prompt_embeddings"], model.prompt_encoder["default"].embedding.weight.detach())
 
 
-# --- fused shared-prefix attention (fastpeft.ops.prefix_attention, when present) ----------------
+# --- fused shared-prefix attention (fastpeft.prefix_attention_hf) ------------------------------
 def _prefix_op():
-    try:
-        import fastpeft.ops.prefix_attention as op
-    except ImportError:
-        pytest.skip("fastpeft.ops.prefix_attention is not in this build (the prefix-attention branch adds it)")
-    return op
+    import fastpeft.prefix_attention_hf as hf
+
+    return hf
 
 
 @pytest.mark.parametrize("method", ["prefix", "prefix-proj"])
@@ -479,7 +478,7 @@ def test_fused_prefix_registry_path_equals_peft(method):
         out_t, out_o = theirs(**kw), ours(**kw, use_cache=True)
         torch.testing.assert_close(out_o.logits, out_t.logits, atol=FP32_ATOL, rtol=0)
         # the cache and the keys the attention sees hold only the real tokens, not the prefix
-        assert out_o.past_key_values.get_seq_length() == kw["input_ids"].shape[1]
+        assert output_cache(out_o).get_seq_length() == kw["input_ids"].shape[1]
         assert seen and all(s == kw["input_ids"].shape[1] for _, s in seen)
         assert len(registry) == 0
         out_t.loss.backward()
