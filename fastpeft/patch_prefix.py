@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn

@@ -36,6 +36,7 @@ from fastpeft.prefix_attention_hf import (
 
 __all__ = [
     "CACHE_KWARGS",
+    "PREFIX_LAYOUT_EXCEPTIONS",
     "UNSUPPORTED_ATTENTION_KWARGS",
     "PrefixLayout",
     "PrefixRoute",
@@ -57,6 +58,15 @@ UNSUPPORTED_ATTENTION_KWARGS = {
     "softcap": "attention logit softcapping (the shared-prefix op has none)",
     "s_aux": "attention sinks (an extra softmax term the shared-prefix op does not add)",
     "sinks": "attention sinks (an extra softmax term the shared-prefix op does not add)",
+}
+
+# Config fields that mean the layers' keys/values differ in shape, which peft's one-table prefix
+# layout ([P, L * 2 * KVH * D]) cannot express, on either route (read from the config before any
+# forward can run).
+PREFIX_LAYOUT_EXCEPTIONS = {
+    "global_head_dim": "some layers use another head_dim",
+    "per_layer_config": "the layers are configured one by one",
+    "num_kv_shared_layers": "some layers reuse another layer's keys/values",
 }
 
 _PROBE_ATTENTION_NAME = "fastpeft_prefix_probe"

@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from fastpeft.config import PeftConfig, PeftType, TaskType
 from fastpeft.prefix_attention_hf import PrefixKVRegistry, attached_registry
-from fastpeft.prefix_route import PrefixRoute, cache_kwarg
+from fastpeft.prefix_route import PREFIX_LAYOUT_EXCEPTIONS, PrefixRoute, cache_kwarg
 from fastpeft.utils.modules import ModulesToSaveWrapper, set_modules_to_save
-
-PREFIX_ARCH_UNSUPPORTED_KEYS = ("global_head_dim", "per_layer_config", "num_kv_shared_layers")
 
 
 def _model_config_dict(model: nn.Module) -> Dict[str, Any]:
@@ -99,11 +97,11 @@ def prepare_prompt_learning_config(config: PeftConfig, model: nn.Module) -> Peft
             )
         config.num_attention_heads = int(value)
     if config.peft_type == PeftType.PREFIX_TUNING:
-        odd = [k for k in PREFIX_ARCH_UNSUPPORTED_KEYS if data.get(k)]
+        odd = [f"{k}: {why}" for k, why in PREFIX_LAYOUT_EXCEPTIONS.items() if data.get(k)]
         if odd:
             raise ValueError(
                 f"Prefix Tuning has no known attention layout for model type {model_type!r}: its layers differ in "
-                f"key/value shape ({', '.join(odd)}). Use Prompt Tuning or P-Tuning, or LoRA, for this model."
+                f"key/value shape ({'; '.join(odd)}). Use Prompt Tuning or P-Tuning, or LoRA, for this model."
             )
         if data.get("num_key_value_heads") is not None:  # grouped-query attention: prefix for the KV heads
             head_dim = data.get("head_dim") or config.token_dim // config.num_attention_heads

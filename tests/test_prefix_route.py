@@ -81,14 +81,19 @@ def test_fastpeft_causal_prefix_uses_the_models_cache_name(monkeypatch, fused):
     if fused:
         enable_prefix_attention(base)
     ids, mask = _inputs()
+    walks = []
+    walk = base.modules
+    base.modules = lambda *a, **k: walks.append(1) or walk(*a, **k)  # the registry is found without a walk
     try:
         with _no_deprecated_cache_use(base):
             out = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=True)
             out.loss.backward()
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     finally:
+        del base.modules
         if fused:
             disable_prefix_attention(base)
+    assert not walks
     # the cache the model returns: the real tokens (fused) or the prefix and the tokens (KV-cache path)
     assert output_cache(out).get_seq_length() == ids.shape[1] + (0 if fused else P)
     assert gen.shape == (2, ids.shape[1] + 3)
