@@ -224,12 +224,21 @@ def _greedy_by_forward(model, kw, steps):
 
 
 def _peft_greedy(theirs, kw, gen):
-    """peft's greedy tokens, or where peft's generate() cannot run on this stack, greedy decoding
-    by peft's forward (the reference path); and peft's reason when it could not."""
+    """peft's greedy tokens, or where peft's generate() cannot do the case on this stack, greedy
+    decoding by peft's forward (the reference path); and why peft could not.
+
+    peft can fail silently: peft 0.21.2's prompt tuning reads ``past_key_values`` from the
+    generation kwargs, which transformers 5.24 calls ``cache``, so it prepends the prompt at
+    every step. Its tokens then differ from greedy decoding by its own forward.
+    """
     expected, reason = run_peft(lambda: theirs.generate(**kw, **gen))
-    if reason is not None:
-        expected = _greedy_by_forward(theirs, kw, gen["max_new_tokens"])
-    return expected, reason
+    by_forward = _greedy_by_forward(theirs, kw, gen["max_new_tokens"])
+    if reason is None and not torch.equal(expected, by_forward):
+        import transformers
+
+        reason = (f"peft {peft.__version__} on transformers {transformers.__version__}: its generate() gives other "
+                  f"tokens than greedy decoding by its own forward ({expected.tolist()} vs {by_forward.tolist()})")
+    return (by_forward if reason is not None else expected), reason
 
 
 @pytest.mark.parametrize("method,task", GEN_CASES, ids=[f"{m}-{t}" for m, t in GEN_CASES])
