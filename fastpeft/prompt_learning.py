@@ -311,9 +311,11 @@ class PromptLearningMixin:
         """
         return attached_registry(self.base_model)
 
-    def _prefix_call_registry(self, attached: PrefixKVRegistry) -> PrefixKVRegistry:
-        """This call's prefix as a per-call registry (with the attached registry's backend)."""
-        return PrefixRoute(self._cache_kwarg, attached.backend).registry(self._prefix_flat(), self.active_peft_config)
+    def _fused_route(self, attached: PrefixKVRegistry) -> Tuple[PrefixRoute, PrefixKVRegistry]:
+        """The shared-prefix route of this model (its cache keyword, the attached registry's
+        backend) and this call's prefix as a per-call registry."""
+        route = PrefixRoute(self._cache_kwarg, attached.backend)
+        return route, route.registry(self._prefix_flat(), self.active_peft_config)
 
     # --- checkpoints -----------------------------------------------------------------------
     def _prompt_learning_state_dict(self, adapter_name: str,
@@ -421,9 +423,9 @@ class PromptLearningMixin:
 
         Positions start at ``num_virtual_tokens`` as in peft's cache path, so the numbers agree.
         """
-        route = PrefixRoute(self._cache_kwarg, registry.backend)
+        route, call_registry = self._fused_route(registry)
         route.prepare(kwargs, input_ids if input_ids is not None else inputs_embeds,
-                      self.active_peft_config.num_virtual_tokens, self._prefix_call_registry(registry))
+                      self.active_peft_config.num_virtual_tokens, call_registry)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
     def _prompt_prepare_inputs_causal_lm(self, *args: Any, task_ids=None, **kwargs: Any) -> Dict[str, Any]:
@@ -481,8 +483,7 @@ class PromptLearningMixin:
         if registry is not None:
             # decoding reuses the cache for generated tokens; the prefix comes from the registry each step
             original_forward = base.forward
-            route = PrefixRoute(self._cache_kwarg, registry.backend)
-            call_registry = self._prefix_call_registry(registry)  # the prefix once per generate call
+            route, call_registry = self._fused_route(registry)  # the prefix once per generate call
             p = self.active_peft_config.num_virtual_tokens
 
             @functools.wraps(original_forward)  # generate() validates kwargs against this signature
