@@ -20,6 +20,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from fastpeft.ops.prefix_attention import mask_structure  # noqa: E402
 from fastpeft.prefix_attention_hf import (  # noqa: E402
+    REGISTRY_ATTR,
     PrefixKVRegistry,
     disable_prefix_attention,
     enable_prefix_attention,
@@ -163,7 +164,7 @@ def test_dense_mask_path_matches_reference_on_concatenation():
     mod = Attn()
     reg = PrefixKVRegistry()
     reg.set(0, pk, pv)
-    mod._fastpeft_prefix_registry = reg
+    setattr(mod, REGISTRY_ATTR, reg)
     out, _ = prefix_attention_forward(mod, q, k, v, window.expand(B, 1, T, S), scaling=0.25)
     # oracle: softmax over the explicit concatenation with the window mask and an all-visible prefix
     kc = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(H // KVH, 1)
@@ -248,7 +249,7 @@ def test_per_call_prefix_keyword_takes_precedence_and_carries_backend(monkeypatc
                torch.randn(B, KVH, T, D, generator=g))
     kvs = [(torch.randn(KVH, P, D, generator=g), torch.randn(KVH, P, D, generator=g))]
     mod = Attn()
-    mod._fastpeft_prefix_registry = PrefixKVRegistry([(kvs[0][0] + 1, kvs[0][1])])  # a different prefix
+    setattr(mod, REGISTRY_ATTR, PrefixKVRegistry([(kvs[0][0] + 1, kvs[0][1])]))  # a different prefix
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1")
     out, _ = prefix_attention_forward(mod, q, k, v, None, fastpeft_prefix=PrefixKVRegistry(kvs, backend="triton"))

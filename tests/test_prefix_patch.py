@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
 from conftest import tiny_gpt2  # noqa: E402
+from fastpeft.prefix_attention_hf import REGISTRY_ATTR  # noqa: E402
 from prefix_helpers import run_peft  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32 models
@@ -202,7 +203,7 @@ def test_unpatch_restores_peft_path_and_disable_adapter_works(monkeypatch):
         assert pm.base_model.config._attn_implementation == impl
         # peft's disable_adapter() leaves bound methods as instance attributes: exactly those come back
         assert {n: pm.__dict__.get(n) for n in before} == before
-        assert not any(hasattr(m, "_fastpeft_prefix_registry") for m in pm.modules())
+        assert not any(hasattr(m, REGISTRY_ATTR) for m in pm.modules())
         torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, ref, atol=0, rtol=0)
         assert fastpeft.unpatch(pm) == []
 

@@ -123,3 +123,20 @@ def test_patched_peft_prefix_uses_the_models_cache_name(monkeypatch):
     finally:
         fastpeft.unpatch(pm)
     assert output_cache(out).get_seq_length() == ids.shape[1]  # the prefix is not in the cache
+
+
+def test_ops_prefix_attention_knows_tensors_only():
+    """The transformers glue lives in fastpeft.prefix_attention_hf; the op imports no model code."""
+    import ast
+    import inspect as _inspect
+
+    import fastpeft.ops.prefix_attention as op
+
+    tree = ast.parse(_inspect.getsource(op))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    allowed = ("torch", "math", "typing", "__future__", "fastpeft.ops.", "fastpeft.kernels.")
+    outside = {m for m in imported if not any(m == a.rstrip(".") or m.startswith(a) for a in allowed)}
+    assert not outside, outside
+    for name in ("enable_prefix_attention", "register_prefix_attention", "PrefixKVRegistry", "prefix_attention_forward"):
+        assert not hasattr(op, name), name
