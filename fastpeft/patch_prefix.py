@@ -223,7 +223,7 @@ def patch_prefix(model: nn.Module, backend: Optional[str]) -> Optional[Dict[str,
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
         layout = check_fused_route(base, _prefix_adapters(model))
-        state = _patch_peft(model, base, backend) if lib == "peft" else _patch_fastpeft(base, backend)
+        state = _patch_peft(model, base, backend, layout) if lib == "peft" else _patch_fastpeft(base, backend)
         state["num_layers"] = layout.num_layers
         model.__dict__[_STATE_ATTR] = state
     elif lib == "peft":
@@ -246,9 +246,9 @@ def _patch_fastpeft(base: nn.Module, backend: Optional[str]) -> Dict[str, Any]:
     return {"lib": "fastpeft", "base": base, "registry": registry}
 
 
-def _patch_peft(model: nn.Module, base: nn.Module, backend: Optional[str]) -> Dict[str, Any]:
+def _patch_peft(model: nn.Module, base: nn.Module, backend: Optional[str], layout) -> Dict[str, Any]:
     state = {"lib": "peft", "base": base, "generating": None,
-             "route": PrefixRoute(cache_kwarg(base) or "past_key_values", backend),
+             "route": PrefixRoute(cache_kwarg(base) or "past_key_values", backend, layout),
              # the class's methods (an instance attribute may be peft's disable_adapter() swap)
              "orig": {n: getattr(type(model), n).__get__(model) for n in _PATCHED_METHODS},
              "orig_instance": {n: model.__dict__[n] for n in _PATCHED_METHODS if n in model.__dict__}}
