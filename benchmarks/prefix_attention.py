@@ -39,12 +39,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, device, peak_memory_mib, standalone_main  # noqa: E402
 
-from fastpeft.ops.prefix_attention import (  # noqa: E402
-    disable_prefix_attention,
-    enable_prefix_attention,
-    prefix_attention,
-    split_prefix_kv,
-)
+from fastpeft.ops.prefix_attention import prefix_attention  # noqa: E402
+from fastpeft.prefix_attention_hf import disable_prefix_attention, enable_prefix_attention  # noqa: E402
+from fastpeft.prefix_route import cache_kwarg, split_prefix_kv  # noqa: E402
 
 TITLE = "Shared-prefix attention (fused op vs concat + SDPA as peft + transformers) and a prefix-tuning step"
 
@@ -174,7 +171,7 @@ def _manual_baseline_loss(model, flat, ids, m):
     for layer, kv in enumerate(past):
         cache.update(kv[0], kv[1], layer)
     mask = torch.ones(B, P + T, dtype=torch.long, device=ids.device)
-    return model(input_ids=ids, attention_mask=mask, past_key_values=cache, labels=ids, use_cache=False).loss
+    return model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False, **{cache_kwarg(model): cache}).loss
 
 
 def _step_case(B, T, P, m, dtype, dev, quick) -> Dict[str, object]:

@@ -4,8 +4,8 @@ Hugging Face peft runs Prefix Tuning by building, at every forward, a KV cache t
 prefix keys/values copied for each batch element (``[B, KVH, P, D]`` per layer), prepending
 ones to the attention mask, and letting the model attend over the concatenation. After
 ``fastpeft.patch(model)`` on such a model (a peft ``PeftModelForCausalLM`` with
-``PREFIX_TUNING`` on a Llama-family model) the same numbers come from
-:func:`fastpeft.ops.prefix_attention.prefix_attention` instead:
+``PREFIX_TUNING`` on a decoder whose attention goes through transformers' ``AttentionInterface``)
+the same numbers come from :func:`fastpeft.ops.prefix_attention.prefix_attention` instead:
 
 * ``forward``: the prefix encoder runs once (``[P, L * 2 * KVH * D]``, not per batch element),
   its per-layer views ``[KVH, P, D]`` go to the attention layers as the model keyword
@@ -20,10 +20,13 @@ Only instance attributes of the peft model change (``forward``, ``prepare_inputs
 transformers' SDPA for calls that carry no prefix, e.g. inside ``disable_adapter()``); parameters,
 module names and checkpoints are untouched, and :func:`unpatch_prefix` restores everything.
 
-fastpeft's own prompt-learning ``PeftModel`` reads the registry that
-:func:`fastpeft.ops.prefix_attention.enable_prefix_attention` attaches (attribute
-``_fastpeft_prefix_registry`` on the attention modules); for those models this module only
-attaches it.
+fastpeft's own prompt-learning ``PeftModel`` takes the same route (:mod:`fastpeft.prefix_route`)
+once the registry of :func:`fastpeft.prefix_attention_hf.enable_prefix_attention` is attached
+to its base model; for those models this module only attaches it.
+
+Which models qualify is decided by what they do, not by their type: see
+:func:`fastpeft.prefix_route.check_fused_route` (a probe forward through a recording attention
+function, plus a short table of attention features the op cannot honour).
 
 One deliberate difference: with a sliding-window attention (Mistral's ``sliding_window``,
 Qwen2's ``use_sliding_window``) the prefix stays visible to every token, whereas in peft's
@@ -37,26 +40,15 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from fastpeft.ops.prefix_attention import (
-    PREFIX_KWARG,
-    PrefixKVRegistry,
-    disable_prefix_attention,
-    enable_prefix_attention,
-    split_prefix_kv,
-)
+from fastpeft.prefix_attention_hf import PrefixKVRegistry, disable_prefix_attention, enable_prefix_attention
+from fastpeft.prefix_route import PrefixRoute, cache_kwarg, check_fused_route
 
-__all__ = ["PREFIX_MODEL_TYPES", "find_prefix_model", "patch_prefix", "unpatch_prefix"]
-
-# Model types whose attention goes through transformers' AttentionInterface with q [B, H, T, D],
-# k/v [B, KVH, S, D] (KVH = num_key_value_heads), one ``layer_idx`` per decoder layer, rotary
-# positions from ``position_ids`` and a causal (optionally padded or sliding-window) mask:
-# the layout the shared-prefix attention function and peft's prefix layout assume.
-PREFIX_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+__all__ = ["find_prefix_model", "patch_prefix", "unpatch_prefix"]
 
 _STATE_ATTR = "_fastpeft_prefix_patch_state"
 _PATCHED_METHODS = ("forward", "prepare_inputs_for_generation", "generate")
@@ -97,35 +89,8 @@ def find_prefix_model(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _check_layout(model: nn.Module, base: nn.Module, lib: str) -> Tuple[int, int, int]:
-    """Raise a clear error when the base model has no known attention layout; (L, KVH, D)."""
-    cfg = getattr(base, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in PREFIX_MODEL_TYPES:
-        raise ValueError(
-            f"fastpeft.patch: Prefix Tuning on model type {model_type!r} ({type(base).__name__}) has no known "
-            f"attention layout for fastpeft's shared-prefix attention (supported: {', '.join(PREFIX_MODEL_TYPES)}). "
-            f"Use the model without fastpeft.patch ({lib}'s KV-cache prefix path) for this architecture.")
-    if not hasattr(base, "set_attn_implementation"):
-        raise ValueError(
-            f"fastpeft.patch: {type(base).__name__} has no set_attn_implementation(); the shared-prefix attention "
-            "needs transformers >= 5 (AttentionInterface)")
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    L = int(text.num_hidden_layers)
-    kvh = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-    d = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-    for name, pc in model.peft_config.items():
-        if _peft_type(pc) != "PREFIX_TUNING":
-            continue
-        heads, token_dim = int(pc.num_attention_heads), int(pc.token_dim)
-        got = (int(pc.num_layers), heads, token_dim // heads, int(getattr(pc, "num_transformer_submodules", 1) or 1))
-        if got != (L, kvh, d, 1):
-            raise ValueError(
-                f"fastpeft.patch: Prefix Tuning adapter {name!r} has num_layers={got[0]}, num_attention_heads={heads}, "
-                f"token_dim={token_dim} (head_dim {got[2]}), num_transformer_submodules={got[3]}; the base model "
-                f"{type(base).__name__} needs num_layers={L}, {kvh} key/value heads of {d} and one transformer "
-                "submodule. Was the adapter built for another base model?")
-    return L, kvh, d
+def _prefix_adapters(model: nn.Module) -> Dict[str, Any]:
+    return {name: c for name, c in model.peft_config.items() if _peft_type(c) == "PREFIX_TUNING"}
 
 
 # ----------------------------------------------------------------------------- peft models
@@ -147,7 +112,7 @@ def _peft_prefix_flat(model: nn.Module) -> torch.Tensor:
     return flat
 
 
-def _routed(model: nn.Module, state: Dict[str, Any]) -> bool:
+def _routed(model: nn.Module) -> bool:
     """This call goes through the shared-prefix op (active adapter is a prefix, adapters enabled)."""
     if getattr(model, "_adapters_disabled", False):
         return False
@@ -155,28 +120,7 @@ def _routed(model: nn.Module, state: Dict[str, Any]) -> bool:
 
 
 def _call_registry(model: nn.Module, state: Dict[str, Any]) -> PrefixKVRegistry:
-    L, kvh, d = state["layout"]
-    return PrefixKVRegistry(split_prefix_kv(_peft_prefix_flat(model), L, kvh, d), backend=state["backend"])
-
-
-def _past_length(cache) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
-        return int(cache[0][0].shape[-2])
-    return 0
-
-
-def _shift_positions(kwargs: Dict[str, Any], ref: torch.Tensor, P: int) -> None:
-    """peft's positions: given ``position_ids`` + P, else P + past + arange(T)."""
-    pos = kwargs.get("position_ids")
-    if pos is not None:
-        kwargs["position_ids"] = pos + P
-    else:
-        past = _past_length(kwargs.get("past_key_values"))
-        kwargs["position_ids"] = (torch.arange(past, past + ref.shape[1], device=ref.device) + P).unsqueeze(0)
+    return state["route"].registry(_peft_prefix_flat(model), model.active_peft_config)
 
 
 def _drop_token_type_ids(kwargs: Dict[str, Any]) -> None:
@@ -188,18 +132,14 @@ def _drop_token_type_ids(kwargs: Dict[str, Any]) -> None:
 def _peft_forward(model, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                   output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
     state = model.__dict__[_STATE_ATTR]
-    if not _routed(model, state):
+    if not _routed(model):
         return state["orig"]["forward"](
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
             task_ids=task_ids, **kwargs)
-    P = int(model.active_peft_config.num_virtual_tokens)
-    ref = input_ids if input_ids is not None else inputs_embeds
-    if ref is None:
-        raise ValueError("fastpeft prefix forward: pass input_ids or inputs_embeds")
     _drop_token_type_ids(kwargs)
-    _shift_positions(kwargs, ref, P)
-    kwargs[PREFIX_KWARG] = _call_registry(model, state)
+    state["route"].prepare(kwargs, input_ids if input_ids is not None else inputs_embeds,
+                           int(model.active_peft_config.num_virtual_tokens), _call_registry(model, state))
     # the mask and the cache (if the caller passes one) cover the real tokens only
     return model.base_model(
         input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
@@ -210,21 +150,19 @@ def _peft_forward(model, input_ids=None, attention_mask=None, inputs_embeds=None
 def _peft_prepare_inputs_for_generation(model, *args, task_ids=None, **kwargs):
     state = model.__dict__[_STATE_ATTR]
     registry = state.get("generating")
-    if registry is None or not _routed(model, state):
+    if registry is None or not _routed(model):
         return state["orig"]["prepare_inputs_for_generation"](*args, task_ids=task_ids, **kwargs)
     model_kwargs = model.base_model_prepare_inputs_for_generation(*args, **kwargs)
     ref = model_kwargs.get("input_ids")
     if ref is None:
         ref = model_kwargs.get("inputs_embeds")
     _drop_token_type_ids(model_kwargs)
-    _shift_positions(model_kwargs, ref, int(model.active_peft_config.num_virtual_tokens))
-    model_kwargs[PREFIX_KWARG] = registry
-    return model_kwargs
+    return state["route"].prepare(model_kwargs, ref, int(model.active_peft_config.num_virtual_tokens), registry)
 
 
 def _peft_generate(model, *args, **kwargs):
     state = model.__dict__[_STATE_ATTR]
-    if not _routed(model, state):
+    if not _routed(model):
         return state["orig"]["generate"](*args, **kwargs)
     with torch.no_grad():
         state["generating"] = _call_registry(model, state)  # the prefix once per generate call
@@ -268,8 +206,9 @@ def patch_prefix(model: nn.Module, backend: Optional[str]) -> Optional[Dict[str,
 
     Returns ``{"name", "kind", "note"}`` for the patch report (``{"name", "kind", "reason"}``
     when the model is left as it is: task types other than causal LM). Raises ``ValueError``
-    when a causal LM's attention layout is unknown (see :data:`PREFIX_MODEL_TYPES`) or the
-    adapter does not fit the base model. Patching again only updates ``backend``.
+    when the base model fails :func:`fastpeft.prefix_route.check_fused_route` (its attention
+    does not have the layout the op reads, or the adapter does not fit it). Patching again
+    only updates ``backend``.
     """
     lib = find_prefix_model(model)
     if lib is None:
@@ -281,29 +220,42 @@ def patch_prefix(model: nn.Module, backend: Optional[str]) -> Optional[Dict[str,
         return {"name": "base_model", "kind": kind,
                 "reason": (f"shared-prefix attention is routed for {lib}'s PeftModelForCausalLM only; {cls_name} keeps "
                            "the KV-cache prefix")}
-    layout = _check_layout(model, base, lib)
-    L = layout[0]
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        layout = check_fused_route(base, _prefix_adapters(model))
+        state = _patch_peft(model, base, backend, layout) if lib == "peft" else _patch_fastpeft(base, backend)
+        state["num_layers"] = layout.num_layers
+        model.__dict__[_STATE_ATTR] = state
+    elif lib == "peft":
+        state["route"].backend = backend
+    else:
+        state["registry"].backend = backend
+    L = state["num_layers"]
     if lib == "fastpeft":
-        registry = enable_prefix_attention(base)
-        registry.backend = backend
-        model.__dict__[_STATE_ATTR] = {"lib": lib, "backend": backend, "layout": layout, "base": base, "orig": {}}
         return {"name": "base_model", "kind": kind,
                 "note": f"shared-prefix attention registry on {L} layers (fastpeft's forward fills it)"}
-    state = model.__dict__.get(_STATE_ATTR)
-    if state is not None:
-        state["backend"] = backend
-    else:
-        state = {"lib": lib, "backend": backend, "layout": layout, "base": base, "generating": None,
-                 # the class's methods (an instance attribute may be peft's disable_adapter() swap)
-                 "orig": {n: getattr(type(model), n).__get__(model) for n in _PATCHED_METHODS},
-                 "orig_instance": {n: model.__dict__[n] for n in _PATCHED_METHODS if n in model.__dict__}}
-        enable_prefix_attention(base)  # the attention function; prefixes arrive per call
-        model.__dict__[_STATE_ATTR] = state
-        for n in _PATCHED_METHODS:
-            model.__dict__[n] = _PatchedMethod(model, n)
     return {"name": "base_model", "kind": kind,
             "note": (f"shared-prefix attention on {L} layers: prefix computed once per call, never copied per batch "
                      "element nor stored in the KV cache")}
+
+
+def _patch_fastpeft(base: nn.Module, backend: Optional[str]) -> Dict[str, Any]:
+    """fastpeft's own model routes itself once a registry is attached (its forward fills it)."""
+    registry = enable_prefix_attention(base)
+    registry.backend = backend
+    return {"lib": "fastpeft", "base": base, "registry": registry}
+
+
+def _patch_peft(model: nn.Module, base: nn.Module, backend: Optional[str], layout) -> Dict[str, Any]:
+    state = {"lib": "peft", "base": base, "generating": None,
+             "route": PrefixRoute(cache_kwarg(base) or "past_key_values", backend, layout),
+             # the class's methods (an instance attribute may be peft's disable_adapter() swap)
+             "orig": {n: getattr(type(model), n).__get__(model) for n in _PATCHED_METHODS},
+             "orig_instance": {n: model.__dict__[n] for n in _PATCHED_METHODS if n in model.__dict__}}
+    enable_prefix_attention(base)  # the attention function; prefixes arrive per call
+    for n in _PATCHED_METHODS:
+        model.__dict__[n] = _PatchedMethod(model, n)
+    return state
 
 
 def unpatch_prefix(model: nn.Module) -> List[str]:

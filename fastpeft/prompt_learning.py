@@ -17,29 +17,29 @@ agree between the two libraries:
 * the checkpoint holds ``prompt_embeddings``: the encoder's *output* (for P-Tuning and
   projected prefixes), plus any ``modules_to_save`` (classifier heads).
 
-Fused prefix attention: when a prefix-attention registry is attached to the model (see
+The cache keyword is the one the base model's forward takes (``cache`` from transformers
+5.24, ``past_key_values`` before), read once when the first adapter is added.
+
+Fused prefix attention: when a prefix-attention registry is attached to the base model (see
 :meth:`PromptLearningMixin.prefix_attention_registry`), Prefix Tuning on a decoder-only model
-skips the cache injection and hands the *shared* per-layer prefix ``[KVH, P, D]`` to that
-registry instead; the attention function installed by ``fastpeft.ops.prefix_attention``
-then reads it. Generated tokens still go through the normal cache.
+skips the cache injection and hands the *shared* per-layer prefix ``[KVH, P, D]`` to the
+attention layers per call, through :class:`fastpeft.prefix_route.PrefixRoute` (the route
+``fastpeft.patch`` gives peft's models too). Generated tokens still go through the normal cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import inspect
-import sys
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from fastpeft.config import PeftConfig, PeftType, TaskType
+from fastpeft.prefix_attention_hf import PrefixKVRegistry, attached_registry
+from fastpeft.prefix_route import PREFIX_LAYOUT_EXCEPTIONS, PrefixRoute, cache_kwarg
 from fastpeft.utils.modules import ModulesToSaveWrapper, set_modules_to_save
-
-PREFIX_ARCH_UNSUPPORTED_KEYS = ("global_head_dim", "per_layer_config", "num_kv_shared_layers")
 
 
 def _text_config_dict(model: nn.Module) -> Dict[str, Any]:
@@ -99,11 +99,11 @@ def prepare_prompt_learning_config(config: PeftConfig, model: nn.Module) -> Peft
             )
         config.num_attention_heads = int(value)
     if config.peft_type == PeftType.PREFIX_TUNING:
-        odd = [k for k in PREFIX_ARCH_UNSUPPORTED_KEYS if data.get(k)]
+        odd = [f"{k}: {why}" for k, why in PREFIX_LAYOUT_EXCEPTIONS.items() if data.get(k)]
         if odd:
             raise ValueError(
                 f"Prefix Tuning has no known attention layout for model type {model_type!r}: its layers differ in "
-                f"key/value shape ({', '.join(odd)}). Use Prompt Tuning or P-Tuning, or LoRA, for this model."
+                f"key/value shape ({'; '.join(odd)}). Use Prompt Tuning or P-Tuning, or LoRA, for this model."
             )
         if data.get("num_key_value_heads") is not None:  # grouped-query attention: prefix for the KV heads
             head_dim = data.get("head_dim") or config.token_dim // config.num_attention_heads
@@ -175,6 +175,7 @@ class PromptLearningMixin:
             for p in model.parameters(recurse=False):
                 p.requires_grad_(False)
             self.transformer_backbone_name = backbone_name
+            self._record_cache_kwarg(model, backbone_name)
             if self._modules.get("word_embeddings") is None:
                 self.word_embeddings = find_word_embeddings(model)
             if peft_config.peft_type == PeftType.PROMPT_TUNING:
@@ -216,17 +217,26 @@ class PromptLearningMixin:
     def _check_prefix_supported(self, model: nn.Module) -> None:
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise ValueError("Prefix Tuning does not work with gradient checkpointing (the prefix lives in the KV cache); disable it.")
-        if _accepts(model, "past_key_values"):
+        if cache_kwarg(model) is not None:
             return
-        for _, child in model.named_children():
-            if _is_pretrained(child) and _accepts(child, "past_key_values"):
-                return
+        if any(_is_pretrained(child) and cache_kwarg(child) is not None for child in model.children()):
+            return
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(
             f"Prefix Tuning has no known attention layout for model type {model_type!r}: neither "
-            f"{type(model).__name__}.forward nor its backbone takes past_key_values, which carry the prefix. "
-            "Use Prompt Tuning or P-Tuning for this model."
+            f"{type(model).__name__}.forward nor its backbone takes a KV cache (cache= or past_key_values=), "
+            "which carries the prefix. Use Prompt Tuning or P-Tuning for this model."
         )
+
+    def _record_cache_kwarg(self, model: nn.Module, backbone_name: Optional[str]) -> None:
+        """Read once which keyword carries the cache: the model's own (``cache`` or
+        ``past_key_values``), else its backbone's (a task head without one runs the backbone)."""
+        if "_cache_kwarg" in self.__dict__:
+            return
+        own = cache_kwarg(model)
+        backbone = model.get_submodule(backbone_name) if backbone_name else None
+        self._head_takes_cache = own is not None
+        self._cache_kwarg = own or (cache_kwarg(backbone) if backbone is not None else None) or "past_key_values"
 
     # --- prompts ---------------------------------------------------------------------------
     def _active_encoder(self) -> Tuple[PeftConfig, nn.Module]:
@@ -301,20 +311,13 @@ class PromptLearningMixin:
         the batch-shared prefix ``[KVH, P, D]`` per layer through the registry instead of a
         per-batch copy in the KV cache.
         """
-        reg = self.__dict__.get("_prefix_registry")
-        if reg is None:
-            for m in self.base_model.modules():
-                reg = getattr(m, "_fastpeft_prefix_registry", None)
-                if reg is not None:
-                    break
-        return reg
+        return attached_registry(self.base_model)
 
-    def _prefix_kv_shared(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        config = self.active_peft_config
-        heads = config.num_attention_heads
-        kv = self._prefix_flat().view(config.num_virtual_tokens, config.num_layers * 2, heads, config.token_dim // heads)
-        kv = kv.permute(1, 2, 0, 3)  # [2L, KVH, P, D]
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+    def _fused_route(self, attached: PrefixKVRegistry) -> Tuple[PrefixRoute, PrefixKVRegistry]:
+        """The shared-prefix route of this model (its cache keyword, the attached registry's
+        backend) and this call's prefix as a per-call registry."""
+        route = PrefixRoute(self._cache_kwarg, attached.backend)
+        return route, route.registry(self._prefix_flat(), self.active_peft_config)
 
     # --- checkpoints -----------------------------------------------------------------------
     def _prompt_learning_state_dict(self, adapter_name: str,
@@ -410,7 +413,7 @@ class PromptLearningMixin:
         self._adjust_prompt_kwargs(config, kwargs, drop_token_type_ids=True)
         kwargs["attention_mask"] = attention_mask
         if config.peft_type == PeftType.PREFIX_TUNING:
-            kwargs["past_key_values"] = self.get_prompt(b)
+            kwargs[self._cache_kwarg] = self.get_prompt(b)
             return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
         prompts, inputs_embeds = self._prompt_embeds(input_ids, inputs_embeds, b)
         if labels is not None:
@@ -422,18 +425,10 @@ class PromptLearningMixin:
 
         Positions start at ``num_virtual_tokens`` as in peft's cache path, so the numbers agree.
         """
-        config = self.active_peft_config
-        p = config.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + p
-        else:
-            t = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            dev = (input_ids if input_ids is not None else inputs_embeds).device
-            kwargs["position_ids"] = (torch.arange(past, past + t, device=dev) + p).unsqueeze(0)
-        with _prefix_in_call(registry, self._prefix_kv_shared(), kwargs):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        route, call_registry = self._fused_route(registry)
+        route.prepare(kwargs, input_ids if input_ids is not None else inputs_embeds,
+                      self.active_peft_config.num_virtual_tokens, call_registry)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
     def _prompt_prepare_inputs_causal_lm(self, *args: Any, task_ids=None, **kwargs: Any) -> Dict[str, Any]:
         from transformers import Cache
@@ -442,9 +437,9 @@ class PromptLearningMixin:
         if config.peft_type == PeftType.PREFIX_TUNING and kwargs.get("use_cache") is False:
             # no cache between steps: every step runs the whole sequence behind a fresh prefix (the
             # prefix cache handed to the previous step comes back filled; reusing it broke peft here)
-            kwargs.pop("past_key_values", None)
+            kwargs.pop(self._cache_kwarg, None)
         model_kwargs = self._base_prepare_inputs_for_generation(*args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(self._cache_kwarg)
         ids = model_kwargs.get("input_ids")
         if cache is not None and ids is not None:
             seq_len = cache[0][0].shape[-2] if isinstance(cache, (tuple, list)) else cache.get_seq_length()
@@ -468,7 +463,7 @@ class PromptLearningMixin:
         self._adjust_prompt_kwargs(config, model_kwargs, drop_token_type_ids=True)
         needs_prompt = cache is None or (isinstance(cache, Cache) and not cache.get_seq_length())
         if needs_prompt and config.peft_type == PeftType.PREFIX_TUNING:
-            model_kwargs["past_key_values"] = self.get_prompt(ids.shape[0])
+            model_kwargs[self._cache_kwarg] = self.get_prompt(ids.shape[0])
         elif needs_prompt:
             embeds = self.word_embeddings(ids)
             prompts = self.get_prompt(ids.shape[0]).to(embeds.dtype)
@@ -490,22 +485,14 @@ class PromptLearningMixin:
         if registry is not None:
             # decoding reuses the cache for generated tokens; the prefix comes from the registry each step
             original_forward = base.forward
-            shared = self._prefix_kv_shared()
+            route, call_registry = self._fused_route(registry)  # the prefix once per generate call
             p = self.active_peft_config.num_virtual_tokens
 
             @functools.wraps(original_forward)  # generate() validates kwargs against this signature
             def forward(*f_args, **f_kwargs):
-                pos = f_kwargs.get("position_ids")
-                cache = f_kwargs.get("past_key_values")
                 ids = f_kwargs.get("input_ids")
-                emb = f_kwargs.get("inputs_embeds")
-                ref = ids if ids is not None else emb
-                past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-                if pos is None:
-                    pos = torch.arange(past, past + ref.shape[1], device=ref.device).unsqueeze(0)
-                f_kwargs["position_ids"] = pos + p
-                with _prefix_in_call(registry, shared, f_kwargs):
-                    return original_forward(*f_args, **f_kwargs)
+                route.prepare(f_kwargs, ids if ids is not None else f_kwargs.get("inputs_embeds"), p, call_registry)
+                return original_forward(*f_args, **f_kwargs)
 
             base.forward = forward
         try:
@@ -525,7 +512,7 @@ class PromptLearningMixin:
         self._adjust_prompt_kwargs(config, kwargs, drop_token_type_ids=True)
         kwargs.update(decoder_attention_mask=decoder_attention_mask, labels=labels)
         if config.peft_type == PeftType.PREFIX_TUNING:
-            kwargs["past_key_values"] = self.get_prompt(b)
+            kwargs[self._cache_kwarg] = self.get_prompt(b)
             return self.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 decoder_input_ids=decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds, **kwargs,
@@ -571,12 +558,12 @@ class PromptLearningMixin:
         config = self.active_peft_config
         model_kwargs = self._base_prepare_inputs_for_generation(*args, **kwargs)
         if config.peft_type == PeftType.PREFIX_TUNING:
-            cache = model_kwargs.get("past_key_values")
+            cache = model_kwargs.get(self._cache_kwarg)
             first = kwargs.get("is_first_iteration")
             if first is None:
                 first = cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0)
             if first:
-                model_kwargs["past_key_values"] = self.get_prompt(model_kwargs["decoder_input_ids"].shape[0])
+                model_kwargs[self._cache_kwarg] = self.get_prompt(model_kwargs["decoder_input_ids"].shape[0])
         return model_kwargs
 
     # --- classification / feature extraction --------------------------------------------------
@@ -601,10 +588,11 @@ class PromptLearningMixin:
         return self.base_model(inputs_embeds=torch.cat((prompts, inputs_embeds), dim=1), **kwargs)
 
     def _prefix_forward_encoder(self, input_ids, inputs_embeds, kwargs, batch_size: int, head: str):
-        kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=self.get_prompt(batch_size))
-        if _accepts(self.base_model, "past_key_values"):
+        kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        kwargs[self._cache_kwarg] = self.get_prompt(batch_size)
+        if self._head_takes_cache:
             return self.base_model(**kwargs)
-        # the task head's forward has no past_key_values: run the backbone, then the head (as peft does)
+        # the task head's forward takes no cache: run the backbone, then the head (as peft does)
         labels = kwargs.pop("labels", None)
         return_dict = kwargs.get("return_dict")
         if return_dict is None:
@@ -630,24 +618,6 @@ class PromptLearningMixin:
         return out if return_dict else out.to_tuple()
 
 
-@contextlib.contextmanager
-def _prefix_in_call(registry, kvs, call_kwargs: Dict[str, Any]):
-    """Hand the shared prefix to the attention layers for one model call.
-
-    Where the registry's module names a per-call model keyword (``PREFIX_KWARG`` of
-    ``fastpeft.ops.prefix_attention``), a fresh registry rides in ``call_kwargs``: it travels
-    with the call, so activation checkpointing's recomputation sees the same prefix. Otherwise
-    the attached registry holds the layers for the duration of the call.
-    """
-    kwarg = getattr(sys.modules.get(type(registry).__module__), "PREFIX_KWARG", None)
-    if kwarg is not None:
-        call_kwargs[kwarg] = type(registry)(kvs, backend=getattr(registry, "backend", None))
-        yield
-        return
-    with registry.active(kvs):
-        yield
-
-
 def _classification_loss(model: nn.Module, logits: torch.Tensor, labels: Optional[torch.Tensor], token_level: bool):
     if labels is None:
         return None
@@ -667,14 +637,6 @@ def _classification_loss(model: nn.Module, logits: torch.Tensor, labels: Optiona
     if config.problem_type == "single_label_classification":
         return nn.functional.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
     return nn.functional.binary_cross_entropy_with_logits(logits, labels)
-
-
-def _accepts(module: nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
 
 
 def _is_pretrained(module: nn.Module) -> bool:

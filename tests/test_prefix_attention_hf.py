@@ -18,14 +18,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from fastpeft.ops.prefix_attention import (  # noqa: E402
+from fastpeft.ops.prefix_attention import mask_structure  # noqa: E402
+from fastpeft.prefix_attention_hf import (  # noqa: E402
+    REGISTRY_ATTR,
     PrefixKVRegistry,
     disable_prefix_attention,
     enable_prefix_attention,
-    mask_structure,
     prefix_attention_forward,
-    split_prefix_kv,
 )
+from fastpeft.prefix_route import cache_kwarg, split_prefix_kv  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32 model
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
@@ -65,7 +66,7 @@ def _peft_style_logits(model, ids, mask, flat):
     for layer, kv in enumerate(past):
         cache.update(kv[0], kv[1], layer)
     full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
-    return model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=False).logits
+    return model(input_ids=ids, attention_mask=full_mask, use_cache=False, **{cache_kwarg(model): cache}).logits
 
 
 def _fastpeft_logits(model, registry, ids, mask, flat):
@@ -163,7 +164,7 @@ def test_dense_mask_path_matches_reference_on_concatenation():
     mod = Attn()
     reg = PrefixKVRegistry()
     reg.set(0, pk, pv)
-    mod._fastpeft_prefix_registry = reg
+    setattr(mod, REGISTRY_ATTR, reg)
     out, _ = prefix_attention_forward(mod, q, k, v, window.expand(B, 1, T, S), scaling=0.25)
     # oracle: softmax over the explicit concatenation with the window mask and an all-visible prefix
     kc = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(H // KVH, 1)
@@ -206,7 +207,7 @@ def test_cached_decoding_matches_peft_style_cache(settings, backend):
     mask_ref = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
     refs, inputs, step_ids = [], [], ids
     for _ in range(steps):
-        ref = model(input_ids=step_ids, attention_mask=mask_ref, past_key_values=cache_ref, use_cache=True).logits
+        ref = model(input_ids=step_ids, attention_mask=mask_ref, use_cache=True, **{cache_kwarg(model): cache_ref}).logits
         refs.append(ref)
         inputs.append(step_ids)
         step_ids = ref[:, -1:].argmax(-1)
@@ -219,8 +220,8 @@ def test_cached_decoding_matches_peft_style_cache(settings, backend):
             for step_ids, ref in zip(inputs, refs):
                 n = step_ids.shape[1]
                 pos = torch.arange(P + start, P + start + n).unsqueeze(0).expand(B, -1)
-                ours = model(input_ids=step_ids, attention_mask=mask_ours, past_key_values=cache_ours,
-                             position_ids=pos, use_cache=True).logits
+                ours = model(input_ids=step_ids, attention_mask=mask_ours, position_ids=pos, use_cache=True,
+                             **{cache_kwarg(model): cache_ours}).logits
                 torch.testing.assert_close(ours, ref, **TOL)
                 start += n
                 mask_ours = torch.cat([mask_ours, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
@@ -248,7 +249,7 @@ def test_per_call_prefix_keyword_takes_precedence_and_carries_backend(monkeypatc
                torch.randn(B, KVH, T, D, generator=g))
     kvs = [(torch.randn(KVH, P, D, generator=g), torch.randn(KVH, P, D, generator=g))]
     mod = Attn()
-    mod._fastpeft_prefix_registry = PrefixKVRegistry([(kvs[0][0] + 1, kvs[0][1])])  # a different prefix
+    setattr(mod, REGISTRY_ATTR, PrefixKVRegistry([(kvs[0][0] + 1, kvs[0][1])]))  # a different prefix
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1")
     out, _ = prefix_attention_forward(mod, q, k, v, None, fastpeft_prefix=PrefixKVRegistry(kvs, backend="triton"))

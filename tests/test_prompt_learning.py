@@ -7,7 +7,7 @@ gives peft's tokens; short training runs reduce the loss touching only prompt pa
 RANDOM / TEXT / SAMPLE_VOCAB initialisation (RANDOM and SAMPLE_VOCAB draw peft's numbers under
 the same seed); trainable counts and print_trainable_parameters equal peft's; bf16 bases; two
 adapters; bad input gives clear errors. The fused shared-prefix path (registry attached by
-``fastpeft.ops.prefix_attention``) is checked against peft when that op is in the build.
+``fastpeft.prefix_attention_hf``) is checked against peft when that op is in the build.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 
 import fastpeft
 from conftest import FP32_ATOL, tiny_bert, tiny_bert_tokens, tiny_llama, tiny_t5
+from fastpeft.prefix_route import output_cache
+from prefix_helpers import run_peft
 
 peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
@@ -102,11 +104,46 @@ def _printed(model):
     return buf.getvalue()
 
 
+def _encoder_prefix_reference(ours, kw, task):
+    """peft's encoder Prefix Tuning written out: the backbone with the prefix, copied per batch
+    element, in a DynamicCache and ones before the mask, then dropout and the task head."""
+    from transformers import DynamicCache
+
+    from fastpeft.prefix_route import cache_kwarg, split_prefix_kv
+
+    base, cfg = ours.get_base_model(), ours.peft_config["default"]
+    heads = cfg.num_attention_heads
+    flat = ours.get_prompt_embedding_to_save("default")
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(split_prefix_kv(flat, cfg.num_layers, heads, cfg.token_dim // heads)):
+        cache.update(k.expand(ids.shape[0], -1, -1, -1), v.expand(ids.shape[0], -1, -1, -1), layer)
+    mask = torch.cat([torch.ones(ids.shape[0], cfg.num_virtual_tokens, dtype=mask.dtype), mask], dim=1)
+    with torch.no_grad():
+        out = base.bert(input_ids=ids, attention_mask=mask, **{cache_kwarg(base.bert): cache})
+        hidden = out[0] if TASKS[task][0] == "TOKEN_CLS" else out[1]
+        return base.classifier(base.dropout(hidden))
+
+
+def _check_without_peft(ours, task, kw, tmp_path, reason):
+    """Where peft cannot run the case: fastpeft against the written-out reference, and its own
+    checkpoint round trip; then skip with peft's reason."""
+    expected = _encoder_prefix_reference(ours, kw, task)
+    torch.testing.assert_close(_logits(ours, kw), expected, atol=FP32_ATOL, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    again = fastpeft.PeftModel.from_pretrained(TASKS[task][1](), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(again, kw), expected, atol=FP32_ATOL, rtol=0)
+    pytest.skip(reason)
+
+
 @pytest.mark.parametrize("method,task", CASES, ids=[f"{m}-{t}" for m, t in CASES])
 def test_same_logits_params_and_checkpoints_as_peft(method, task, tmp_path):
     ours, theirs = _pair(method, task)
     kw = _inputs(task)
-    torch.testing.assert_close(_logits(ours, kw), _logits(theirs, kw), atol=FP32_ATOL, rtol=0)
+    theirs_logits, reason = run_peft(lambda: _logits(theirs, kw))
+    if reason is not None:
+        _check_without_peft(ours, task, kw, tmp_path, reason)
+    torch.testing.assert_close(_logits(ours, kw), theirs_logits, atol=FP32_ATOL, rtol=0)
     assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == sorted(
         n for n, p in theirs.named_parameters() if p.requires_grad
     )
@@ -168,6 +205,42 @@ def _check_checkpoints_both_ways(ours, theirs, task, kw, tmp_path):
 GEN_CASES = [(m, t) for t in ("causal-llama", "s2s-t5") for m in METHODS]
 
 
+def _greedy_by_forward(model, kw, steps):
+    """Greedy tokens from repeated full forwards (no cache, no generate()), positions from the
+    mask as generate() makes them: the oracle where peft's generate() cannot run."""
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    if model.config.is_encoder_decoder:
+        out = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, dtype=ids.dtype)
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out).logits
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return out
+    for _ in range(steps):
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def _peft_greedy(theirs, kw, gen):
+    """peft's greedy tokens, or where peft's generate() cannot do the case on this stack, greedy
+    decoding by peft's forward (the reference path); and why peft could not.
+
+    peft can fail silently: peft 0.21.2's prompt tuning reads ``past_key_values`` from the
+    generation kwargs, which transformers 5.24 calls ``cache``, so it prepends the prompt at
+    every step. Its tokens then differ from greedy decoding by its own forward.
+    """
+    expected, reason = run_peft(lambda: theirs.generate(**kw, **gen))
+    by_forward = _greedy_by_forward(theirs, kw, gen["max_new_tokens"])
+    if reason is None and not torch.equal(expected, by_forward):
+        import transformers
+
+        reason = (f"peft {peft.__version__} on transformers {transformers.__version__}: its generate() gives other "
+                  f"tokens than greedy decoding by its own forward ({expected.tolist()} vs {by_forward.tolist()})")
+    return (by_forward if reason is not None else expected), reason
+
+
 @pytest.mark.parametrize("method,task", GEN_CASES, ids=[f"{m}-{t}" for m, t in GEN_CASES])
 def test_greedy_generate_equals_peft(method, task):
     ours, theirs = _pair(method, task)
@@ -175,7 +248,7 @@ def test_greedy_generate_equals_peft(method, task):
     kw.pop("decoder_input_ids", None)
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        expected = theirs.generate(**kw, **gen)
+        expected, reason = _peft_greedy(theirs, kw, gen)
         got = ours.generate(**kw, **gen)
         assert torch.equal(got, expected), (got, expected)
         if method.startswith("prefix") and task == "causal-llama":
@@ -187,6 +260,8 @@ def test_greedy_generate_equals_peft(method, task):
             assert torch.equal(base, TASKS[task][1]().generate(**kw, **gen))
             # the generation hooks were restored: the adapter is back on
             assert torch.equal(ours.generate(**kw, **gen), expected)
+    if reason is not None:
+        pytest.skip(reason)  # fastpeft's tokens were checked against greedy decoding by peft's forward
 
 
 def _eval_loss(model, batches):
@@ -446,13 +521,11 @@ def test_save_pretrained_reads_a_given_full_state_dict(tmp_path):
     torch.testing.assert_close(saved["prompt_embeddings"], model.prompt_encoder["default"].embedding.weight.detach())
 
 
-# --- fused shared-prefix attention (fastpeft.ops.prefix_attention, when present) ----------------
+# --- fused shared-prefix attention (fastpeft.prefix_attention_hf) ------------------------------
 def _prefix_op():
-    try:
-        import fastpeft.ops.prefix_attention as op
-    except ImportError:
-        pytest.skip("fastpeft.ops.prefix_attention is not in this build (the prefix-attention branch adds it)")
-    return op
+    import fastpeft.prefix_attention_hf as hf
+
+    return hf
 
 
 @pytest.mark.parametrize("method", ["prefix", "prefix-proj"])
@@ -479,7 +552,7 @@ def test_fused_prefix_registry_path_equals_peft(method):
         out_t, out_o = theirs(**kw), ours(**kw, use_cache=True)
         torch.testing.assert_close(out_o.logits, out_t.logits, atol=FP32_ATOL, rtol=0)
         # the cache and the keys the attention sees hold only the real tokens, not the prefix
-        assert out_o.past_key_values.get_seq_length() == kw["input_ids"].shape[1]
+        assert output_cache(out_o).get_seq_length() == kw["input_ids"].shape[1]
         assert seen and all(s == kw["input_ids"].shape[1] for _, s in seen)
         assert len(registry) == 0
         out_t.loss.backward()
@@ -492,11 +565,14 @@ def test_fused_prefix_registry_path_equals_peft(method):
         gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         kw.pop("labels")
         with torch.no_grad():
-            assert torch.equal(ours.generate(**kw, **gen), theirs.generate(**kw, **gen))
+            expected, reason = _peft_greedy(theirs, kw, gen)
+            assert torch.equal(ours.generate(**kw, **gen), expected)
         assert "forward" not in ours.get_base_model().__dict__  # generate's hook was removed
     finally:
         AttentionInterface.register(op.PREFIX_ATTENTION_NAME, orig)
         op.disable_prefix_attention(ours.get_base_model())
+    if reason is not None:
+        pytest.skip(reason)  # fastpeft's tokens were checked against greedy decoding by peft's forward
 
 
 def test_fused_prefix_path_survives_activation_checkpointing():

@@ -26,17 +26,16 @@ Backends (see :func:`fastpeft.ops.backend.choose_backend`):
   concatenation); its backward returns dq, dk, dv and the prefix gradients summed over the
   batch and the query heads of each KV group.
 
-The module also carries the transformers-5 integration: :func:`register_prefix_attention`
-installs an attention function that reads each layer's shared prefix from a per-model
-registry (:class:`PrefixKVRegistry`); see its docstring.
+:func:`mask_structure` and :func:`prefix_attention_for_structure` read a transformers-style
+attention mask and dispatch on it; the glue that plugs this op into transformers' attention
+layers (``AttentionInterface``, the per-layer prefix registry) is in
+:mod:`fastpeft.prefix_attention_hf`, outside ``ops`` (ops know tensors only).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 
@@ -286,104 +285,8 @@ def prefix_attention(
 
 
 # --------------------------------------------------------------------------------------
-# transformers 5 integration: an attention function that reads each layer's shared prefix
+# attention under a transformers-style mask (what an attention layer hands over)
 # --------------------------------------------------------------------------------------
-#
-# The attention function receives the attention module (for ``layer_idx``, ``is_causal`` and
-# ``training``) but does nothing else with it; all the math stays in the op above.
-
-PREFIX_ATTENTION_NAME = "fastpeft_prefix"
-_REGISTRY_ATTR = "_fastpeft_prefix_registry"  # the name fastpeft.prompt_learning looks up
-_PREV_IMPL_ATTR = "_fastpeft_prev_attn_implementation"
-PREFIX_KWARG = "fastpeft_prefix"  # per-call model keyword carrying a PrefixKVRegistry
-
-__all__ += [
-    "PREFIX_ATTENTION_NAME",
-    "PREFIX_KWARG",
-    "PrefixKVRegistry",
-    "prefix_attention_forward",
-    "register_prefix_attention",
-    "enable_prefix_attention",
-    "disable_prefix_attention",
-    "split_prefix_kv",
-    "mask_structure",
-]
-
-
-class PrefixKVRegistry:
-    """Store of the shared prefix keys/values, keyed by ``layer_idx``.
-
-    Each entry is ``(prefix_k, prefix_v)``, both ``[num_kv_heads, P, head_dim]`` (shared by the
-    batch; they may carry autograd history, e.g. a prefix encoder's output, so set them for
-    every forward). Layers without an entry run plain SDPA attention. ``backend`` is handed to
-    :func:`prefix_attention` (None: the current settings' backend at each call).
-
-    Two ways to reach the attention function: attached to the model's attention modules by
-    :func:`enable_prefix_attention` (the per-model registry), or passed per call as the model
-    keyword argument ``fastpeft_prefix=PrefixKVRegistry(kvs)`` (transformers forwards it to
-    the attention function; it then takes precedence, and activation checkpointing's
-    recomputation sees the same prefix because the keyword travels with the call).
-    """
-
-    def __init__(self, kvs: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                 backend: Optional[str] = None) -> None:
-        self._kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        self._mask_cache = None  # (weakref to the 4D mask, its _version, key, result)
-        self.backend = backend  # passed to prefix_attention (None: the current settings')
-        if kvs is not None:
-            self.set_layers(kvs)
-
-    def set(self, layer_idx: int, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
-        """Set layer ``layer_idx``'s prefix (``[KVH, P, D]`` each)."""
-        if prefix_k.dim() != 3 or tuple(prefix_v.shape) != tuple(prefix_k.shape):
-            raise ValueError(
-                f"PrefixKVRegistry.set: layer {layer_idx}: prefix_k/prefix_v must both be [kv_heads, prefix_len, "
-                f"head_dim], got {tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
-        self._kv[int(layer_idx)] = (prefix_k, prefix_v)
-
-    def set_layers(self, kvs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Replace all entries: ``kvs[i]`` is layer ``i``'s ``(prefix_k, prefix_v)`` (None skips a layer)."""
-        self.clear()
-        for i, kv in enumerate(kvs):
-            if kv is not None:
-                self.set(i, kv[0], kv[1])
-
-    def get(self, layer_idx) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """The ``(prefix_k, prefix_v)`` of a layer, or None."""
-        if layer_idx is None:
-            return None
-        return self._kv.get(int(layer_idx))
-
-    def clear(self) -> None:
-        """Drop every entry (and the autograd graphs they hold)."""
-        self._kv.clear()
-        self._mask_cache = None
-
-    def __len__(self) -> int:
-        return len(self._kv)
-
-    @contextlib.contextmanager
-    def active(self, kvs: Sequence[Tuple[torch.Tensor, torch.Tensor]]):
-        """``with registry.active(kvs): model(...)``: set the layers for one forward, then clear."""
-        self.set_layers(kvs)
-        try:
-            yield self
-        finally:
-            self.clear()
-
-    def _structure(self, mask, T: int, S: int, causal: bool):
-        if mask is None:
-            return mask_structure(mask, T, S, causal)
-        key = (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.device, T, S, causal)
-        c = self._mask_cache
-        if c is not None and c[0]() is mask and c[1] == mask._version and c[2] == key:
-            return c[3]
-        result = mask_structure(mask, T, S, causal)
-        try:
-            self._mask_cache = (weakref.ref(mask), mask._version, key, result)
-        except TypeError:  # pragma: no cover - tensors support weak references
-            self._mask_cache = None
-        return result
 
 
 def mask_structure(attention_mask: Optional[torch.Tensor], T: int, S: int, causal: bool):
@@ -419,124 +322,26 @@ def mask_structure(attention_mask: Optional[torch.Tensor], T: int, S: int, causa
     return ("fused", is_causal, None if bool(kpm.all()) else kpm)
 
 
-def prefix_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
-    """transformers-5 attention function (``AttentionInterface``) with a shared prefix per layer.
+def prefix_attention_for_structure(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    prefix_k: torch.Tensor, prefix_v: torch.Tensor, structure: tuple,
+    *, scale: Optional[float] = None, dropout_p: float = 0.0, backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Prefix attention under a mask read by :func:`mask_structure`, ``[B, H, T, D]``.
 
-    Reads ``(prefix_k, prefix_v)`` for ``module.layer_idx`` from the per-call registry passed
-    as the model keyword ``fastpeft_prefix=`` if any, else from the registry attached by
-    :func:`enable_prefix_attention`; layers without one (or without a registry) run
-    transformers' SDPA attention unchanged. ``query [B, H, T, D]``, ``key/value [B, KVH, S, D]``
-    (the sequence only: the prefix is not in the cache and not in the mask). Masks that are
-    "causal and/or padding" go to the fused op; any other pattern, and attention dropout in
-    training, run the reference on the concatenation. Returns ``([B, T, H, D], None)``.
+    "causal and/or padding" masks go to :func:`prefix_attention` (fused where the backend
+    allows); any other pattern, and attention dropout (the fused path has none), run
+    :func:`prefix_attention_reference` on the concatenation with the prefix always visible.
     """
-    registry = kwargs.pop(PREFIX_KWARG, None)
-    if registry is None:
-        registry = getattr(module, _REGISTRY_ATTR, None)
-    elif not isinstance(registry, PrefixKVRegistry):
-        raise TypeError(f"prefix attention: {PREFIX_KWARG}= must be a PrefixKVRegistry, got {type(registry).__name__}")
-    entry = registry.get(getattr(module, "layer_idx", None)) if registry is not None else None
-    if entry is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError("fastpeft prefix attention does not support attention logit softcapping")
-    prefix_k, prefix_v = entry
-    if prefix_k.dtype != query.dtype:
-        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
-    if prefix_k.device != query.device:
-        prefix_k, prefix_v = prefix_k.to(query.device), prefix_v.to(query.device)
-    T, S = query.shape[2], key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is None and causal and 1 < T < S:
-        # transformers only drops the mask here for a prefill into an empty static cache, whose
-        # unfilled slots sit after the T real keys (sdpa's upper-left alignment): keep the T keys.
-        key, value, S = key[:, :, :T], value[:, :, :T], T
-    structure = registry._structure(attention_mask, T, S, causal)
-    p = dropout if module.training else 0.0
-    if structure[0] == "dense" or p > 0.0:
+    if structure[0] == "dense" or dropout_p > 0.0:
         if structure[0] == "dense":
             seq_mask = structure[1]
         else:
-            seq_mask = _full_mask(query.shape[0], T, S, 0, structure[1], structure[2], query.device)
-        out = prefix_attention_reference(query, key, value, prefix_k, prefix_v, scale=scaling,
-                                         dropout_p=p, seq_mask=seq_mask)
-    else:
-        out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=structure[1],
-                               key_padding_mask=structure[2], scale=scaling, backend=registry.backend)
-    return out.transpose(1, 2).contiguous(), None
+            seq_mask = _full_mask(q.shape[0], q.shape[2], k.shape[2], 0, structure[1], structure[2], q.device)
+        return prefix_attention_reference(q, k, v, prefix_k, prefix_v, scale=scale, dropout_p=dropout_p,
+                                          seq_mask=seq_mask)
+    return prefix_attention(q, k, v, prefix_k, prefix_v, causal=structure[1], key_padding_mask=structure[2],
+                            scale=scale, backend=backend)
 
 
-def register_prefix_attention(name: str = PREFIX_ATTENTION_NAME) -> str:
-    """Register :func:`prefix_attention_forward` with transformers under ``name`` (idempotent).
-
-    Also registers transformers' ``sdpa_mask`` as that name's mask builder, so padding reaches
-    the function (a custom name without a mask builder gets no mask at all). Returns ``name``.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(name, prefix_attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
-    return name
-
-
-def _attention_modules(model) -> List[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "layer_idx")]
-
-
-def enable_prefix_attention(model, registry: Optional[PrefixKVRegistry] = None,
-                            name: str = PREFIX_ATTENTION_NAME) -> PrefixKVRegistry:
-    """Route a transformers model's attention through the shared-prefix op.
-
-    Registers the attention function, remembers the model's current implementation, calls
-    ``model.set_attn_implementation(name)`` and attaches ``registry`` (a new one if None) to
-    every module with a ``layer_idx``. Fill the registry (``registry.set_layers(...)`` or
-    ``with registry.active(...)``) before each forward; the sequence's own mask and cache carry
-    only the real tokens (no ones prepended for the prefix, unlike peft's past_key_values path).
-    To reproduce peft's prefix-tuning numbers exactly, also pass ``position_ids`` starting at
-    ``P`` (peft's prefix occupies cache positions ``0..P-1``, so its tokens start at ``P``).
-    Returns the registry.
-    """
-    registry = PrefixKVRegistry() if registry is None else registry
-    register_prefix_attention(name)
-    if not hasattr(model, _PREV_IMPL_ATTR):
-        setattr(model, _PREV_IMPL_ATTR, getattr(model.config, "_attn_implementation", None))
-    model.set_attn_implementation(name)
-    for m in _attention_modules(model):
-        setattr(m, _REGISTRY_ATTR, registry)
-    return registry
-
-
-def disable_prefix_attention(model) -> None:
-    """Undo :func:`enable_prefix_attention`: detach the registry and restore the previous implementation."""
-    for m in _attention_modules(model):
-        if hasattr(m, _REGISTRY_ATTR):
-            delattr(m, _REGISTRY_ATTR)
-    prev = getattr(model, _PREV_IMPL_ATTR, None)
-    if hasattr(model, _PREV_IMPL_ATTR):
-        delattr(model, _PREV_IMPL_ATTR)
-    model.set_attn_implementation(prev or "sdpa")
-
-
-def split_prefix_kv(past: torch.Tensor, num_layers: int, num_kv_heads: int,
-                    head_dim: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer ``(prefix_k, prefix_v)`` views ``[KVH, P, D]`` of a shared prefix-encoder output.
-
-    ``past`` is ``[P, num_layers * 2 * num_kv_heads * head_dim]`` (peft's PrefixEncoder output
-    for one sequence, i.e. its ``[batch, P, ...]`` output without the batch). The layout is
-    peft's: viewed as ``[P, num_layers * 2, KVH, D]``, entry ``2 * l`` is layer ``l``'s keys and
-    ``2 * l + 1`` its values. No copy: the views keep the autograd history of ``past``.
-    """
-    if past.dim() == 3 and past.shape[0] == 1:
-        past = past[0]
-    if past.dim() != 2 or past.shape[1] != num_layers * 2 * num_kv_heads * head_dim:
-        raise ValueError(
-            f"split_prefix_kv: expected [prefix_len, {num_layers} * 2 * {num_kv_heads} * {head_dim} = "
-            f"{num_layers * 2 * num_kv_heads * head_dim}], got {tuple(past.shape)}")
-    P = past.shape[0]
-    x = past.view(P, num_layers * 2, num_kv_heads, head_dim).permute(1, 2, 0, 3)  # [2L, KVH, P, D]
-    return [(x[2 * l], x[2 * l + 1]) for l in range(num_layers)]
+__all__ += ["mask_structure", "prefix_attention_for_structure"]
