@@ -24,16 +24,17 @@ from fastpeft.peft_model import (
 from fastpeft import tuners as _tuners
 from fastpeft.tuners import *  # noqa: F401,F403  (every method's Config/Model: see fastpeft.tuners.__all__)
 from fastpeft.mapping import get_peft_model
+from fastpeft import integrations
 from fastpeft.patch import PatchReport, patch, unpatch
 from fastpeft.utils.kbit import prepare_model_for_kbit_training
 
 
 def __getattr__(name: str):
     # Trainer callbacks import transformers' Trainer stack: only when asked for
-    if name == "AdaLoraCallback":
-        from fastpeft.callbacks import AdaLoraCallback
+    if name in ("AdaLoraCallback", "PatchCallback"):
+        from fastpeft import callbacks
 
-        return AdaLoraCallback
+        return getattr(callbacks, name)
     raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")
 
 
@@ -72,4 +73,6 @@ __all__ = [
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "AdaLoraCallback",
+    "PatchCallback",
+    "integrations",
 ]
