@@ -11,7 +11,7 @@ library that built the layer keeps working:
   present on the layer, no LoRA variant other than DoRA (which runs
   :func:`fastpeft.ops.dora.dora_linear`: the fused weight norm, then the LoRA-linear op) and no
   ``lora_bias`` for it, an ``nn.Dropout`` or
-  identity dropout, input in the base weight's dtype, no extra forward arguments (e.g. peft's
+  identity dropout, input in the base weight's dtype (any dtype under autocast), no extra forward arguments (e.g. peft's
   ``adapter_names`` mixed batches);
 * anything else (merged weights, several active adapters, disabled adapters, ...) calls the
   original forward.
@@ -44,6 +44,19 @@ Layers fastpeft cannot route (LoRA on embeddings or convolutions, 8-bit and othe
 bases, other LoRA variants, base layers with accelerate hooks, other peft tuners) are left
 untouched and listed in the :class:`PatchReport` with the reason. fastpeft's own LoRA layers already call the op;
 they are reported as ``native`` and are only re-routed when ``backend`` is given.
+
+Routing is a table, :data:`ROUTES`: each :class:`Route` says which layers it matches, when a
+matched layer is skipped and why, and which forward the patched layer runs (the first match wins).
+A new layer type is a new entry. Before any route, layers whose forward never runs are skipped
+(the ``out_proj`` LoRA inside ``nn.MultiheadAttention``, which reads ``out_proj.weight`` directly),
+so the report counts only layers whose patched forward executes. A call that patches nothing
+warns and says why (typically: called before ``get_peft_model``, or before TRL's ``SFTTrainer``
+wrapped the model; :class:`fastpeft.PatchCallback` patches inside the trainer).
+
+Under ``torch.autocast`` a patched LoRA layer takes the op whatever its input dtype, and the op's
+reference path computes peft's autocast sequence (see :func:`fastpeft.ops.lora_linear.lora_linear`).
+AdaLoRA and DoRA adapters take their original forward under autocast: their ops do not round as
+peft's autocast sequence does (DoRA's gradients differed by 7-10%), so they stay exact, unfused.
 
 peft is never imported here: its layers are recognised by their class's module name.
 """
@@ -338,6 +351,8 @@ def _lora_forward(self: nn.Module, state: Dict[str, Any], x: torch.Tensor, args,
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight  # always [out, in]
     A, B, s, p = self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]), _dropout_p(self, a)
     if getattr(self, "use_dora", {}).get(a, False):
+        if torch.is_autocast_enabled(x.device.type):  # the DoRA op does not follow peft's autocast casts
+            return _fallback(self, state, x, args, kwargs)
         return dora_linear(x, weight, base.bias, A, B, _dora_magnitude(self, a), s, dropout_p=p,
                            training=self.training, backend=state["backend"])
     return lora_linear(x, weight, base.bias, A, B, s, dropout_p=p, training=self.training, backend=state["backend"])
@@ -586,7 +601,8 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             (no triton, or CPU tensors without ``TRITON_INTERPRET=1``); Prefix Tuning on a model
             type with no known attention layout, or an adapter that does not fit its base model.
 
-    Calling ``patch`` again updates the backend of already patched layers.
+    Calling ``patch`` again updates the backend of already patched layers. A call that patches
+    nothing (no adapter layers yet, or every one skipped) emits a ``UserWarning`` saying why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastpeft.patch expects a torch.nn.Module (a PeftModel), got {type(model).__name__}")

@@ -29,9 +29,9 @@ BF16_REL_TOL = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _peft_llama(dropout: float, device: str = "cpu"):
+def _peft_llama(dropout: float, device: str = "cpu", **kw):
     cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS,
-                          lora_dropout=dropout, task_type="CAUSAL_LM")
+                          lora_dropout=dropout, task_type="CAUSAL_LM", **kw)
     torch.manual_seed(0)
     return peft.get_peft_model(tiny_llama(), cfg).to(device)
 
@@ -69,6 +69,17 @@ def test_patched_peft_under_cpu_bf16_autocast_equals_unpatched(ids, monkeypatch,
     # the reference path runs peft's own autocast ops, so on CPU nothing differs at all
     assert torch.equal(logits1, logits0)
     assert all(torch.equal(grads1[n], grads0[n]) for n in grads0)
+
+
+def test_dora_layers_keep_peft_forward_under_autocast(ids, monkeypatch):
+    """The DoRA op does not round as peft's autocast sequence does (7-10% apart in gradients), so
+    patched DoRA layers take peft's own forward under autocast: results equal, op not called."""
+    model = _peft_llama(0.05, use_dora=True)
+    logits0, grads0 = _bf16_step(model, ids, "cpu")
+    assert len(fastpeft.patch(model, backend="reference").patched) == 2 * len(TARGETS)
+    calls = count_calls(monkeypatch, patch_mod, "dora_linear")
+    logits1, grads1 = _bf16_step(model, ids, "cpu")
+    assert not calls and torch.equal(logits1, logits0) and all(torch.equal(grads1[n], grads0[n]) for n in grads0)
 
 
 def test_losses_stay_together_over_steps_under_bf16_autocast(ids):
