@@ -82,6 +82,24 @@ def test_dora_layers_keep_peft_forward_under_autocast(ids, monkeypatch):
     assert not calls and torch.equal(logits1, logits0) and all(torch.equal(grads1[n], grads0[n]) for n in grads0)
 
 
+def test_adalora_layers_keep_peft_forward_under_autocast(ids, monkeypatch):
+    """AdaLoRA's fused form folds scaling/ranknum into the down-projection before the bf16 product,
+    which peft applies after it: under autocast the patched SVDLinear takes peft's forward."""
+    cfg = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_dropout=0.05, target_modules=TARGETS,
+                             task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_llama(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n or "lora_B" in n:
+                p.normal_()  # AdaLoRA starts with E = 0: make the branch count
+    logits0, grads0 = _bf16_step(model, ids, "cpu")
+    assert len(fastpeft.patch(model, backend="reference").patched) == 2 * len(TARGETS)
+    calls = count_calls(monkeypatch, patch_mod, "lora_linear")
+    logits1, grads1 = _bf16_step(model, ids, "cpu")
+    assert not calls and torch.equal(logits1, logits0) and all(torch.equal(grads1[n], grads0[n]) for n in grads0)
+
+
 def test_losses_stay_together_over_steps_under_bf16_autocast(ids):
     """Three AdamW steps with dropout under autocast: patched and unpatched peft take the same path."""
     losses = {}
