@@ -23,13 +23,14 @@ the original is rebound to the replacement (modules imported later bind the repl
 themselves). :func:`applied` lists every attribute changed now, those bindings included;
 :func:`disable` puts every original back, in those bindings too.
 
-When: fastpeft calls :func:`enable` the first time a fastpeft ``PeftConfig`` or ``PeftModel`` is
-created (it imports ``transformers.trainer`` and, when installed, ``trl.trainer.sft_trainer``;
+When: fastpeft calls :func:`enable` the first time a fastpeft ``PeftConfig`` is created (every
+``PeftModel`` starts from one; it imports ``transformers.trainer`` and, when installed, ``trl.trainer.sft_trainer``;
 packages that are not installed are skipped). Call :func:`disable` to undo it; after that
 fastpeft does not enable it again unless you call :func:`enable`. There is no import hook: nothing
 here runs when other packages are imported.
 
-This module imports fastpeft's API only inside :func:`enable` (the API calls :func:`auto_enable`).
+This module imports fastpeft's API only inside the replacements, when those libraries call them
+(``fastpeft.config`` imports this module and calls :func:`auto_enable`).
 """
 
 from __future__ import annotations
@@ -52,24 +53,20 @@ _PACKAGES = ("transformers", "accelerate", "trl")
 
 @dataclass(frozen=True)
 class Change:
-    """One attribute :func:`enable` replaces: ``module``'s (dotted) ``attribute``."""
+    """One attribute :func:`enable` replaces: ``module``'s (dotted) ``attribute`` becomes
+    ``replacement(original)``; ``alias_name``: other modules import it by name, and their
+    bindings are rebound too."""
 
     module: str
     attribute: str
-    alias_name: bool  # other modules import it by name; their bindings are rebound too
+    alias_name: bool
+    replacement: Callable[[Any], Any]
 
-
-CHANGES: Tuple[Change, ...] = (
-    Change("transformers.trainer_utils", "_is_peft_model", True),
-    Change("transformers.trainer", "Trainer._save", False),
-    Change("accelerate.utils.modeling", "is_peft_model", True),
-    Change("trl.trainer.sft_trainer", "PeftConfig", False),
-    Change("trl.trainer.sft_trainer", "get_peft_model", False),
-)
 
 # (module, dotted attribute) -> (original, replacement), for each entry of CHANGES applied now
 _active: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
 _auto = True  # auto_enable() still allowed (False after disable())
+_tried = False  # enable() ran once (auto_enable() does not retry packages that are not installed)
 _busy = False  # enable() is importing (a fastpeft config created meanwhile must not recurse)
 
 
@@ -132,13 +129,13 @@ def _dispatch_get_peft_model(original: Callable) -> Callable:
     return get_peft_model
 
 
-_REPLACEMENTS: Dict[Tuple[str, str], Callable[[Any], Any]] = {
-    ("transformers.trainer_utils", "_is_peft_model"): _accept_fastpeft,
-    ("transformers.trainer", "Trainer._save"): _save_with_save_pretrained,
-    ("accelerate.utils.modeling", "is_peft_model"): _accept_fastpeft,
-    ("trl.trainer.sft_trainer", "PeftConfig"): _also_fastpeft_configs,
-    ("trl.trainer.sft_trainer", "get_peft_model"): _dispatch_get_peft_model,
-}
+CHANGES: Tuple[Change, ...] = (
+    Change("transformers.trainer_utils", "_is_peft_model", True, _accept_fastpeft),
+    Change("transformers.trainer", "Trainer._save", False, _save_with_save_pretrained),
+    Change("accelerate.utils.modeling", "is_peft_model", True, _accept_fastpeft),
+    Change("trl.trainer.sft_trainer", "PeftConfig", False, _also_fastpeft_configs),
+    Change("trl.trainer.sft_trainer", "get_peft_model", False, _dispatch_get_peft_model),
+)
 
 
 # ----------------------------------------------------------------------------- apply / undo
@@ -173,7 +170,7 @@ def _apply(change: Change) -> None:
     if original is None:
         logger.info("fastpeft.integrations: %s.%s not found; not changed", *key)
         return
-    replacement = _REPLACEMENTS[key](original)
+    replacement = change.replacement(original)
     setattr(owner, leaf, replacement)
     _active[key] = (original, replacement)
     if change.alias_name:
@@ -185,15 +182,15 @@ def _bound_to(name: str, value: Any) -> List[Any]:
     """Loaded modules of the three packages whose global ``name`` is ``value``."""
     found = []
     for mod_name, module in list(sys.modules.items()):
-        if module is not None and mod_name.split(".")[0] in _PACKAGES and vars(module).get(name) is value:
+        if module is not None and mod_name.split(".")[0] in _PACKAGES and getattr(module, "__dict__", {}).get(name) is value:
             found.append(module)
     return found
 
 
 def enable() -> List[str]:
     """Apply :data:`CHANGES` (idempotent; see the module docstring). Returns :func:`applied`."""
-    global _auto, _busy
-    _auto = True
+    global _auto, _busy, _tried
+    _auto, _tried = True, True
     if _busy:
         return applied()
     _busy = True
@@ -207,8 +204,8 @@ def enable() -> List[str]:
 
 
 def auto_enable() -> None:
-    """What fastpeft's configs and models call: :func:`enable` unless :func:`disable` was called."""
-    if _auto and not _busy and not _active:
+    """What ``PeftConfig.__post_init__`` calls: :func:`enable` once, unless :func:`disable` was called."""
+    if _auto and not _tried:
         enable()
 
 

@@ -17,7 +17,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, U
 import torch
 from torch import nn
 
-from fastpeft import integrations
 from fastpeft.config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig, PeftType, TaskType
 from fastpeft.prompt_learning import PromptLearningMixin
 from fastpeft.tuners.base import PEFT_TYPE_TO_TUNER, BaseTuner, register_tuner  # noqa: F401
@@ -54,7 +53,6 @@ class PeftModel(PromptLearningMixin, nn.Module):
             self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
         if _is_checkpointing(model):
             _enable_input_require_grads(model)
-        integrations.auto_enable()  # Trainer / accelerate / TRL treat it as a PEFT model (fastpeft.integrations)
 
     # --- attributes -----------------------------------------------------------------------
     @property
