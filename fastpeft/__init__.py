@@ -25,16 +25,17 @@ from fastpeft import tuners as _tuners
 from fastpeft.tuners import *  # noqa: F401,F403  (every method's Config/Model: see fastpeft.tuners.__all__)
 from fastpeft.mapping import get_peft_model
 from fastpeft.ops.settings import Settings, get_settings, set_settings, use_settings
+from fastpeft import integrations
 from fastpeft.patch import PatchReport, patch, unpatch
 from fastpeft.utils.kbit import prepare_model_for_kbit_training
 
 
 def __getattr__(name: str):
     # Trainer callbacks import transformers' Trainer stack: only when asked for
-    if name == "AdaLoraCallback":
-        from fastpeft.callbacks import AdaLoraCallback
+    if name in ("AdaLoraCallback", "PatchCallback"):
+        from fastpeft import callbacks
 
-        return AdaLoraCallback
+        return getattr(callbacks, name)
     raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")
 
 
@@ -77,4 +78,6 @@ __all__ = [
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "AdaLoraCallback",
+    "PatchCallback",
+    "integrations",
 ]

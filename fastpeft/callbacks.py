@@ -10,7 +10,7 @@ import logging
 
 from transformers import TrainerCallback
 
-__all__ = ["AdaLoraCallback"]
+__all__ = ["AdaLoraCallback", "PatchCallback"]
 
 logger = logging.getLogger("fastpeft")
 
@@ -57,4 +57,49 @@ class AdaLoraCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         _adalora_tuner(model).update_and_allocate(state.global_step)
+        return control
+
+
+class PatchCallback(TrainerCallback):
+    """Runs :func:`fastpeft.patch` on the model a ``Trainer`` / TRL ``SFTTrainer`` trains.
+
+    With ``SFTTrainer(model, peft_config=peft.LoraConfig(...))`` the LoRA layers only exist once the
+    trainer has wrapped the model, inside its constructor; calling ``fastpeft.patch`` on the model
+    you passed in finds nothing. This callback patches ``trainer.model`` at the end of the
+    trainer's construction (``on_init_end``, so evaluation before training runs patched too) and,
+    should the model have been replaced since, again at ``on_train_begin``::
+
+        trainer = trl.SFTTrainer(model=base, args=args, train_dataset=ds,
+                                 peft_config=peft.LoraConfig(r=16, target_modules="all-linear"),
+                                 callbacks=[fastpeft.PatchCallback()])
+        trainer.train()
+
+    Args:
+        backend: passed to :func:`fastpeft.patch` (None: automatic, Triton for CUDA tensors).
+
+    Attributes:
+        report: the :class:`fastpeft.PatchReport` of the last patch (None before), also logged.
+    """
+
+    def __init__(self, backend=None):
+        self.backend = backend
+        self.report = None
+        self._patched = None  # the module patched last (patching again is a no-op)
+
+    def _patch(self, model):
+        model = getattr(model, "module", model)  # DDP / accelerate wrappers
+        if model is None or model is self._patched:
+            return
+        from fastpeft.patch import patch
+
+        self.report = patch(model, backend=self.backend)
+        self._patched = model
+        logger.info("PatchCallback: %s", self.report)
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._patch(model)
+        return control
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._patch(model)
         return control

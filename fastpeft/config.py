@@ -16,6 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Type, Union
 
+from fastpeft import integrations
 from fastpeft.utils.io import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
@@ -97,6 +98,7 @@ class PeftConfig:
     inference_mode: bool = field(default=False)
 
     def __post_init__(self) -> None:
+        integrations.auto_enable()  # Trainer / accelerate / TRL accept fastpeft (fastpeft.integrations)
         self.task_type = _coerce_task_type(self.task_type)
         if self._peft_type is not None:
             if self.peft_type is not None and PeftType(str(self.peft_type)) != self._peft_type:

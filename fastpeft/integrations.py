@@ -1,63 +1,95 @@
-"""Make transformers' ``Trainer``, accelerate and TRL treat fastpeft models as PEFT models.
+"""Let transformers' ``Trainer``, accelerate and TRL's ``SFTTrainer`` take fastpeft models and configs.
 
-transformers recognises adapters with ``isinstance(model, peft.PeftModel)`` (``_is_peft_model``;
-accelerate and TRL use ``is_peft_model``) and
-saves anything else that is not a ``PreTrainedModel`` as a full ``model.safetensors`` state dict.
-For a fastpeft model that would mean: no adapter files on save, no adapter reload on resume, and
-a refusal to train 4-bit bases. :func:`install_trainer_support` teaches it otherwise:
+Those libraries recognise adapters with ``isinstance`` against Hugging Face peft's classes, so a
+fastpeft model would be saved as a full ``model.safetensors``, never reloaded as an adapter on
+resume, refused on a 4-bit base, and ``SFTTrainer(peft_config=fastpeft.LoraConfig(...))`` would
+raise ``TypeError``. :func:`enable` changes exactly these attributes (:data:`CHANGES`), each
+replacement calling the original for anything that is not fastpeft's:
 
-* every ``_is_peft_model`` / ``is_peft_model`` in transformers, accelerate and TRL also answers
-  True for :class:`fastpeft.PeftModel` (signature columns, resume via ``load_adapter``,
-  quantized-base validation, NEFTune, TRL's fused LM head on ``get_base_model()``);
-* ``Trainer._save`` writes fastpeft models with ``save_pretrained`` (adapter_config.json +
-  adapter_model.safetensors), plus the tokenizer and training args as usual.
+* ``transformers.trainer_utils._is_peft_model``: also True for a fastpeft ``PeftModel``
+  (signature columns, resume through ``load_adapter``, 4-bit validation, NEFTune);
+* ``transformers.trainer.Trainer._save``: a fastpeft model is written with ``save_pretrained``
+  (adapter_config.json + adapter_model.safetensors), plus the tokenizer and training args;
+* ``accelerate.utils.modeling.is_peft_model``: also True for a fastpeft ``PeftModel`` (TRL's
+  checks, accelerate's FSDP adapter-only state dicts);
+* ``trl.trainer.sft_trainer.PeftConfig``: ``(peft.PeftConfig, fastpeft.PeftConfig)``, so the
+  ``isinstance`` check of ``SFTTrainer`` accepts fastpeft configs;
+* ``trl.trainer.sft_trainer.get_peft_model``: a fastpeft config is applied with
+  :func:`fastpeft.get_peft_model`, a peft config with peft's.
 
-It runs when a fastpeft ``PeftModel`` is built: modules already imported are patched at once,
-later ones right after their import (an import hook on those three packages), so fastpeft
-never pays for importing the Trainer itself.
+The two check functions are also imported by name elsewhere (``from ..trainer_utils import
+_is_peft_model``): in every loaded module of those three packages, a global of that name bound to
+the original is rebound to the replacement (modules imported later bind the replacement
+themselves). :func:`applied` lists every attribute changed now, those bindings included;
+:func:`disable` puts every original back, in those bindings too.
+
+When: fastpeft calls :func:`enable` the first time a fastpeft ``PeftConfig`` is created (every
+``PeftModel`` starts from one; it imports ``transformers.trainer`` and, when installed, ``trl.trainer.sft_trainer``;
+packages that are not installed are skipped). Call :func:`disable` to undo it; after that
+fastpeft does not enable it again unless you call :func:`enable`. There is no import hook: nothing
+here runs when other packages are imported.
+
+This module imports fastpeft's API only inside the replacements, when those libraries call them
+(``fastpeft.config`` imports this module and calls :func:`auto_enable`).
 """
 
 from __future__ import annotations
 
-import importlib.abc
+import functools
+import importlib
+import importlib.util
+import logging
 import os
 import sys
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-_PREFIXES = ("transformers.", "accelerate.", "trl.")
-_CHECK_NAMES = ("_is_peft_model", "is_peft_model")
-_hook_installed = False
+__all__ = ["CHANGES", "Change", "enable", "disable", "applied", "auto_enable"]
+
+logger = logging.getLogger("fastpeft")
+
+_PACKAGES = ("transformers", "accelerate", "trl")
 
 
+@dataclass(frozen=True)
+class Change:
+    """One attribute :func:`enable` replaces: ``module``'s (dotted) ``attribute`` becomes
+    ``replacement(original)``; ``alias_name``: other modules import it by name, and their
+    bindings are rebound too."""
+
+    module: str
+    attribute: str
+    alias_name: bool
+    replacement: Callable[[Any], Any]
+
+
+# (module, dotted attribute) -> (original, replacement), for each entry of CHANGES applied now
+_active: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
+_auto = True  # auto_enable() still allowed (False after disable())
+_tried = False  # enable() ran once (auto_enable() does not retry packages that are not installed)
+_busy = False  # enable() is importing (a fastpeft config created meanwhile must not recurse)
+
+
+# ----------------------------------------------------------------------------- replacements
 def _is_fastpeft_model(model: Any) -> bool:
     from fastpeft.peft_model import PeftModel
 
-    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
-    return isinstance(model, PeftModel) or isinstance(inner, PeftModel)
+    for candidate in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):  # DDP, compile
+        if isinstance(candidate, PeftModel):
+            return True
+    return False
 
 
-def _patch_module(name: str) -> None:
-    """Wrap the module's PEFT-model checks so they also accept fastpeft models."""
-    module = sys.modules.get(name)
-    if module is None:
-        return
-    for attr in _CHECK_NAMES:
-        original = module.__dict__.get(attr)
-        if callable(original) and not getattr(original, "_fastpeft", False):
+def _accept_fastpeft(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def check(model, *args, **kwargs):
+        return _is_fastpeft_model(model) or original(model, *args, **kwargs)
 
-            def check(model, *args, _orig=original, **kwargs):
-                return _is_fastpeft_model(model) or _orig(model, *args, **kwargs)
-
-            check._fastpeft = True
-            check.__doc__ = original.__doc__
-            setattr(module, attr, check)
-    if name == "transformers.trainer":
-        trainer_cls = getattr(module, "Trainer", None)
-        if trainer_cls is not None and not getattr(trainer_cls._save, "_fastpeft", False):
-            trainer_cls._save = _wrap_save(trainer_cls._save)
+    return check
 
 
-def _wrap_save(original):
+def _save_with_save_pretrained(original: Callable) -> Callable:
+    @functools.wraps(original)
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not _is_fastpeft_model(model):
@@ -75,38 +107,130 @@ def _wrap_save(original):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         return None
 
-    _save._fastpeft = True
     return _save
 
 
-class _PostImportHook(importlib.abc.MetaPathFinder):
-    """Patches the Trainer modules right after they are first imported."""
+def _also_fastpeft_configs(original: Any) -> Any:
+    from fastpeft.config import PeftConfig
 
-    def find_spec(self, fullname, path, target=None):
-        if not fullname.startswith(_PREFIXES):
-            return None
-        for finder in sys.meta_path:
-            if finder is self:
-                continue
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                loader = spec.loader
-                original_exec = loader.exec_module
+    return (original, PeftConfig)  # isinstance() takes a tuple of classes
 
-                def exec_module(module, _orig=original_exec, _name=fullname):
-                    _orig(module)
-                    _patch_module(_name)
 
-                loader.exec_module = exec_module
-                return spec
+def _dispatch_get_peft_model(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_peft_model(model, peft_config, *args, **kwargs):
+        from fastpeft.config import PeftConfig
+        from fastpeft.mapping import get_peft_model as fastpeft_get_peft_model
+
+        if isinstance(peft_config, PeftConfig):
+            return fastpeft_get_peft_model(model, peft_config, *args, **kwargs)
+        return original(model, peft_config, *args, **kwargs)
+
+    return get_peft_model
+
+
+CHANGES: Tuple[Change, ...] = (
+    Change("transformers.trainer_utils", "_is_peft_model", True, _accept_fastpeft),
+    Change("transformers.trainer", "Trainer._save", False, _save_with_save_pretrained),
+    Change("accelerate.utils.modeling", "is_peft_model", True, _accept_fastpeft),
+    Change("trl.trainer.sft_trainer", "PeftConfig", False, _also_fastpeft_configs),
+    Change("trl.trainer.sft_trainer", "get_peft_model", False, _dispatch_get_peft_model),
+)
+
+
+# ----------------------------------------------------------------------------- apply / undo
+def _owner(module: Any, dotted: str) -> Tuple[Any, str]:
+    *path, leaf = dotted.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, leaf
+
+
+def _import(name: str) -> Optional[Any]:
+    """The module, or None when its package is not installed (or cannot be imported)."""
+    if importlib.util.find_spec(name.split(".")[0]) is None:
+        return None
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # e.g. a trl that does not fit the installed transformers
+        logger.info("fastpeft.integrations: %s not changed (import failed: %s)", name, exc)
         return None
 
 
-def install_trainer_support() -> None:
-    """Idempotently teach transformers' Trainer about fastpeft models (see module docstring)."""
-    global _hook_installed
-    for name in [n for n in list(sys.modules) if n.startswith(_PREFIXES)]:
-        _patch_module(name)
-    if not _hook_installed:
-        sys.meta_path.insert(0, _PostImportHook())
-        _hook_installed = True
+def _apply(change: Change) -> None:
+    key = (change.module, change.attribute)
+    if key in _active:
+        return
+    module = _import(change.module)
+    if module is None:
+        return
+    owner, leaf = _owner(module, change.attribute)
+    original = owner.__dict__.get(leaf) if isinstance(owner, type) else getattr(owner, leaf, None)
+    if original is None:
+        logger.info("fastpeft.integrations: %s.%s not found; not changed", *key)
+        return
+    replacement = change.replacement(original)
+    setattr(owner, leaf, replacement)
+    _active[key] = (original, replacement)
+    if change.alias_name:
+        for alias_module in _bound_to(leaf, original):
+            setattr(alias_module, leaf, replacement)
+
+
+def _bound_to(name: str, value: Any) -> List[Any]:
+    """Loaded modules of the three packages whose global ``name`` is ``value``."""
+    found = []
+    for mod_name, module in list(sys.modules.items()):
+        if module is not None and mod_name.split(".")[0] in _PACKAGES and getattr(module, "__dict__", {}).get(name) is value:
+            found.append(module)
+    return found
+
+
+def enable() -> List[str]:
+    """Apply :data:`CHANGES` (idempotent; see the module docstring). Returns :func:`applied`."""
+    global _auto, _busy, _tried
+    _auto, _tried = True, True
+    if _busy:
+        return applied()
+    _busy = True
+    try:
+        for change in CHANGES:
+            _apply(change)
+    finally:
+        _busy = False
+    logger.info("fastpeft.integrations: changed %s", ", ".join(applied()) or "nothing (packages not installed)")
+    return applied()
+
+
+def auto_enable() -> None:
+    """What ``PeftConfig.__post_init__`` calls: :func:`enable` once, unless :func:`disable` was called."""
+    if _auto and not _tried:
+        enable()
+
+
+def disable() -> List[str]:
+    """Put every original back (also where other modules imported a replacement by name) and stop
+    fastpeft from enabling again; returns what was restored."""
+    global _auto
+    _auto = False
+    restored = applied()
+    by_key = {(c.module, c.attribute): c for c in CHANGES}
+    for key, (original, replacement) in _active.items():
+        owner, leaf = _owner(sys.modules[key[0]], key[1])
+        setattr(owner, leaf, original)
+        if by_key[key].alias_name:
+            for module in _bound_to(leaf, replacement):
+                setattr(module, leaf, original)
+    _active.clear()
+    return restored
+
+
+def applied() -> List[str]:
+    """``"module.attribute"`` for every attribute changed now (aliases included)."""
+    names = []
+    for (mod_name, dotted), (_, replacement) in _active.items():
+        names.append(f"{mod_name}.{dotted}")
+        if "." not in dotted:
+            names += sorted(f"{m.__name__}.{dotted}" for m in _bound_to(dotted, replacement) if m.__name__ != mod_name)
+    return names

@@ -11,7 +11,7 @@ library that built the layer keeps working:
   present on the layer, no LoRA variant other than DoRA (which runs
   :func:`fastpeft.ops.dora.dora_linear`: the fused weight norm, then the LoRA-linear op) and no
   ``lora_bias`` for it, an ``nn.Dropout`` or
-  identity dropout, input in the base weight's dtype, no extra forward arguments (e.g. peft's
+  identity dropout, input in the base weight's dtype (any dtype under autocast), no extra forward arguments (e.g. peft's
   ``adapter_names`` mixed batches);
 * anything else (merged weights, several active adapters, disabled adapters, ...) calls the
   original forward.
@@ -49,14 +49,28 @@ The backend and kernel plans are resolved once, by :func:`patch` (its ``settings
 ``backend`` arguments, else :func:`fastpeft.get_settings`), and baked into the patched layers:
 later :func:`fastpeft.use_settings` blocks do not change them (patch again to change them).
 
+Routing is a table, :data:`ROUTES`: each :class:`Route` says which layers it matches, when a
+matched layer is skipped and why, and which forward the patched layer runs (the first match wins).
+A new layer type is a new entry. Before any route, layers whose forward never runs are skipped
+(the ``out_proj`` LoRA inside ``nn.MultiheadAttention``, which reads ``out_proj.weight`` directly),
+so the report counts only layers whose patched forward executes. A call that patches nothing
+warns and says why (typically: called before ``get_peft_model``, or before TRL's ``SFTTrainer``
+wrapped the model; :class:`fastpeft.PatchCallback` patches inside the trainer).
+
+Under ``torch.autocast`` a patched LoRA layer takes the op whatever its input dtype, and the op's
+reference path computes peft's autocast sequence (see :func:`fastpeft.ops.lora_linear.lora_linear`).
+AdaLoRA and DoRA adapters take their original forward under autocast: their ops do not round as
+peft's autocast sequence does (DoRA's gradients differed by 7-10%), so they stay exact, unfused.
+
 peft is never imported here: its layers are recognised by their class's module name.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -68,7 +82,7 @@ from fastpeft.ops.nf4 import bnb_linear4bit
 from fastpeft.ops.settings import Settings, get_settings
 from fastpeft.patch_prefix import patch_prefix, unpatch_prefix
 
-__all__ = ["patch", "unpatch", "PatchReport", "PatchedModule", "SkippedModule"]
+__all__ = ["patch", "unpatch", "PatchReport", "PatchedModule", "SkippedModule", "Route", "ROUTES"]
 
 logger = logging.getLogger("fastpeft")
 
@@ -206,22 +220,32 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _static_skip_reason(module: nn.Module) -> Optional[str]:
-    """Why this LoRA layer can never use the op (None if it can, at least for some calls)."""
+_HOOKS_REASON = "the layer or its base layer has forward hooks (e.g. accelerate offloading); bypassing them would break it"
+
+
+def _all_adapters_unsupported(module: nn.Module, adapter_skip) -> Optional[str]:
+    """The first adapter's reason when no adapter of the layer can use the op (None otherwise)."""
+    adapters = list(module.lora_A.keys())
+    if adapters and all(adapter_skip(module, a) is not None for a in adapters):
+        return adapter_skip(module, adapters[0])
+    return None
+
+
+def _qlora_skip_reason(layer: "Layer") -> Optional[str]:
+    module = layer.module
+    if type(module).__name__ != "Linear4bit":
+        return f"LoRA layer {type(module).__name__} on a 4-bit base: the QLoRA op covers peft's and fastpeft's Linear4bit"
+    if _has_hooks(_base_of(module)) or _has_hooks(module):
+        return _HOOKS_REASON
+    return _all_adapters_unsupported(module, _qlora_adapter_skip_reason)
+
+
+def _dense_skip_reason(module: nn.Module, method: str, layer_class: str) -> Optional[str]:
+    """Why a LoRA-form layer (``layer_class`` of ``method``) can never use the LoRA-linear op."""
     base = _base_of(module)
-    adalora = _is_adalora_layer(module)  # peft's SVDLinear: same checks, its own class name
-    if _is_bnb_4bit(base) and not adalora:
-        if type(module).__name__ != "Linear4bit":
-            return f"LoRA layer {type(module).__name__} on a 4-bit base: the QLoRA op covers peft's and fastpeft's Linear4bit"
-        if _has_hooks(base) or _has_hooks(module):
-            return "the layer or its base layer has forward hooks (e.g. accelerate offloading); bypassing them would break it"
-        adapters = list(module.lora_A.keys())
-        plain = [a for a in adapters if _qlora_adapter_skip_reason(module, a) is None]
-        return _qlora_adapter_skip_reason(module, adapters[0]) if adapters and not plain else None
     if type(base).__name__ in _QUANTIZED_NAMES or getattr(getattr(base, "weight", None), "quant_state", None) is not None:
         return f"quantized base layer {_cls_path(base)} (the LoRA-linear op needs a dense weight; see the QLoRA op)"
-    if type(module).__name__ != ("SVDLinear" if adalora else "Linear"):
-        method = "AdaLoRA" if adalora else "LoRA"
+    if type(module).__name__ != layer_class:
         return (f"{method} layer {type(module).__name__} on {type(base).__name__}: the fused op covers {method} on "
                 "nn.Linear and Conv1D only")
     if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
@@ -231,11 +255,28 @@ def _static_skip_reason(module: nn.Module) -> Optional[str]:
     if isinstance(base, nn.Linear) and getattr(module, "fan_in_fan_out", False):
         return "nn.Linear base with fan_in_fan_out=True (weight layout mismatch)"
     if _has_hooks(base) or _has_hooks(module):
-        return "the layer or its base layer has forward hooks (e.g. accelerate offloading); bypassing them would break it"
-    adapters = list(module.lora_A.keys())
-    plain = [a for a in adapters if _adapter_skip_reason(module, a) is None]
-    if adapters and not plain:
-        return _adapter_skip_reason(module, adapters[0])
+        return _HOOKS_REASON
+    return _all_adapters_unsupported(module, _adapter_skip_reason)
+
+
+def _lora_skip_reason(layer: "Layer") -> Optional[str]:
+    return _dense_skip_reason(layer.module, "LoRA", "Linear")
+
+
+def _adalora_skip_reason(layer: "Layer") -> Optional[str]:
+    return _dense_skip_reason(layer.module, "AdaLoRA", "SVDLinear")
+
+
+def _frozen_4bit_skip_reason(layer: "Layer") -> Optional[str]:
+    return "the layer has forward hooks (e.g. accelerate offloading); bypassing them would break it" \
+        if _has_hooks(layer.module) else None
+
+
+def _never_called_reason(layer: "Layer") -> Optional[str]:
+    """Why this layer's forward never runs, so patching it would change nothing (None if it runs)."""
+    if isinstance(layer.parent, nn.MultiheadAttention) and layer.name.rsplit(".", 1)[-1] == "out_proj":
+        return ("out_proj of torch.nn.MultiheadAttention: MultiheadAttention reads out_proj.weight directly and "
+                "never calls its forward (peft merges this LoRA into the weight inside MultiheadAttention.forward)")
     return None
 
 
@@ -286,7 +327,7 @@ def _fallback(module: nn.Module, state: Dict[str, Any], x, args, kwargs):
     return type(module).forward(module, x, *args, **kwargs)
 
 
-def _plain_adapter(module: nn.Module, x: torch.Tensor, args, kwargs, qlora: bool = False) -> Optional[str]:
+def _plain_adapter(module: nn.Module, x: torch.Tensor, args, kwargs, adapter_skip) -> Optional[str]:
     """The active adapter when this call can use the op, else None."""
     if args or kwargs or module.disable_adapters or module.merged:
         return None
@@ -294,66 +335,83 @@ def _plain_adapter(module: nn.Module, x: torch.Tensor, args, kwargs, qlora: bool
     if len(active) != 1:
         return None
     a = active[0]
-    if (_qlora_adapter_skip_reason if qlora else _adapter_skip_reason)(module, a) is not None:
+    if adapter_skip(module, a) is not None:
         return None
     if getattr(module, "cast_input_dtype_enabled", True) is False:
-        return None
-    if not qlora and x.dtype != _base_of(module).weight.dtype:
         return None
     return a
 
 
-def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    state = self.__dict__[_STATE_ATTR]
-    kind = state.get("kind", "lora")
-    if kind == "nf4":  # a frozen bitsandbytes Linear4bit
-        if args or kwargs:
-            return _fallback(self, state, x, args, kwargs)
-        return bnb_linear4bit(x, self.weight.data, _quant_state(self), self.bias, getattr(self, "compute_dtype", None),
-                              settings=state["settings"])
-    if kind == "adalora":
-        return _adalora_forward(self, state, x, args, kwargs)
-    adapter = _plain_adapter(self, x, args, kwargs, qlora=kind == "qlora")
-    if adapter is None:
+def _dense_dtype_ok(module: nn.Module, x: torch.Tensor) -> bool:
+    # Outside autocast the op wants x in the base weight's dtype (as nn.Linear does); under autocast
+    # it casts like peft's layer does, so any input dtype goes.
+    return x.dtype == _base_of(module).weight.dtype or torch.is_autocast_enabled(x.device.type)
+
+
+def _dropout_p(module: nn.Module, adapter: str) -> float:
+    drop = module.lora_dropout[adapter]
+    return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+
+
+def _lora_forward(self: nn.Module, state: Dict[str, Any], x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """A LoRA ``Linear`` (DoRA included) on ``nn.Linear`` / ``Conv1D``: the LoRA-linear (or DoRA) op."""
+    a = _plain_adapter(self, x, args, kwargs, _adapter_skip_reason)
+    if a is None or not _dense_dtype_ok(self, x):
         return _fallback(self, state, x, args, kwargs)
     base = _base_of(self)
-    if kind == "qlora":
-        drop = self.lora_dropout[adapter]
-        return bnb_linear4bit(
-            x, base.weight.data, _quant_state(base), base.bias, getattr(base, "compute_dtype", None),
-            self.lora_A[adapter].weight, self.lora_B[adapter].weight, float(self.scaling[adapter]),
-            dropout_p=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0, training=self.training,
-            settings=state["settings"],
-        )
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight  # always [out, in]
-    drop = self.lora_dropout[adapter]
-    p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
-    if getattr(self, "use_dora", {}).get(adapter, False):
-        return dora_linear(
-            x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            _dora_magnitude(self, adapter), float(self.scaling[adapter]), dropout_p=p, training=self.training,
-            settings=state["settings"],
-        )
-    return lora_linear(
-        x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-        float(self.scaling[adapter]), dropout_p=p, training=self.training, settings=state["settings"],
+    A, B, s, p = self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]), _dropout_p(self, a)
+    if getattr(self, "use_dora", {}).get(a, False):
+        if torch.is_autocast_enabled(x.device.type):  # the DoRA op does not follow peft's autocast casts
+            return _fallback(self, state, x, args, kwargs)
+        return dora_linear(x, weight, base.bias, A, B, _dora_magnitude(self, a), s, dropout_p=p,
+                           training=self.training, settings=state["settings"])
+    return lora_linear(x, weight, base.bias, A, B, s, dropout_p=p, training=self.training, settings=state["settings"])
+
+
+def _qlora_forward(self: nn.Module, state: Dict[str, Any], x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """A LoRA ``Linear4bit``: the QLoRA op (the packed 4-bit weight dequantised in the matmul)."""
+    a = _plain_adapter(self, x, args, kwargs, _qlora_adapter_skip_reason)
+    if a is None:
+        return _fallback(self, state, x, args, kwargs)
+    base = _base_of(self)
+    return bnb_linear4bit(
+        x, base.weight.data, _quant_state(base), base.bias, getattr(base, "compute_dtype", None),
+        self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]),
+        dropout_p=_dropout_p(self, a), training=self.training, settings=state["settings"],
     )
 
 
 def _adalora_forward(self: nn.Module, state: Dict[str, Any], x: torch.Tensor, args, kwargs) -> torch.Tensor:
-    """peft's ``SVDLinear.forward`` through the LoRA-linear op, in the plain case (see the module doc)."""
-    a = _plain_adapter(self, x, args, kwargs)
-    if a is None or x.dtype != self.lora_A[a].dtype or x.dtype != self.lora_B[a].dtype:
+    """peft's ``SVDLinear.forward`` through the LoRA-linear op, in the plain case (see the module doc).
+
+    Under autocast peft multiplies ``dropout(x) @ (A * E).T @ B.T`` in the autocast dtype and scales
+    afterwards; the fused form folds the scale into the down-projection first, so it would round
+    differently: autocast calls take the original forward."""
+    a = _plain_adapter(self, x, args, kwargs, _adapter_skip_reason)
+    if (a is None or x.dtype != self.lora_A[a].dtype or x.dtype != self.lora_B[a].dtype
+            or torch.is_autocast_enabled(x.device.type)):
         return _fallback(self, state, x, args, kwargs)
     base = _base_of(self)
-    drop = self.lora_dropout[a]
     # peft: (drop(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5); the scale is folded into the
     # down-projection as a tensor, so a changed ranknum needs no host read
     down = (self.lora_A[a] * self.lora_E[a]) * (self.scaling[a] / (self.ranknum[a] + 1e-5))
     weight = base.weight.t() if state["fan_in_fan_out"] else base.weight
-    return lora_linear(x, weight, base.bias, down, self.lora_B[a], 1.0,
-                       dropout_p=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+    return lora_linear(x, weight, base.bias, down, self.lora_B[a], 1.0, dropout_p=_dropout_p(self, a),
                        training=self.training, settings=state["settings"])
+
+
+def _frozen_4bit_forward(self: nn.Module, state: Dict[str, Any], x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """A frozen bitsandbytes ``Linear4bit`` (no adapter): the QLoRA op without a LoRA branch."""
+    if args or kwargs:
+        return _fallback(self, state, x, args, kwargs)
+    return bnb_linear4bit(x, self.weight.data, _quant_state(self), self.bias, getattr(self, "compute_dtype", None),
+                          settings=state["settings"])
+
+
+def _patched_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    state = self.__dict__[_STATE_ATTR]
+    return state["route"].forward(self, state, x, args, kwargs)
 
 
 class _PatchedForward:
@@ -371,6 +429,158 @@ class _PatchedForward:
 
     def __deepcopy__(self, memo):
         return _PatchedForward(memo.get(id(self._module_ref), self._module_ref))
+
+
+# ----------------------------------------------------------------------------- routes
+@dataclass(frozen=True)
+class Layer:
+    """One module of the model, as the routes see it."""
+
+    name: str
+    module: nn.Module
+    parent: Optional[nn.Module]
+    library: Optional[str]  # "peft" / "fastpeft" for a tuner layer, else None
+    inside_tuner: bool  # a submodule of some tuner layer (e.g. its base layer)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How :func:`patch` handles one layer type.
+
+    Attributes:
+        name: a label for ``repr`` and logs.
+        matches: ``Layer -> bool``, the layer type this route takes (the first match in
+            :data:`ROUTES` wins).
+        skip_reason: ``Layer -> str | None``, why a matched layer can never use the op (None:
+            patch it; per-call conditions are the forward's, which falls back to the original).
+        forward: ``(module, state, x, args, kwargs) -> Tensor``, the patched forward (the route
+            is kept in the layer's patch state, so its functions must be module-level for the
+            patched model to pickle).
+        note: the :class:`PatchedModule` note of a patched layer.
+        adapter_skip: ``(module, adapter) -> str | None`` for routes over LoRA adapters: adapters
+            that always take the original forward are listed in the note.
+        native_note: the note of fastpeft's own layers of this type, which call the op already
+            (they are re-routed only when ``patch`` is given a ``backend`` or ``settings``).
+    """
+
+    name: str
+    matches: Callable[[Layer], bool]
+    skip_reason: Callable[[Layer], Optional[str]]
+    forward: Callable[..., torch.Tensor]
+    note: str
+    adapter_skip: Optional[Callable[[nn.Module, str], Optional[str]]] = None
+    native_note: str = "runs the fused op already"
+
+
+def _is_qlora_layer(layer: Layer) -> bool:
+    m = layer.module
+    return layer.library is not None and _is_lora_layer(m) and not _is_adalora_layer(m) and _is_bnb_4bit(_base_of(m))
+
+
+def _is_adalora_tuner_layer(layer: Layer) -> bool:
+    return layer.library is not None and _is_adalora_layer(layer.module)
+
+
+def _is_lora_tuner_layer(layer: Layer) -> bool:
+    return layer.library is not None and _is_lora_layer(layer.module)
+
+
+def _is_frozen_4bit_linear(layer: Layer) -> bool:
+    return layer.library is None and not layer.inside_tuner and _is_bnb_4bit(layer.module)
+
+
+_PER_CALL = "original forward when merged, disabled or several adapters are active"
+
+# First match wins: QLoRA before LoRA (both have lora_A/lora_B), AdaLoRA before LoRA (SVDLinear has them too).
+ROUTES: Tuple[Route, ...] = (
+    Route("qlora", _is_qlora_layer, _qlora_skip_reason, _qlora_forward,
+          "QLoRA op (4-bit weight dequantised in the matmul); " + _PER_CALL, _qlora_adapter_skip_reason,
+          native_note="runs the QLoRA op already"),
+    Route("adalora", _is_adalora_tuner_layer, _adalora_skip_reason, _adalora_forward,
+          "LoRA-linear op with A*E*scaling/ranknum as the down-projection; " + _PER_CALL + ", or under autocast",
+          _adapter_skip_reason),
+    Route("lora", _is_lora_tuner_layer, _lora_skip_reason, _lora_forward, _PER_CALL, _adapter_skip_reason),
+    Route("frozen 4-bit linear", _is_frozen_4bit_linear, _frozen_4bit_skip_reason, _frozen_4bit_forward,
+          "QLoRA op without a LoRA branch (frozen 4-bit linear)"),
+)
+
+
+def _route_for(layer: Layer) -> Optional[Route]:
+    return next((r for r in ROUTES if r.matches(layer)), None)
+
+
+def _layers(model: nn.Module) -> List[Layer]:
+    """Every module of ``model`` with its parent, library and whether it sits inside a tuner layer."""
+    inside_tuner = set()
+    for module in model.modules():
+        if _library(module) is not None:
+            inside_tuner.update(id(m) for m in module.modules() if m is not module)
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    return [Layer(name, m, parents.get(id(m)), _library(m), id(m) in inside_tuner) for name, m in model.named_modules()]
+
+
+def _kind(layer: Layer) -> str:
+    """How the report names a layer: ``"peft lora.Linear on Linear"``, ``"bitsandbytes Linear4bit (no adapter)"``."""
+    if layer.library is None:
+        return f"bitsandbytes {type(layer.module).__name__} (no adapter)"
+    parts = type(layer.module).__module__.split(".")
+    tuner = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1]
+    if tuner.startswith("lora_"):  # fastpeft.tuners.lora_bnb -> lora (peft: peft.tuners.lora.bnb)
+        tuner = "lora"
+    kind = f"{layer.library} {tuner}.{type(layer.module).__name__}"
+    return f"{kind} on {type(_base_of(layer.module)).__name__}" if _is_lora_layer(layer.module) else kind
+
+
+def _native_only_note(layer: Layer, explicit: bool) -> Optional[str]:
+    """fastpeft's own non-``Linear`` tuner layers that call an op themselves (e.g. AdaLoRA's
+    SVDLinear): reported native, never re-routed."""
+    native_op = getattr(type(layer.module), "native_fused_op", None) if layer.library == "fastpeft" else None
+    if not native_op or type(layer.module).__name__ == "Linear":
+        return None
+    note = f"runs {native_op} already"
+    if explicit:
+        note += "; it follows fastpeft.get_settings() per call, not patch()'s backend / settings"
+    return note
+
+
+def _route_layer(layer: Layer, explicit: bool, settings: Settings, report: "PatchReport") -> None:
+    """Patch one layer through its route, or record why not, in ``report``."""
+    native = _native_only_note(layer, explicit)
+    if native is not None:
+        report.native.append(PatchedModule(layer.name, _kind(layer), native))
+        return
+    route = _route_for(layer)
+    if route is None:
+        if layer.library is not None:
+            report.skipped.append(SkippedModule(layer.name, _kind(layer),
+                                                "not a LoRA layer (another tuner); the fused op covers LoRA"))
+        return
+    reason = _never_called_reason(layer) or route.skip_reason(layer)
+    if reason is not None:
+        report.skipped.append(SkippedModule(layer.name, _kind(layer), reason))
+    elif layer.library == "fastpeft" and not explicit:
+        report.native.append(PatchedModule(layer.name, _kind(layer), route.native_note))
+    else:
+        _install(layer.module, settings, route)
+        note = route.note
+        if route.adapter_skip is not None:
+            always = [a for a in layer.module.lora_A.keys() if route.adapter_skip(layer.module, a) is not None]
+            note += f"; adapters {always} always use the original forward" if always else ""
+        report.patched.append(PatchedModule(layer.name, _kind(layer), note))
+
+
+def _warn_if_nothing_patched(model: nn.Module, report: "PatchReport") -> None:
+    if report.patched or report.native:
+        return
+    if report.skipped:
+        first = report.skipped[0]
+        why = (f"all {len(report.skipped)} adapter layers were skipped (first: {first.name}: {first.reason}); "
+               "see the returned PatchReport")
+    else:
+        why = ("no LoRA, AdaLoRA, Prefix Tuning or bitsandbytes 4-bit layers found: call fastpeft.patch after "
+               "get_peft_model (with TRL's SFTTrainer(peft_config=...), after the trainer has wrapped the model: "
+               "fastpeft.patch(trainer.model)), or pass callbacks=[fastpeft.PatchCallback()] to the trainer")
+    warnings.warn(f"fastpeft.patch changed nothing in {type(model).__name__}: {why}", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- API
@@ -406,7 +616,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, settings: Optional
             (no triton, or CPU tensors without ``TRITON_INTERPRET=1``); Prefix Tuning on a model
             type with no known attention layout, or an adapter that does not fit its base model.
 
-    Calling ``patch`` again updates the settings of already patched layers.
+    Calling ``patch`` again updates the settings of already patched layers. A call that patches
+    nothing (no adapter layers yet, or every one skipped) emits a ``UserWarning`` saying why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastpeft.patch expects a torch.nn.Module (a PeftModel), got {type(model).__name__}")
@@ -434,71 +645,24 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, settings: Optional
         else:
             report.patched.append(PatchedModule(**prefix))
 
-    inside_tuner = set()
-    for module in model.modules():
-        if _library(module) is not None:
-            inside_tuner.update(id(m) for m in module.modules())
-    for name, module in model.named_modules():
-        lib = _library(module)
-        if lib is None:
-            if _is_bnb_4bit(module) and id(module) not in inside_tuner:
-                kind = f"bitsandbytes {type(module).__name__} (no adapter)"
-                if _has_hooks(module):
-                    report.skipped.append(SkippedModule(name, kind, "the layer has forward hooks (e.g. accelerate "
-                                                        "offloading); bypassing them would break it"))
-                else:
-                    _install(module, resolved, "nf4")
-                    report.patched.append(PatchedModule(name, kind, "QLoRA op without a LoRA branch (frozen 4-bit linear)"))
-            continue
-        parts = type(module).__module__.split(".")
-        tuner = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1]
-        if tuner.startswith("lora_"):  # fastpeft.tuners.lora_bnb -> lora (peft: peft.tuners.lora.bnb)
-            tuner = "lora"
-        kind = f"{lib} {tuner}.{type(module).__name__}"
-        native_op = getattr(type(module), "native_fused_op", None) if lib == "fastpeft" else None
-        if native_op and type(module).__name__ != "Linear":  # e.g. AdaLoRA's SVDLinear: not re-routable
-            note = f"runs {native_op} already"
-            if explicit:
-                note += "; it follows fastpeft.get_settings() per call, not patch()'s backend / settings"
-            report.native.append(PatchedModule(name, kind, note))
-            continue
-        if not _is_lora_layer(module):
-            report.skipped.append(SkippedModule(name, kind, "not a LoRA layer (another tuner); the fused op covers LoRA"))
-            continue
-        reason = _static_skip_reason(module)
-        base = _base_of(module)
-        kind = f"{kind} on {type(base).__name__}"
-        if reason is not None:
-            report.skipped.append(SkippedModule(name, kind, reason))
-            continue
-        qlora = _is_bnb_4bit(base)
-        if lib == "fastpeft" and not explicit:
-            report.native.append(PatchedModule(name, kind, "runs the QLoRA op already" if qlora else "runs the fused op already"))
-            continue
-        op = "qlora" if qlora else "adalora" if _is_adalora_layer(module) else "lora"
-        _install(module, resolved, op)
-        skip = _qlora_adapter_skip_reason if qlora else _adapter_skip_reason
-        notes = [a for a in module.lora_A.keys() if skip(module, a) is not None]
-        note = {"qlora": "QLoRA op (4-bit weight dequantised in the matmul); ",
-                "adalora": "LoRA-linear op with A*E*scaling/ranknum as the down-projection; "}.get(op, "") + \
-            "original forward when merged, disabled or several adapters are active"
-        if notes:
-            note += f"; adapters {notes} always use the original forward"
-        report.patched.append(PatchedModule(name, kind, note))
+    for layer in _layers(model):
+        _route_layer(layer, explicit, resolved, report)
+    _warn_if_nothing_patched(model, report)
     logger.info("%s", report)
     return report
 
 
-def _install(module: nn.Module, settings: Settings, kind: str = "lora") -> None:
+def _install(module: nn.Module, settings: Settings, route: Route) -> None:
     state = module.__dict__.get(_STATE_ATTR)
     if state is not None:  # already patched: only update the settings
         state["settings"] = settings
         return
+    transposed = hasattr(module, "base_layer") and (bool(getattr(module, "fan_in_fan_out", False))
+                                                    or _is_conv1d(_base_of(module)))
     module.__dict__[_STATE_ATTR] = {
         "settings": settings,
-        "kind": kind,
-        "fan_in_fan_out": kind in ("lora", "adalora") and (bool(getattr(module, "fan_in_fan_out", False))
-                                                          or _is_conv1d(_base_of(module))),
+        "route": route,
+        "fan_in_fan_out": transposed,  # the base weight is stored [in, out] (Conv1D)
         "orig_forward": module.__dict__.get("forward"),  # an instance forward set by someone else
     }
     module.forward = _PatchedForward(module)

@@ -53,9 +53,6 @@ class PeftModel(PromptLearningMixin, nn.Module):
             self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
         if _is_checkpointing(model):
             _enable_input_require_grads(model)
-        from fastpeft.integrations import install_trainer_support
-
-        install_trainer_support()
 
     # --- attributes -----------------------------------------------------------------------
     @property

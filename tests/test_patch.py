@@ -391,3 +391,71 @@ def test_cuda_patched_peft_llama_matches_unpatched(ids, settings, impl):
     _assert_same(logits1, logits0, atol=1e-4)
     for n in grads0:
         _assert_same(grads1[n], grads0[n], atol=1e-4)
+
+
+# ---------------------------------------------------------------- honest report, warnings, routes
+class _AttentionThenLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(self.mha(x, x, x)[0])
+
+
+def test_multihead_attention_out_proj_is_skipped_not_counted(op_calls, monkeypatch, settings):
+    """peft's LoRA MultiheadAttention wraps out_proj in a lora.Linear whose forward never runs
+    (nn.MultiheadAttention reads out_proj.weight): the report lists it as skipped with that
+    reason, and every layer it counts as patched really calls the op once per forward."""
+    settings(backend="reference")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_AttentionThenLinear(), peft.LoraConfig(r=2, target_modules=["mha", "lin"],
+                                                                        init_lora_weights=False))
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        want = model(x)
+    report = fastpeft.patch(model)
+    assert [n.rsplit(".", 1)[-1] for n in report.patched_names] == ["lin"], str(report)
+    skipped = {s.name.removeprefix("base_model.model."): s.reason for s in report.skipped}
+    assert "never calls its forward" in skipped["mha.base_layer.out_proj"]
+    assert "MultiheadAttention" in skipped["mha"]
+    with torch.no_grad():
+        got = model(x)
+    assert len(op_calls) == len(report.patched)
+    _assert_same(got, want)
+    assert not patch_mod.is_patched(model.base_model.model.mha.base_layer.out_proj)
+
+
+def test_patch_warns_when_there_is_nothing_to_patch():
+    with pytest.warns(UserWarning, match=r"no LoRA.*after the trainer has wrapped the model.*PatchCallback"):
+        report = fastpeft.patch(tiny_llama())
+    assert not report.patched and not report.native and not report.skipped
+
+
+def test_patch_warns_when_every_layer_is_skipped():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    with pytest.warns(UserWarning, match=r"all 1 adapter layers were skipped .*embed_tokens"):
+        fastpeft.patch(model)
+
+
+def test_route_table_entry_is_all_a_new_layer_type_needs(ids, monkeypatch):
+    """Adding a route is adding one ROUTES entry: a toy route for plain nn.Linear layers outside any
+    tuner patches them, runs its forward, is reported with its note, and unpatches."""
+    seen = []
+
+    def forward(module, state, x, args, kwargs):
+        seen.append(module)
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+
+    toy = patch_mod.Route("toy", lambda l: isinstance(l.module, torch.nn.Linear) and l.library is None and not l.inside_tuner,
+                          lambda l: "lm_head stays" if l.name == "lm_head" else None, forward, "toy route")
+    monkeypatch.setattr(patch_mod, "ROUTES", patch_mod.ROUTES + (toy,))
+    model = tiny_llama(layers=1)
+    want = _logits(model, ids)
+    report = fastpeft.patch(model)
+    assert len(report.patched) == 7 and all(p.note == "toy route" for p in report.patched)
+    assert [s.name for s in report.skipped] == ["lm_head"] and report.skipped[0].reason == "lm_head stays"
+    _assert_same(_logits(model, ids), want)
+    assert len(seen) == 7  # one call per patched layer per forward
+    assert sorted(fastpeft.unpatch(model)) == sorted(report.patched_names)

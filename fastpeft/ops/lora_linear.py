@@ -228,14 +228,21 @@ def lora_linear(
     Compute dtype: the autocast dtype inside ``torch.autocast``, else ``x``'s dtype. Operands
     stored in another dtype (fp32 LoRA factors on a bf16 base, as peft and fastpeft create them)
     are cast to it differentiably, so their gradients arrive in their own dtype; the kernels
-    accumulate in fp32. The Triton backend takes float32, float16 and bfloat16.
+    accumulate in fp32. The Triton backend takes float32, float16 and bfloat16. Under autocast the
+    reference backend is peft's own sequence of autocast ops (:func:`_autocast_reference`: dropout
+    on ``x`` cast to ``lora_A``'s dtype, bias inside the base linear), so a patched peft model
+    computes what the unpatched one does.
     """
     check_lora_shapes(x, weight, lora_A, lora_B)
+    device_type = x.device.type
+    autocast_on = torch.is_autocast_enabled(device_type)
+    s = settings if settings is not None else get_settings()
+    which = choose_backend(x, weight, backend=backend if backend is not None else s.backend)
+    if autocast_on and which == "reference":
+        return _autocast_reference(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
     # One compute dtype for every operand: the autocast dtype inside autocast, else x's dtype.
     # Casts are differentiable, so fp32 adapter weights on a bf16 base still get fp32 grads;
     # the Function then runs with autocast off, so its backward sees the same dtypes.
-    device_type = x.device.type
-    autocast_on = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
     if not autocast_on and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)):
         # Like nn.Linear: a frozen base in another dtype than x is a caller bug, not something to
@@ -250,8 +257,6 @@ def lora_linear(
         bias = bias.to(dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    s = settings if settings is not None else get_settings()
-    which = choose_backend(x, weight, backend=backend if backend is not None else s.backend)
     with torch.autocast(device_type, enabled=False) if autocast_on else _nullcontext():
         if which == "triton":
             y = _triton_lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
@@ -260,6 +265,23 @@ def lora_linear(
             y = LoraLinearReference.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
                                           bool(training))
     return y.reshape(*lead, weight.shape[0])
+
+
+def _autocast_reference(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
+    """The reference path under ``torch.autocast``: Hugging Face peft's LoRA ``Linear.forward``,
+    op for op, in plain autograd, so every product, cast and rounding (forward and backward)
+    happens in the same dtype at the same point as in an unpatched peft model:
+
+    ``base(x)`` (one autocast linear with the bias), ``x`` cast to ``lora_A``'s dtype, dropout
+    there (``F.dropout``: nn.Dropout's mask and RNG draw on every device), two autocast linears,
+    ``* scaling`` and ``+`` in the autocast dtype, then the base output's dtype.
+    """
+    F = torch.nn.functional
+    y = F.linear(x, weight, bias)
+    xa = x.to(lora_A.dtype)
+    if training and dropout_p > 0.0:
+        xa = F.dropout(xa, dropout_p, training=True)
+    return (y + F.linear(F.linear(xa, lora_A), lora_B) * scaling).to(y.dtype)
 
 
 def lora_delta(
