@@ -17,8 +17,9 @@ the best library GEMM. Hence the default plan (``impl="split"``):
 
 forward
     ``y = addmm(b, x, W^T)`` (cuBLAS, bias in its epilogue);
-    ``u = dropout(x) A^T`` by :func:`lora_down` - one Triton pass over x, the mask regenerated
-    from ``(seed, m * K + k)`` with Philox (``tl.rand``), never stored;
+    ``u = dropout(x) A^T`` by :func:`lora_down` - one Triton pass over x, the mask drawn
+    from ``(seed, m, k)`` with Philox (:func:`_keep_tile`: one 7-round Philox call per 8 columns,
+    16-bit draws against ``round(p * 2^16)``; ~11-16 SASS instructions per element), never stored;
     ``y.addmm_(u, B^T, alpha=s)`` - cuBLAS with beta = 1 accumulates the LoRA branch into y in
     the GEMM epilogue: no separate add pass, no M x N temporary.
     Saved for backward: x (an input anyway), u (M r, tiny) and the integer seed. No mask, no
@@ -46,8 +47,14 @@ otherwise (``FASTPEFT_LORA_IMPL`` selects one).
 
 Numerics: all dots accumulate in fp32; fp32 inputs use exact ("ieee") dots unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set, matching cuBLAS' behaviour. The dropout mask
-is a pure function of ``(seed, m * K + k)`` with int64 offsets, identical in every kernel
-(:func:`dropout_mask` materialises it for tests). Under ``TRITON_INTERPRET=1`` tiles are cast
+is a pure function of ``(seed, m, k // 8)`` with int64 offsets, identical in every kernel
+(:func:`dropout_mask` materialises it for tests); it drops with probability
+``round(p * 2^16) / 2^16`` (:func:`dropout_threshold`) and scales by the inverse of what it keeps.
+Backward regenerates the mask (dx_add, grad_a) rather than reading a saved 1-bit mask: at
+~11-16 instructions per element both stay memory-bound on an H100 (benchmarks/roofline.py), and
+regenerating keeps M K / 8 bytes per layer out of the saved activations.
+``impl="fused"`` with dropout would regenerate the mask in every output column block, so the op
+runs ``split`` instead (with a warning). Under ``TRITON_INTERPRET=1`` tiles are cast
 to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong) and a single small config is
 used per kernel (no autotuning on CPU).
 
