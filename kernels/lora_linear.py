@@ -290,7 +290,7 @@ def _lora_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
     offs_r = tl.arange(0, R_PAD)
     offs_k0 = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
@@ -330,7 +330,7 @@ def _lora_dx_add_kernel(
     (benchmarks/aot_lora_linear.py)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     k_ok = offs_k < K
@@ -370,7 +370,7 @@ def _lora_grad_a_kernel(
     pid_s = tl.program_id(2)
     n_split = tl.num_programs(2)
     chunk = tl.cdiv(tl.cdiv(M, n_split), BLOCK_M) * BLOCK_M
-    m_start = pid_s * chunk
+    m_start = pid_s.to(tl.int64) * chunk  # int64 rows: M * K may pass 2^31
     m_end = tl.minimum(m_start + chunk, M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -417,8 +417,8 @@ def _lora_fused_fwd_kernel(
     pid_m = first_m + (pid % group) % gsize
     pid_n = (pid % group) // gsize
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N * K may pass 2^31
     offs_r = tl.arange(0, R_PAD)
     offs_k0 = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
@@ -462,7 +462,7 @@ def _lora_fused_fwd_kernel(
 
 @triton.jit
 def _dropout_mask_kernel(out_ptr, M, K, seed, thresh, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mk = tl.where(_keep_tile(seed, offs_m, tl.program_id(1) * BLOCK_K, K, thresh, BLOCK_K), scale, 0.0)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], mk,

@@ -43,11 +43,30 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+# On a GPU, products that bitsandbytes rounds before an add are issued as PTX ``mul.rn.f32``,
+# which neither LLVM nor ptxas fuses into an FMA (a plain ``a * b + c`` is contracted to one
+# ``fma.rn.f32``, one rounding fewer than bitsandbytes, with the fp-fusion default of triton 3.6
+# and 3.9). The interpreter (numpy) never fuses.
+_EXACT_MUL = tl.constexpr(not _interpreting())
+
+
+@triton.jit
+def _mul_rn(a, b):
+    """``a * b`` in fp32, rounded on its own (never contracted with a following add)."""
+    if _EXACT_MUL:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
 @triton.jit
 def _scale_at(blk, mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED: tl.constexpr, NBS: tl.constexpr):
     if NESTED:
+        # bitsandbytes: absmax = dequantize_blockwise(absmax_q) (a product, stored in fp32), then
+        # absmax += offset: two roundings, so no FMA here (bit-exact scales on a GPU)
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        a = tl.load(ncode_ptr + q, mask=mask, other=0.0) * tl.load(nabs_ptr + blk // NBS, mask=mask, other=0.0)
+        a = _mul_rn(tl.load(ncode_ptr + q, mask=mask, other=0.0), tl.load(nabs_ptr + blk // NBS, mask=mask, other=0.0))
         a = a + tl.load(offset_ptr)
     else:
         a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
@@ -112,7 +131,7 @@ def _matmul_kernel(
     pid_m = first_m + (pid % group) % gsize
     pid_p = (pid % group) // gsize
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_mask = offs_m < M
     p_mask = offs_p < P
