@@ -534,12 +534,12 @@ class QLoraLinearTriton(torch.autograd.Function):
         return dx, None, None, db, dA, dB, None, None, None, None
 
 
-def _use_cuda_gemv(x2: torch.Tensor, state: NF4State, has_lora: bool, training: bool) -> bool:
+def _use_cuda_gemv(x2: torch.Tensor, packed: torch.Tensor, state: NF4State, has_lora: bool, training: bool) -> bool:
     if not x2.is_cuda or x2.shape[0] != 1 or x2.requires_grad or has_lora or torch.is_grad_enabled() and training:
         return False
     from fastpeft.ops import nf4_cuda
 
-    return nf4_cuda.available() and nf4_cuda.supports(x2, state)
+    return nf4_cuda.available() and nf4_cuda.supports(x2, state, packed)
 
 
 def qlora_linear(
@@ -581,7 +581,7 @@ def qlora_linear(
     if state.absmax.device != x.device or packed.device != x.device:
         raise ValueError(f"qlora_linear: the 4-bit weight is on {packed.device}, the input on {x.device}")
     has_lora = lora_A is not None
-    if _use_cuda_gemv(x2, state, has_lora, training):
+    if _use_cuda_gemv(x2, packed, state, has_lora, training):
         from fastpeft.ops import nf4_cuda
 
         y = nf4_cuda.gemv(x2, packed, state)
