@@ -52,7 +52,7 @@ def lora_values(kind: str, dt: str, M: int, Kd: int, N: int, r: int) -> tuple:
     if kind == "dx":
         return (ptr, ptr, ptr, M, Kd, r, mb, Kd, 1, r, 1, Kd, 1) + drop
     if kind == "da":
-        return ("*fp32", ptr, ptr, M, Kd, r, mb, r, 1, Kd, 1, Kd, 1) + drop
+        return ("*fp32", ptr, ptr, M, Kd, r, mb, r, 1, Kd, 1, r * Kd, Kd, 1) + drop
     return (ptr,) * 7 + (M, N, Kd, r, mb, Kd, 1, Kd, 1, Kd, 1, r, 1, N, 1, r, 1) + drop + (2.0,)
 
 
@@ -66,7 +66,7 @@ def lora_constants(kind: str, dt: str, r: int, dropout: bool) -> dict:
     if kind == "dx":
         const["R_CHUNK"] = K._dx_rank_chunk(rp, prec)
     if kind == "da":
-        const["BLOCK_R"] = min(rp, 128)
+        const.update(BLOCK_R=min(rp, 128), DETERMINISTIC=False)
     if kind == "fused":
         const.update(HAS_BIAS=True, WRITE_U=True, GROUP_M=8)
     return const

@@ -30,7 +30,8 @@ backward (``g = s dy B``, ``[M, r]``)
     in place (mask regenerated), without dropout ``dx.addmm_(g, A)`` (cuBLAS, beta = 1);
     ``dA = g^T (x * mask)`` by :func:`lora_grad_a` - reads x once, regenerates the mask, splits
     M across programs (fp32 atomics) so the [r, K] output still fills the GPU; without dropout
-    it is ``g^T x`` in cuBLAS.
+    it is ``g^T x`` in cuBLAS. ``deterministic=True`` (default: torch's deterministic mode)
+    replaces the atomics by one fp32 ``[r, K]`` plane per slice of M, summed in order.
 With dropout 0 every LoRA GEMM is a plain cuBLAS call with beta = 1 where it adds, which is the
 fastest option for the skinny products; ``impl="kernels"`` forces the Triton down/dx/dA kernels
 anyway (tests, benchmarks).
@@ -359,12 +360,14 @@ def _lora_dx_add_kernel(
 def _lora_grad_a_kernel(
     da_ptr, g_ptr, x_ptr,
     M, K, R, M_BUCKET,
-    stride_gm, stride_gr, stride_xm, stride_xk, stride_dar, stride_dak,
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_das, stride_dar, stride_dak,
     seed, thresh, scale,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dA[r, k] += sum_m g[m, r] * (x * mask)[m, k] over this program's slice of M (fp32 atomics)."""
+    """dA[r, k] += sum_m g[m, r] * (x * mask)[m, k] over this program's slice of M: fp32 atomics
+    into ``[r, K]``, or (``DETERMINISTIC``) a plain store into this slice's own ``[r, K]`` plane of
+    ``da_ptr`` (stride ``stride_das``), summed afterwards in a fixed order."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -389,7 +392,10 @@ def _lora_grad_a_kernel(
         acc = _dot(gt, x, acc, UPCAST, PRECISION)
     if HAS_DROPOUT:
         acc = acc * scale
-    if m_start < M:
+    if DETERMINISTIC:
+        tl.store(da_ptr + pid_s * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
+                 mask=r_ok[:, None] & k_ok[None, :])
+    elif m_start < M:
         tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
                       mask=r_ok[:, None] & k_ok[None, :])
 
@@ -548,33 +554,46 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _deterministic(flag: Optional[bool]) -> bool:
+    return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
+
+
 def lora_grad_a(g: torch.Tensor, x: torch.Tensor, seed: int = 0, p: float = 0.0,
-                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``dA = g^T (x * mask)`` (``[r, K]``), reading ``x`` once and regenerating the mask."""
+                out_dtype: Optional[torch.dtype] = None, deterministic: Optional[bool] = None) -> torch.Tensor:
+    """``dA = g^T (x * mask)`` (``[r, K]``), reading ``x`` once and regenerating the mask.
+
+    M is split across programs so the small output still fills the GPU. Their partial sums meet
+    in fp32 atomics (order, so the last bits, vary run to run) unless ``deterministic`` (default:
+    ``torch.are_deterministic_algorithms_enabled()``): then each slice stores its own ``[r, K]``
+    plane and the planes are summed in order (``splits * r * K * 4`` bytes more, a few MiB at
+    most; same kernel otherwise)."""
     M, K = x.shape
     R = g.shape[1]
     _check_rank(R)
     has, thresh, scale = _dropout_args(p)
     g = g.to(x.dtype)
-    da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
-    if M > 0:
-        sms = _num_sms(x.device)
+    det = _deterministic(deterministic)
+    if M == 0:
+        return torch.zeros((R, K), device=x.device, dtype=out_dtype or x.dtype)
+    sms = _num_sms(x.device)
+    block_r = min(_pad_rank(R), 128)  # r = 256: two row blocks (x read twice) to bound registers
+    max_split = max(1, min(2 * sms, triton.cdiv(M, 4 * 16)))  # the grid's split is never above this
 
-        block_r = min(_pad_rank(R), 128)  # r = 256: two row blocks (x read twice) to bound registers
+    def grid(meta):
+        tiles = triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(R, block_r)
+        split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 4 * meta["BLOCK_M"]), max_split))
+        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split)
 
-        def grid(meta):
-            tiles = triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(R, block_r)
-            split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 4 * meta["BLOCK_M"])))
-            return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split)
-
-        _lora_grad_a_kernel[grid](
-            da, g, x, M, K, R, _m_bucket(M),
-            g.stride(0), g.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-            seed, thresh, scale,
-            HAS_DROPOUT=has, R_PAD=_pad_rank(R), BLOCK_R=block_r, UPCAST=_INTERPRET,
-            PRECISION=_precision(x.dtype),
-        )
-    return da.to(out_dtype or x.dtype)
+    # deterministic: one zeroed [r, K] plane per possible slice (unused planes stay zero)
+    da = torch.zeros((max_split if det else 1, R, K), device=x.device, dtype=torch.float32)
+    _lora_grad_a_kernel[grid](
+        da, g, x, M, K, R, _m_bucket(M),
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1), da.stride(2),
+        seed, thresh, scale,
+        HAS_DROPOUT=has, R_PAD=_pad_rank(R), BLOCK_R=block_r, UPCAST=_INTERPRET,
+        PRECISION=_precision(x.dtype), DETERMINISTIC=det,
+    )
+    return (da.sum(0) if det else da[0]).to(out_dtype or x.dtype)
 
 
 def lora_fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

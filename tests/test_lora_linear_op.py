@@ -445,3 +445,22 @@ def test_fallback_reason_agrees_with_automatic_choice():
     x = torch.randn(2, 3)
     assert choose_backend(x) == "reference"
     assert fallback_reason(x) is not None and "CPU" in fallback_reason(x)
+
+
+@interp
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_deterministic_grad_a_matches_reference(p, monkeypatch):
+    """dA with per-slice planes summed in order (``deterministic=True``, or torch's
+    deterministic mode) equals the oracle; M spans several slices (split > 1 on the CPU's
+    4 nominal SMs)."""
+    M, K, r = 300, 40, 3
+    g_ = torch.Generator().manual_seed(5)
+    x = torch.randn(M, K, generator=g_)
+    g = torch.randn(M, r, generator=g_)
+    mask = K_.dropout_mask(SEED, p, M, K) if p > 0 else torch.ones(M, K)
+    want = g.t() @ (x * mask)
+    got = K_.lora_grad_a(g, x, SEED, p, deterministic=True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(K_.lora_grad_a(g, x, SEED, p, deterministic=False), want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert torch.equal(K_.lora_grad_a(g, x, SEED, p), got)
