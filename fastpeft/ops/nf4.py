@@ -444,15 +444,28 @@ NF4_IMPLS = ("fused", "dequant")
 
 
 def nf4_impl(impl: Optional[str] = None) -> str:
-    """The Triton plan for training-size QLoRA matmuls: ``"fused"`` (default; dequantisation
-    inside the GEMM's weight loads, no dequantised weight in memory) or ``"dequant"`` (the
-    Triton dequantisation kernel writes the weight in the compute dtype, then a cuBLAS matmul,
-    the weight freed at once: bitsandbytes' plan, kept to compare and to fall back on where it
-    is faster). Argument, else ``FASTPEFT_NF4_IMPL``."""
-    value = (impl if impl is not None else os.environ.get("FASTPEFT_NF4_IMPL", "fused")).strip().lower() or "fused"
+    """The Triton plan for training-size QLoRA matmuls: argument, else ``FASTPEFT_NF4_IMPL``, else
+    automatic.
+
+    * ``"dequant"`` - the Triton dequantisation kernel writes the weight in the compute dtype,
+      then a cuBLAS matmul, the weight freed at once (bitsandbytes' plan). The automatic choice
+      on a GPU: the static model (``benchmarks/roofline.py``, from the sm_90 code) predicts
+      forward+backward at 1.2-1.3x bf16 dense on an H100, where ``fused`` is ~2.7x (it
+      re-dequantises every weight tile once per 128-row tile of x, ~15 / ~40 SASS instructions per
+      weight in its forward / input-gradient loops). Until a GPU timing says otherwise.
+    * ``"fused"`` - dequantisation inside the GEMM's weight loads, no dequantised weight in
+      memory. The automatic choice under ``TRITON_INTERPRET=1`` (CPU tests), where speed does
+      not matter and it exercises the fused kernel.
+    """
+    default = "fused" if _interpreting_triton() else "dequant"
+    value = (impl if impl is not None else os.environ.get("FASTPEFT_NF4_IMPL", default)).strip().lower() or default
     if value not in NF4_IMPLS:
         raise ValueError(f"FASTPEFT_NF4_IMPL={value!r} is not one of {NF4_IMPLS}")
     return value
+
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 class QLoraLinearTriton(torch.autograd.Function):
