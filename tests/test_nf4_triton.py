@@ -6,6 +6,9 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before fastpeft.kernels.nf4 is imported (kernels are built at import)
 
+import contextlib  # noqa: E402
+from unittest import mock  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -39,13 +42,36 @@ def test_dequant_kernel_bit_exact(N, K, blocksize, nested, dtype):
     assert torch.equal(nf4.dequantize_nf4(packed, st, dtype, backend="triton"), got)
 
 
+@contextlib.contextmanager
+def _kernel_dropout(p, x0, A0, seed):
+    """With dropout and an adapter in x's dtype, the Triton path draws its mask in the LoRA
+    kernels from ``seed``; the reference then uses that same mask (``dropout_mask``), so the two
+    compute the same function. Otherwise (no dropout, or an adapter in another dtype: the eager
+    branch, torch's bernoulli draw on both sides) nothing changes."""
+    if not _kernel_mask_case(p, x0, A0):
+        yield
+        return
+    from fastpeft.kernels import lora_linear as LK
+
+    def kernel_mask(xl, p_):
+        return LK.dropout_mask(seed, p_, xl.shape[0], xl.shape[1], dtype=xl.dtype)
+
+    with mock.patch.object(nf4, "_dropout_mask", kernel_mask):
+        yield
+
+
+def _kernel_mask_case(p, x0, A0) -> bool:
+    return p > 0 and A0 is not None and A0.dtype == x0.dtype
+
+
 def _run(backend, x0, packed, st, bias0, A0, B0, s, p, dy, seed=11):
     x = x0.clone().requires_grad_(True)
     bias = None if bias0 is None else bias0.clone().requires_grad_(True)
     A = None if A0 is None else A0.clone().requires_grad_(True)
     B = None if B0 is None else B0.clone().requires_grad_(True)
     torch.manual_seed(seed)
-    y = nf4.qlora_linear(x, packed, st, bias, A, B, s, p, training=p > 0, backend=backend)
+    with _kernel_dropout(p, x0, A0, seed):
+        y = nf4.qlora_linear(x, packed, st, bias, A, B, s, p, training=p > 0, backend=backend, seed=seed)
     y.backward(dy)
     grads = [x.grad] + [t.grad for t in (bias, A, B) if t is not None]
     return y, grads
@@ -58,8 +84,12 @@ def _run(backend, x0, packed, st, bias0, A0, B0, s, p, dy, seed=11):
     (21, 40, 128, 64, True, "nf4"),   # K a multiple of the blocksize: one scale per row and K tile
     (9, 70, 96, 32, False, "nf4"),    # the same with blocksize 32, plain absmax
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+# fp16 with dropout at p = 0.5: the LoRA kernels scale fp32 sums of x * keep by 1 / (1 - p), the
+# 16-bit reference rounds x * mask first; with a power-of-two scale both are exact, so the 16-bit
+# comparison checks the masks and the plumbing, not that rounding order (the LoRA-linear op tests
+# compare 16-bit kernels with any p to an fp32 oracle).
+@pytest.mark.parametrize("dtype,dropout_p", [(torch.float32, 0.0), (torch.float32, 0.3),
+                                             (torch.float16, 0.0), (torch.float16, 0.5)])
 def test_fused_matmul_forward_backward(M, N, K, blocksize, nested, quant_type, dtype, dropout_p):
     packed, st = _quantized(N, K, blocksize, nested, quant_type)
     g = torch.Generator().manual_seed(1)
@@ -171,3 +201,34 @@ def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
     monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
     y = nf4.qlora_linear(torch.randn(2, 64), packed, st)
     assert y.shape == (2, 16)
+
+
+@pytest.mark.parametrize("impl", ["fused", "dequant"])
+def test_lora_branch_saves_no_mask_and_no_dropped_copy(monkeypatch, impl):
+    """With dropout and an adapter in x's dtype the 4-bit layer's LoRA branch runs the 16-bit
+    layer's kernels: forward saves x (the input itself), u and the packed weight, nothing of
+    x's size besides x; backward regenerates the mask in lora_dx_add and lora_grad_a."""
+    from fastpeft.kernels import lora_linear as LK
+
+    monkeypatch.setenv("FASTPEFT_NF4_IMPL", impl)
+    calls = []
+    for name in ("lora_down", "lora_dx_add", "lora_grad_a"):
+        real = getattr(LK, name)
+        monkeypatch.setattr(LK, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    packed, st = _quantized(24, 64, 64, True)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(19, 64, generator=g).requires_grad_(True)
+    A = (torch.randn(3, 64, generator=g) * 0.1).requires_grad_(True)
+    B = (torch.randn(24, 3, generator=g) * 0.1).requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = nf4.qlora_linear(x, packed, st, None, A, B, 2.0, 0.25, training=True, backend="triton", seed=5)
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() != x.data_ptr()]
+    assert not big, [tuple(t.shape) for t in big]
+    y.sum().backward()
+    assert calls == ["lora_down", "lora_grad_a", "lora_dx_add"]
