@@ -160,8 +160,15 @@ def _nf4_options(K, kind):
 
 def _gemv_specs(K, dt, m, Kd, N, quant, qc, shape):
     """The GEMV the launcher picks for ``m`` rows (its ``gemv_config`` when it has one)."""
-    cfg = K.gemv_config(m, Kd, N, 64) if hasattr(K, "gemv_config") else None
-    if cfg is None:  # older launcher: the config it hard-codes
+    if m == 1 and K.gemv1_config(Kd, N, 64) is not None:  # the one-row GEMV
+        bn, bh, warps, split = K.gemv1_config(Kd, N, 64)
+        kps = -(-(-(-Kd // split)) // (2 * bh)) * (2 * bh)
+        const = dict(qc, BLOCK_N=bn, BLOCK_H=bh)
+        vals = (f"*{dt}", "*fp32", "*u8", "*i64") + quant[2:] + (N, Kd, Kd // 64, kps, 1)
+        return [_spec("nf4.gemv(M=1)", dt, shape, f"BN={bn} BK={2 * bh}", K._gemv1_kernel, const, vals,
+                      warps, 3, bn * 2 * bh, unit="weight")]
+    cfg = None
+    if cfg is None:  # the M <= 16 launcher's hard-coded config
         bm, bn, bk = (1, 64, 64) if m == 1 else (16, 64, 64)
         const = dict(qc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=m > 1, ROW_SCALE=True)
         split = max(1, min(-(-Kd // (bk * 4)), -(-528 // -(-N // bn))))

@@ -232,3 +232,33 @@ def test_lora_branch_saves_no_mask_and_no_dropped_copy(monkeypatch, impl):
     assert not big, [tuple(t.shape) for t in big]
     y.sum().backward()
     assert calls == ["lora_down", "lora_grad_a", "lora_dx_add"]
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_row_gemv_matches_reference(quant_type, nested, dtype):
+    """M = 1 with K a multiple of the blocksize takes the one-row GEMV (byte-pair code table,
+    split-K); odd N, through the op against the reference."""
+    from fastpeft.kernels import nf4 as K_
+
+    packed, st = _quantized(37, 256, 64, nested, quant_type)
+    assert K_.gemv1_config(256, 37, 64) is not None
+    x = torch.randn(1, 256).to(dtype)
+    with torch.no_grad():
+        ref = nf4.qlora_linear(x, packed, st, backend="reference")
+        got = nf4.qlora_linear(x, packed, st, backend="triton")
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+def test_code_pairs_table():
+    from fastpeft.kernels import nf4 as K_
+
+    code = torch.linspace(-1, 1, 16)
+    t = K_.code_pairs(code)
+    assert t is K_.code_pairs(code)  # cached
+    hi = (t >> 32).to(torch.int32).view(torch.float32)
+    lo = (t & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    b = torch.arange(256)
+    assert torch.equal(hi, code[b >> 4]) and torch.equal(lo, code[b & 15])
+    code.mul_(2)  # an in-place edit rebuilds the table
+    assert torch.equal((K_.code_pairs(code) & 0xFFFFFFFF).to(torch.int32).view(torch.float32), code[b & 15])
