@@ -150,6 +150,25 @@ def atomic_write(path: str, text: str) -> None:
         raise
 
 
+def session() -> bool:
+    """True under ``FASTPEFT_BENCH_GRID=session`` (``benchmarks/gpu_run.sh``): benchmarks run a
+    thinned GPU grid so that every table fits one short GPU lease."""
+    return os.environ.get("FASTPEFT_BENCH_GRID", "").strip().lower() == "session"
+
+
+def session_grid(full_cfg: Dict[str, object]) -> Dict[str, object]:
+    """The GPU grid, thinned when ``FASTPEFT_BENCH_GRID=session`` (``benchmarks/gpu_run.sh``: every
+    table inside one short GPU lease): the first two (K, N) shapes, M in {1, 4096} where the grid
+    has them (else its first and last M), r = 16 where it has it (else its first r)."""
+    if not session():
+        return full_cfg
+    ms = [m for m in full_cfg["ms"] if m in (1, 4096)] or [full_cfg["ms"][0], full_cfg["ms"][-1]]
+    cfg = dict(full_cfg, kn=list(full_cfg["kn"])[:2], ms=ms)
+    if "rs" in full_cfg:
+        cfg["rs"] = [16] if 16 in full_cfg["rs"] else list(full_cfg["rs"])[:1]
+    return cfg
+
+
 def sweep(quick_cfg: Dict[str, object], full_cfg: Dict[str, object], case: Callable[..., List[Dict[str, object]]],
           quick: bool, ranks: bool = True) -> List[Dict[str, object]]:
     """Rows of a ``(K, N) x M [x r]`` grid: ``case(K, N, M, [r,] dtype, device, small)`` per point.
@@ -159,7 +178,7 @@ def sweep(quick_cfg: Dict[str, object], full_cfg: Dict[str, object], case: Calla
     """
     dev = device()
     small = quick or dev.type != "cuda"
-    cfg = quick_cfg if small else full_cfg
+    cfg = quick_cfg if small else session_grid(full_cfg)
     rows: List[Dict[str, object]] = []
     for K, N in cfg["kn"]:
         for M in cfg["ms"]:

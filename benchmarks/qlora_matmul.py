@@ -11,7 +11,7 @@ with double quantisation (QLoRA's default). Forward of the frozen 4-bit linear:
 * ``dense_bf16`` - ``F.linear`` on the unquantised bf16 weight (the speed of light for M=4096).
 
 and, at M = 4096, forward+backward of a LoRA r=16 layer (``*_train`` columns): fastpeft's
-``qlora_linear`` (default fused plan; ``fastpeft_dequant_train``: its ``impl="dequant"`` plan,
+``qlora_linear`` (fused plan; ``fastpeft_dequant_train``: its ``impl="dequant"`` plan, the GPU default,
 Triton dequantisation then a torch matmul, see ``Settings.nf4_impl``) vs bitsandbytes'
 ``matmul_4bit`` + eager peft-style LoRA. Ratios: ``bnb/fastpeft``
 > 1 means fastpeft is faster; ``fastpeft/dense`` is the cost of 4-bit weights over bf16.

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, device, markdown_table  # noqa: E402
+from common import bench, device, markdown_table, session  # noqa: E402
 
 TITLE = "QLoRA training step (Llama, NF4 + LoRA r=16 all-linear): fastpeft vs peft + bitsandbytes"
 
@@ -217,7 +217,7 @@ def run(quick: bool = False, configs: Optional[List[str]] = None, seq: Optional[
         configs, seq, warmup, rep = configs or ["tiny"], seq or 32, 0, 2
         arms = arms or QUICK_ARMS
     else:
-        configs, seq, warmup, rep = configs or ["1b", "8b"], seq or 2048, 2, 5
+        configs, seq, warmup, rep = configs or (["1b"] if session() else ["1b", "8b"]), seq or 2048, 2, 5
         arms = arms or ARMS
     rows = []
     for config in configs:

@@ -22,6 +22,9 @@ at::Tensor nf4_gemv(at::Tensor x, at::Tensor packed, at::Tensor code, at::Tensor
     TORCH_CHECK(x.is_contiguous() && x.numel() == K, "nf4_gemv: x must be a contiguous vector of ", K, " values");
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "nf4_gemv: packed weight must be contiguous uint8");
     TORCH_CHECK(K % 32 == 0 && blocksize % 32 == 0, "nf4_gemv: needs K and blocksize multiples of 32");
+    // the kernel reads each weight row with 16-byte uint4 loads: the buffer start must be aligned
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+                "nf4_gemv: packed weight must be 16-byte aligned (clone it, or use the Triton GEMV)");
     auto out = at::empty({N}, x.options());
     Nf4GemvArgs a{};
     a.x = x.data_ptr();

@@ -17,8 +17,9 @@ the best library GEMM. Hence the default plan (``impl="split"``):
 
 forward
     ``y = addmm(b, x, W^T)`` (cuBLAS, bias in its epilogue);
-    ``u = dropout(x) A^T`` by :func:`lora_down` - one Triton pass over x, the mask regenerated
-    from ``(seed, m * K + k)`` with Philox (``tl.rand``), never stored;
+    ``u = dropout(x) A^T`` by :func:`lora_down` - one Triton pass over x, the mask drawn
+    from ``(seed, m, k)`` with Philox (:func:`_keep_tile`: one 7-round Philox call per 8 columns,
+    16-bit draws against ``round(p * 2^16)``; ~11-16 SASS instructions per element), never stored;
     ``y.addmm_(u, B^T, alpha=s)`` - cuBLAS with beta = 1 accumulates the LoRA branch into y in
     the GEMM epilogue: no separate add pass, no M x N temporary.
     Saved for backward: x (an input anyway), u (M r, tiny) and the integer seed. No mask, no
@@ -29,7 +30,8 @@ backward (``g = s dy B``, ``[M, r]``)
     in place (mask regenerated), without dropout ``dx.addmm_(g, A)`` (cuBLAS, beta = 1);
     ``dA = g^T (x * mask)`` by :func:`lora_grad_a` - reads x once, regenerates the mask, splits
     M across programs (fp32 atomics) so the [r, K] output still fills the GPU; without dropout
-    it is ``g^T x`` in cuBLAS.
+    it is ``g^T x`` in cuBLAS. ``deterministic=True`` (default: torch's deterministic mode)
+    replaces the atomics by one fp32 ``[r, K]`` plane per slice of M, summed in order.
 With dropout 0 every LoRA GEMM is a plain cuBLAS call with beta = 1 where it adds, which is the
 fastest option for the skinny products; ``impl="kernels"`` forces the Triton down/dx/dA kernels
 anyway (tests, benchmarks).
@@ -46,8 +48,14 @@ otherwise (``FASTPEFT_LORA_IMPL`` selects one).
 
 Numerics: all dots accumulate in fp32; fp32 inputs use exact ("ieee") dots unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set, matching cuBLAS' behaviour. The dropout mask
-is a pure function of ``(seed, m * K + k)`` with int64 offsets, identical in every kernel
-(:func:`dropout_mask` materialises it for tests). Under ``TRITON_INTERPRET=1`` tiles are cast
+is a pure function of ``(seed, m, k // 8)`` with int64 offsets, identical in every kernel
+(:func:`dropout_mask` materialises it for tests); it drops with probability
+``round(p * 2^16) / 2^16`` (:func:`dropout_threshold`) and scales by the inverse of what it keeps.
+Backward regenerates the mask (dx_add, grad_a) rather than reading a saved 1-bit mask: at
+~11-16 instructions per element both stay memory-bound on an H100 (benchmarks/roofline.py), and
+regenerating keeps M K / 8 bytes per layer out of the saved activations.
+``impl="fused"`` with dropout would regenerate the mask in every output column block, so the op
+runs ``split`` instead (with a warning). Under ``TRITON_INTERPRET=1`` tiles are cast
 to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong) and a single small config is
 used per kernel (no autotuning on CPU).
 
@@ -169,8 +177,11 @@ def _prune(kind):
             elif kind == "da":
                 br = args["BLOCK_R"]  # + the g^T [BR, BM] and x [BM, BK] operand tiles
                 ok = _regs_ok(c, args, br * bk, bm * bk, total_limit=72, operand_elems=br * bm + bm * bk)
-            else:  # fused: [BM, BN] and [BM, R_PAD] accumulators
-                ok = _regs_ok(c, args, bm * c.kwargs["BLOCK_N"] + bm * rp, bm * bk, acc_limit=80, total_limit=104)
+            else:  # fused: [BM, BN] and [BM, R_PAD] accumulators (+ the x and W^T operand tiles: fp32
+                # 128x128x64 kept 1.9 KB of local memory per thread on sm_90 without them)
+                bn = c.kwargs["BLOCK_N"]
+                ok = _regs_ok(c, args, bm * bn + bm * rp, bm * bk, acc_limit=80,
+                              total_limit=104 if _elem_bytes(args) == 4 else 136, operand_elems=bm * bk + bk * bn)
             if ok:
                 keep.append(c)
         return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_K", 64) / c.num_warps)]
@@ -233,12 +244,36 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+# Philox-4x32 with 7 rounds: the smallest round count its authors found to pass TestU01's
+# BigCrush (Salmon et al., SC'11; 10 is triton's and cuRAND's default, kept as a safety margin).
+# Seven save ~2 SASS instructions per masked element on sm_90 (benchmarks/aot.py).
+PHILOX_ROUNDS = tl.constexpr(7)
+
+
 @triton.jit
-def _dropout_tile(x, seed, offs_m, offs_k, K, p, scale):
-    """x * mask for one tile; mask = scale where Philox(seed, m*K+k) >= p, else 0 (fp32)."""
-    rng_off = offs_m[:, None].to(tl.int64) * K + offs_k[None, :].to(tl.int64)
-    keep = tl.rand(seed, rng_off) >= p
-    return tl.where(keep, x.to(tl.float32) * scale, 0.0)
+def _keep_tile(seed, offs_m, k_start, K, thresh, BLOCK_K: tl.constexpr):
+    """Boolean keep-mask of the tile ``[offs_m, k_start : k_start + BLOCK_K]`` (``k_start`` a
+    multiple of 8).
+
+    One Philox call (``tl.randint4x``: four 32-bit words) per group of 8 consecutive columns,
+    numbered ``m * cdiv(K, 8) + k // 8`` (int64): each word gives two 16-bit draws, and a column
+    is kept when its draw is ``>= thresh`` (``round(p * 2^16)``). ``tl.rand`` ran one Philox call
+    per element and kept one of its four words: ~70 SASS instructions per element on sm_90
+    against ~10 here (benchmarks/aot.py)."""
+    groups = (K + 7) // 8
+    kg = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+    off = offs_m[:, None].to(tl.int64) * groups + kg[None, :].to(tl.int64)
+    w0, w1, w2, w3 = tl.randint4x(seed, off, PHILOX_ROUNDS)
+    # the 16-bit draws as int32 (bit casts are free), joined and reshaped to the tile, then one
+    # integer compare per column (joining booleans instead cost an int->float convert and a
+    # float compare per column on sm_90)
+    w0, w1, w2, w3 = w0.to(tl.int32, bitcast=True), w1.to(tl.int32, bitcast=True), \
+        w2.to(tl.int32, bitcast=True), w3.to(tl.int32, bitcast=True)
+    lo = tl.join(tl.join(w0 & 0xFFFF, (w0 >> 16) & 0xFFFF), tl.join(w1 & 0xFFFF, (w1 >> 16) & 0xFFFF))
+    hi = tl.join(tl.join(w2 & 0xFFFF, (w2 >> 16) & 0xFFFF), tl.join(w3 & 0xFFFF, (w3 >> 16) & 0xFFFF))
+    # [BM, BK/8, 2, 2, 2] -> [BM, BK]: column k_start + 8 j + 4 a + 2 b + c is word (2 c + a), half b
+    draws = tl.reshape(tl.join(lo, hi), (offs_m.shape[0], BLOCK_K))
+    return draws >= thresh
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -248,12 +283,12 @@ def _lora_down_kernel(
     x_ptr, a_ptr, u_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
-    seed, p, scale,
+    seed, thresh, scale,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
     offs_r = tl.arange(0, R_PAD)
     offs_k0 = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
@@ -266,11 +301,11 @@ def _lora_down_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # A^T tile [BK, R_PAD]
-        if HAS_DROPOUT:
-            x = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
-            if not UPCAST:
-                x = x.to(a.dtype)
+        if HAS_DROPOUT:  # the 1 / (1 - p) scale is applied to the fp32 sum once, after the loop
+            x = tl.where(_keep_tile(seed, offs_m, k0, K, thresh, BLOCK_K), x, 0.0).to(x.dtype)
         acc = _dot(x, a, acc, UPCAST, PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * scale
     tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
              acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
@@ -282,7 +317,7 @@ def _lora_dx_add_kernel(
     dx_ptr, g_ptr, a_ptr,
     M, K, R, M_BUCKET,
     stride_dxm, stride_dxk, stride_gm, stride_gr, stride_ar, stride_ak,
-    seed, p, scale,
+    seed, thresh, scale,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -293,7 +328,7 @@ def _lora_dx_add_kernel(
     (benchmarks/aot_lora_linear.py)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     k_ok = offs_k < K
@@ -306,12 +341,14 @@ def _lora_dx_add_kernel(
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         d = _dot(g, a, d, UPCAST, PRECISION)
-    if HAS_DROPOUT:
-        d = _dropout_tile(d, seed, offs_m, offs_k, K, p, scale)
     ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     io_mask = m_ok[:, None] & k_ok[None, :]
     dx = tl.load(ptrs, mask=io_mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, (dx + d).to(dx_ptr.dtype.element_ty), mask=io_mask)
+    if HAS_DROPOUT:  # masked in dx's (load) layout, where d is converted to anyway for the add
+        out = tl.where(_keep_tile(seed, offs_m, pid_k * BLOCK_K, K, thresh, BLOCK_K), dx + d * scale, dx)
+    else:
+        out = dx + d
+    tl.store(ptrs, out.to(dx_ptr.dtype.element_ty), mask=io_mask)
 
 
 @_autotune(_da_configs(), key=["K", "R_PAD", "M_BUCKET"], reset_to_zero=["da_ptr"],
@@ -320,18 +357,20 @@ def _lora_dx_add_kernel(
 def _lora_grad_a_kernel(
     da_ptr, g_ptr, x_ptr,
     M, K, R, M_BUCKET,
-    stride_gm, stride_gr, stride_xm, stride_xk, stride_dar, stride_dak,
-    seed, p, scale,
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_das, stride_dar, stride_dak,
+    seed, thresh, scale,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dA[r, k] += sum_m g[m, r] * (x * mask)[m, k] over this program's slice of M (fp32 atomics)."""
+    """dA[r, k] += sum_m g[m, r] * (x * mask)[m, k] over this program's slice of M: fp32 atomics
+    into ``[r, K]``, or (``DETERMINISTIC``) a plain store into this slice's own ``[r, K]`` plane of
+    ``da_ptr`` (stride ``stride_das``), summed afterwards in a fixed order."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
     n_split = tl.num_programs(2)
     chunk = tl.cdiv(tl.cdiv(M, n_split), BLOCK_M) * BLOCK_M
-    m_start = pid_s * chunk
+    m_start = pid_s.to(tl.int64) * chunk  # int64 rows: M * K may pass 2^31
     m_end = tl.minimum(m_start + chunk, M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -345,12 +384,15 @@ def _lora_grad_a_kernel(
                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)  # g^T tile [BR, BM]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
-            if not UPCAST:
-                x = x.to(gt.dtype)
+        if HAS_DROPOUT:  # scale applied once to the fp32 sum
+            x = tl.where(_keep_tile(seed, offs_m, pid_k * BLOCK_K, K, thresh, BLOCK_K), x, 0.0).to(x.dtype)
         acc = _dot(gt, x, acc, UPCAST, PRECISION)
-    if m_start < M:
+    if HAS_DROPOUT:
+        acc = acc * scale
+    if DETERMINISTIC:
+        tl.store(da_ptr + pid_s * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
+                 mask=r_ok[:, None] & k_ok[None, :])
+    elif m_start < M:
         tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
                       mask=r_ok[:, None] & k_ok[None, :])
 
@@ -363,7 +405,7 @@ def _lora_fused_fwd_kernel(
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_yn, stride_um, stride_ur,
-    seed, p, scale, s,
+    seed, thresh, scale, s,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_U: tl.constexpr,
     R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
@@ -378,8 +420,8 @@ def _lora_fused_fwd_kernel(
     pid_m = first_m + (pid % group) % gsize
     pid_n = (pid % group) // gsize
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N * K may pass 2^31
     offs_r = tl.arange(0, R_PAD)
     offs_k0 = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
@@ -398,11 +440,11 @@ def _lora_fused_fwd_kernel(
                      mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # A^T tile [BK, R_PAD]
         acc = _dot(x, wt, acc, UPCAST, PRECISION)
         xd = x
-        if HAS_DROPOUT:
-            xd = _dropout_tile(x, seed, offs_m, offs_k, K, p, scale)
-            if not UPCAST:
-                xd = xd.to(x.dtype)
+        if HAS_DROPOUT:  # scale applied once to the fp32 sum
+            xd = tl.where(_keep_tile(seed, offs_m, k0, K, thresh, BLOCK_K), x, 0.0).to(x.dtype)
         uacc = _dot(xd, at, uacc, UPCAST, PRECISION)
+    if HAS_DROPOUT:
+        uacc = uacc * scale
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -422,22 +464,34 @@ def _lora_fused_fwd_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, M, K, seed, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _dropout_mask_kernel(out_ptr, M, K, seed, thresh, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
-    mk = _dropout_tile(ones, seed, offs_m, offs_k, K, p, scale)
+    mk = tl.where(_keep_tile(seed, offs_m, tl.program_id(1) * BLOCK_K, K, thresh, BLOCK_K), scale, 0.0)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], mk,
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 # ----------------------------------------------------------------------------- launchers
-def _dropout_args(p: float) -> Tuple[bool, float, float]:
+THRESH_BITS = 16
+
+
+def dropout_threshold(p: float) -> Tuple[int, float]:
+    """``(thresh, p_eff)``: a column is dropped when its 16-bit draw is ``< thresh =
+    round(p * 2^16)``, so the kernels drop with probability ``p_eff = thresh / 2^16`` (within
+    2^-17 of ``p``; a ``p > 0`` too small to round to 1/65536 still drops with that probability) and
+    scale kept values by ``1 / (1 - p_eff)``, which keeps the expectation exact."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    has = p > 0.0
-    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-    return has, float(p), float(scale)
+    full = 1 << THRESH_BITS
+    thresh = 0 if p == 0.0 else min(full, max(1, round(p * full)))
+    return thresh, thresh / full
+
+
+def _dropout_args(p: float) -> Tuple[bool, int, float]:
+    thresh, p_eff = dropout_threshold(p)
+    scale = 0.0 if p_eff >= 1.0 else 1.0 / (1.0 - p_eff)
+    return thresh > 0, thresh, float(scale)
 
 
 def _check_rank(r: int) -> None:
@@ -452,7 +506,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int = 0, p: float = 0
     M, K = x.shape
     R = lora_A.shape[0]
     _check_rank(R)
-    has, p, scale = _dropout_args(p)
+    has, thresh, scale = _dropout_args(p)
     u = torch.empty((M, R), device=x.device, dtype=out_dtype or x.dtype)
     if M == 0:
         return u
@@ -460,7 +514,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int = 0, p: float = 0
     _lora_down_kernel[grid](
         x, lora_A, u, M, K, R, _m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        seed, p, scale,
+        seed, thresh, scale,
         HAS_DROPOUT=has, R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(x.dtype),
     )
     return u
@@ -476,7 +530,7 @@ def lora_dx_add(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, seed: i
     M, K = dx.shape
     R = lora_A.shape[0]
     _check_rank(R)
-    has, p, scale = _dropout_args(p)
+    has, thresh, scale = _dropout_args(p)
     g = g.to(lora_A.dtype)
     if M == 0:
         return dx
@@ -484,7 +538,7 @@ def lora_dx_add(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, seed: i
     _lora_dx_add_kernel[grid](
         dx, g, lora_A, M, K, R, _m_bucket(M),
         dx.stride(0), dx.stride(1), g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1),
-        seed, p, scale,
+        seed, thresh, scale,
         HAS_DROPOUT=has, R_PAD=_pad_rank(R), R_CHUNK=_dx_rank_chunk(_pad_rank(R), _precision(dx.dtype)),
         UPCAST=_INTERPRET, PRECISION=_precision(dx.dtype),
     )
@@ -497,33 +551,46 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _deterministic(flag: Optional[bool]) -> bool:
+    return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
+
+
 def lora_grad_a(g: torch.Tensor, x: torch.Tensor, seed: int = 0, p: float = 0.0,
-                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``dA = g^T (x * mask)`` (``[r, K]``), reading ``x`` once and regenerating the mask."""
+                out_dtype: Optional[torch.dtype] = None, deterministic: Optional[bool] = None) -> torch.Tensor:
+    """``dA = g^T (x * mask)`` (``[r, K]``), reading ``x`` once and regenerating the mask.
+
+    M is split across programs so the small output still fills the GPU. Their partial sums meet
+    in fp32 atomics (order, so the last bits, vary run to run) unless ``deterministic`` (default:
+    ``torch.are_deterministic_algorithms_enabled()``): then each slice stores its own ``[r, K]``
+    plane and the planes are summed in order (``splits * r * K * 4`` bytes more, a few MiB at
+    most; same kernel otherwise)."""
     M, K = x.shape
     R = g.shape[1]
     _check_rank(R)
-    has, p, scale = _dropout_args(p)
+    has, thresh, scale = _dropout_args(p)
     g = g.to(x.dtype)
-    da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
-    if M > 0:
-        sms = _num_sms(x.device)
+    det = _deterministic(deterministic)
+    if M == 0:
+        return torch.zeros((R, K), device=x.device, dtype=out_dtype or x.dtype)
+    sms = _num_sms(x.device)
+    block_r = min(_pad_rank(R), 128)  # r = 256: two row blocks (x read twice) to bound registers
+    max_split = max(1, min(2 * sms, triton.cdiv(M, 4 * 16)))  # the grid's split is never above this
 
-        block_r = min(_pad_rank(R), 128)  # r = 256: two row blocks (x read twice) to bound registers
+    def grid(meta):
+        tiles = triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(R, block_r)
+        split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 4 * meta["BLOCK_M"]), max_split))
+        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split)
 
-        def grid(meta):
-            tiles = triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(R, block_r)
-            split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 4 * meta["BLOCK_M"])))
-            return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split)
-
-        _lora_grad_a_kernel[grid](
-            da, g, x, M, K, R, _m_bucket(M),
-            g.stride(0), g.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-            seed, p, scale,
-            HAS_DROPOUT=has, R_PAD=_pad_rank(R), BLOCK_R=block_r, UPCAST=_INTERPRET,
-            PRECISION=_precision(x.dtype),
-        )
-    return da.to(out_dtype or x.dtype)
+    # deterministic: one zeroed [r, K] plane per possible slice (unused planes stay zero)
+    da = torch.zeros((max_split if det else 1, R, K), device=x.device, dtype=torch.float32)
+    _lora_grad_a_kernel[grid](
+        da, g, x, M, K, R, _m_bucket(M),
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1), da.stride(2),
+        seed, thresh, scale,
+        HAS_DROPOUT=has, R_PAD=_pad_rank(R), BLOCK_R=block_r, UPCAST=_INTERPRET,
+        PRECISION=_precision(x.dtype), DETERMINISTIC=det,
+    )
+    return (da.sum(0) if det else da[0]).to(out_dtype or x.dtype)
 
 
 def lora_fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -536,7 +603,7 @@ def lora_fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if not 1 <= R <= MAX_FUSED_RANK:
         raise ValueError(f"the fused single-kernel LoRA forward supports r <= {MAX_FUSED_RANK}, got r={R}; "
                          "use impl='split'.")
-    has, p, scale = _dropout_args(p)
+    has, thresh, scale = _dropout_args(p)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, R), device=x.device, dtype=x.dtype) if write_u else None
     if M == 0:
@@ -548,7 +615,7 @@ def lora_fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         M, N, K, R, _m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), u_arg.stride(0), u_arg.stride(1),
-        seed, p, scale, float(scaling),
+        seed, thresh, scale, float(scaling),
         HAS_BIAS=bias is not None, HAS_DROPOUT=has, WRITE_U=u is not None,
         R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(x.dtype),
     )
@@ -557,11 +624,11 @@ def lora_fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 def dropout_mask(seed: int, p: float, M: int, K: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """The ``[M, K]`` dropout mask (0 or ``1/(1-p)``) the kernels use for ``seed`` (for tests)."""
-    has, p, scale = _dropout_args(p)
+    has, thresh, scale = _dropout_args(p)
     out = torch.empty((M, K), device=device, dtype=torch.float32)
     if not has:
         return out.fill_(1.0).to(dtype)
     if M and K:
         grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
-        _dropout_mask_kernel[grid](out, M, K, seed, p, scale, BLOCK_M=32, BLOCK_K=32)
+        _dropout_mask_kernel[grid](out, M, K, seed, thresh, scale, BLOCK_M=32, BLOCK_K=32)
     return out.to(dtype)

@@ -30,6 +30,8 @@ Only features of triton 3.x up to 3.6 are used.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -39,11 +41,30 @@ from ._common import interpreting as _interpreting
 __all__ = ["dequantize", "matmul", "gemv", "state_args"]
 
 
+# On a GPU, products that bitsandbytes rounds before an add are issued as PTX ``mul.rn.f32``,
+# which neither LLVM nor ptxas fuses into an FMA (a plain ``a * b + c`` is contracted to one
+# ``fma.rn.f32``, one rounding fewer than bitsandbytes, with the fp-fusion default of triton 3.6
+# and 3.9). The interpreter (numpy) never fuses.
+_EXACT_MUL = tl.constexpr(not _interpreting())
+
+
+@triton.jit
+def _mul_rn(a, b):
+    """``a * b`` in fp32, rounded on its own (never contracted with a following add)."""
+    if _EXACT_MUL:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
 @triton.jit
 def _scale_at(blk, mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED: tl.constexpr, NBS: tl.constexpr):
     if NESTED:
+        # bitsandbytes: absmax = dequantize_blockwise(absmax_q) (a product, stored in fp32), then
+        # absmax += offset: two roundings, so no FMA here (bit-exact scales on a GPU)
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        a = tl.load(ncode_ptr + q, mask=mask, other=0.0) * tl.load(nabs_ptr + blk // NBS, mask=mask, other=0.0)
+        a = _mul_rn(tl.load(ncode_ptr + q, mask=mask, other=0.0), tl.load(nabs_ptr + blk // NBS, mask=mask, other=0.0))
         a = a + tl.load(offset_ptr)
     else:
         a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
@@ -108,7 +129,7 @@ def _matmul_kernel(
     pid_m = first_m + (pid % group) % gsize
     pid_p = (pid % group) // gsize
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_mask = offs_m < M
     p_mask = offs_p < P
@@ -230,6 +251,43 @@ def _gemv_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _gemv1_kernel(
+    x_ptr, ws_ptr, packed_ptr, pairs_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
+    N, K, KB, k_per_split, stride_xk,
+    BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """ws[split, n] = sum over this split's K range of x[k] * W[n, k] for one row of x (decoding).
+
+    Needs K % BS == 0 and BS % (2 BLOCK_H) == 0 (one scale per weight row and K tile). Per K
+    tile each thread loads its packed bytes as 16-byte vectors (a row's bytes are contiguous) and
+    x as even / odd columns; each byte indexes a 256-entry table of its two nibbles' code values
+    (:func:`code_pairs`, 2 KB, L1-resident: one 8-byte load per two weights, no nibble
+    arithmetic), each multiplied by its x; the row's scale multiplies the pair sum. Partial sums
+    stay in a [BLOCK_N, BLOCK_H] fp32 accumulator across the K loop and are reduced once after it
+    (no shuffle reduction inside the loop). Unlike dequantise-then-matmul, the weight is not
+    rounded to x's dtype first (code * scale stays fp32): within that rounding of the reference."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = offs_n[:, None] * (K // 2)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    for k0 in range(k_start, k_end, 2 * BLOCK_H):
+        offs_h = k0 // 2 + tl.arange(0, BLOCK_H)
+        byte = tl.load(packed_ptr + rows + offs_h[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+        xk = tl.load(x_ptr + (k0 + tl.arange(0, 2 * BLOCK_H)) * stride_xk).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(xk, (BLOCK_H, 2)))  # even (high nibble) / odd (low nibble) columns
+        pair = tl.load(pairs_ptr + byte)  # one 8-byte load: (code[byte >> 4], code[byte & 15]) as fp32 bits
+        hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        a = _scale_at(offs_n * KB + k0 // BS, n_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+        acc += (hi * xe[None, :] + lo * xo[None, :]) * a[:, None]
+    tl.store(ws_ptr + split * N + offs_n, tl.sum(acc, axis=1), mask=n_mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -343,14 +401,65 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
     return out
 
 
+def gemv1_config(K: int, N: int, blocksize: int, interp: bool = False):
+    """(BLOCK_N, BLOCK_H, warps, split) of the one-row GEMV, or None where it does not apply
+    (``K % blocksize`` != 0, or a blocksize under 32): 64 bytes (128 weights) per row and K tile
+    up to the blocksize, 64 rows per program, split-K to about 4 programs per SM of an H100."""
+    if K % blocksize or blocksize < 32:
+        return None
+    block_h = 16 if interp else min(64, blocksize // 2)
+    block_n = 16 if interp else 64
+    n_blocks = triton.cdiv(N, block_n)
+    split = max(1, min(K // (2 * block_h * 4), triton.cdiv(528, n_blocks)))
+    return block_n, block_h, 4, split
+
+
+_PAIRS: dict = {}
+
+
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """int64 ``[256]``: entry ``b`` holds ``code[b >> 4]`` (high 32 bits) and ``code[b & 15]``
+    (low 32 bits) as fp32 bit patterns, the one-row GEMV's byte-indexed lookup table. Cached per
+    live code tensor (weakly: the entry goes with the tensor) and its version counter (in-place
+    edits rebuild it), so decoding builds it once per table, not per call."""
+    hit = _PAIRS.get(id(code))
+    if hit is not None and hit[0]() is code and hit[1] == code._version:
+        return hit[2]
+    bits = code.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256, device=code.device)
+    table = (bits[b >> 4] << 32) | bits[b & 15]
+    _PAIRS[id(code)] = (weakref.ref(code), code._version, table)
+    weakref.finalize(code, _PAIRS.pop, id(code), None)
+    return table
+
+
+def _gemv1(x, packed, state, split_k, code, absmax, ncode, nabs, off, nested, nbs):
+    N, K = state.shape
+    block_n, block_h, warps, split = gemv1_config(K, N, state.blocksize, _interpreting())
+    split = split_k if split_k > 0 else split
+    step = 2 * block_h
+    k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
+    split = triton.cdiv(K, k_per_split)
+    ws = torch.empty((split, N), dtype=torch.float32, device=x.device)
+    _gemv1_kernel[(triton.cdiv(N, block_n), split)](
+        x, ws, packed, code_pairs(code), absmax, ncode, nabs, off, N, K, K // state.blocksize, k_per_split,
+        x.stride(1),
+        BS=state.blocksize, NESTED=nested, NBS=nbs, BLOCK_N=block_n, BLOCK_H=block_h, num_warps=warps,
+    )
+    return ws.sum(0, keepdim=True).to(x.dtype)
+
+
 def gemv(x: torch.Tensor, packed: torch.Tensor, state, split_k: int = 0) -> torch.Tensor:
-    """``x @ W^T`` for few rows (``M <= 16``, decoding); fp32 reductions, output in x.dtype."""
+    """``x @ W^T`` for few rows (``M <= 16``, decoding); fp32 reductions, output in x.dtype.
+    One row with ``K`` a multiple of the blocksize: :func:`_gemv1_kernel`."""
     _check_device(x, packed)
     N, K = state.shape
     M = x.shape[0]
     if M > 16:
         raise ValueError(f"nf4 gemv handles at most 16 rows, got {M}; use matmul")
     code, absmax, ncode, nabs, off, nested, nbs = state_args(state, x.device)
+    if M == 1 and gemv1_config(K, N, state.blocksize) is not None:
+        return _gemv1(x, packed, state, split_k, code, absmax, ncode, nabs, off, nested, nbs)
     BLOCK_M = 1 if M == 1 else 16
     BLOCK_N, BLOCK_K = (32, 32) if _interpreting() else ((64, 128) if M == 1 else (64, 64))
     row_scale = K % state.blocksize == 0

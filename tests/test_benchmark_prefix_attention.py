@@ -21,8 +21,8 @@ def test_prefix_attention_benchmark_quick(tmp_path):
     [js] = list(tmp_path.glob("*.json"))
     text = md.read_text()
     assert "## prefix_attention" in text and "- device: cpu" in text
-    header = ("| what | B | T | P | kv heads | padded | base ms | fastpeft ms | base/fastpeft | peak MiB base "
-              "| peak MiB fastpeft | MiB saved | max |diff| |")
+    header = ("| what | B | T | P | kv heads | padded | base ms | fastpeft ms | base/fastpeft | best alt ms "
+              "| best alt/fastpeft | peak MiB base | peak MiB fastpeft | MiB saved | max |diff| |")
     assert header in text
     rows = json.loads(js.read_text())["benchmarks"]["prefix_attention"]["rows"]
     assert [r["what"] for r in rows] == ["attn fwd+bwd", "attn fwd+bwd", "llama step"]
@@ -31,4 +31,8 @@ def test_prefix_attention_benchmark_quick(tmp_path):
         assert r["base ms"] > 0 and r["fastpeft ms"] > 0
         assert abs(r["base/fastpeft"] - r["base ms"] / r["fastpeft ms"]) < 1e-9
         assert r["peak MiB fastpeft"] is None  # no allocator statistics on CPU
-        assert r["max |diff|"] < 1e-4  # the fused path and the concat baseline agree (fp32 on CPU)
+        assert r["max |diff|"] < 1e-4  # the fused path and both concat baselines agree (fp32 on CPU)
+    unpadded = next(r for r in rows[:2] if r["padded"] == "no")
+    assert unpadded["best alt ms"] > 0
+    assert abs(unpadded["best alt/fastpeft"] - unpadded["best alt ms"] / unpadded["fastpeft ms"]) < 1e-9
+    assert next(r for r in rows[:2] if r["padded"] == "yes")["best alt ms"] is None

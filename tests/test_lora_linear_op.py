@@ -93,7 +93,44 @@ SHAPES = [  # (M, K, N, r): ragged, r=1, rank not a power of two, M=1
 def test_fp32_output_and_grads_match_reference(impl, shape, p):
     M, K, N, r = shape
     x, W, b, A, B = _operands(M, K, N, r, bias=(M % 2 == 1))
-    _assert_close(_run_both(x, W, b, A, B, 0.75, p, impl, torch.float32), torch.float32)
+    if impl == "fused" and p > 0:  # routed to split (mask drawn once), with a warning
+        with pytest.warns(RuntimeWarning, match="fused.*split"):
+            pairs = _run_both(x, W, b, A, B, 0.75, p, impl, torch.float32)
+    else:
+        pairs = _run_both(x, W, b, A, B, 0.75, p, impl, torch.float32)
+    _assert_close(pairs, torch.float32)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_kernel_with_dropout_matches_its_mask(dtype):
+    """The fused forward kernel keeps its dropout path (the op no longer routes dropout to it):
+    y and u against the oracle with the kernels' mask, ragged shape."""
+    M, K, N, r = 37, 45, 29, 5
+    x, W, b, A, B = _operands(M, K, N, r, dtype=dtype)
+    y, u = K_.lora_fused_forward(x, W, b, A, B, 0.75, SEED, 0.25)
+    mask = K_.dropout_mask(SEED, 0.25, M, K)
+    xf, Af = x.float(), A.float()
+    u_ref = (xf * mask) @ Af.t()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(u.float(), u_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(y.float(), _oracle(xf, W.float(), b.float(), Af, B.float(), 0.75, mask),
+                               atol=atol, rtol=rtol)
+
+
+@interp
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 1e-7])
+def test_dropout_threshold_is_16_bit_and_scale_unbiased(p):
+    thresh, p_eff = K_.dropout_threshold(p)
+    assert thresh == max(1, round(p * 65536)) and p_eff == thresh / 65536
+    # within half a step of p; a p below that still drops (one step), never silently not at all
+    assert abs(p_eff - p) <= 2**-17 if p >= 2**-17 else p_eff == 2**-16
+    mask = K_.dropout_mask(SEED, p, 128, 256)
+    kept = mask > 0
+    assert torch.allclose(mask[kept], torch.tensor(1.0 / (1.0 - p_eff)))
+    if p >= 0.05:  # 32768 draws: the drop rate within 5 standard deviations
+        sd = (p_eff * (1 - p_eff) / kept.numel()) ** 0.5
+        assert abs((~kept).float().mean().item() - p_eff) < 5 * sd
 
 
 @interp
@@ -229,7 +266,8 @@ def test_mask_properties():
     assert torch.equal(m1, K_.dropout_mask(SEED, 0.3, 64, 96))
     assert not torch.equal(m1, K_.dropout_mask(SEED + 1, 0.3, 64, 96))
     vals = m1.unique()
-    assert len(vals) == 2 and vals[0].item() == 0.0 and vals[1].item() == pytest.approx(1 / 0.7)
+    p_eff = K_.dropout_threshold(0.3)[1]  # 0.3 on the 16-bit grid
+    assert len(vals) == 2 and vals[0].item() == 0.0 and vals[1].item() == pytest.approx(1 / (1 - p_eff))
     kept = (m1 > 0).float().mean().item()
     assert 0.65 < kept < 0.75
     assert torch.equal(K_.dropout_mask(SEED, 1.0, 4, 4), torch.zeros(4, 4))
@@ -413,3 +451,22 @@ def test_fallback_reason_agrees_with_automatic_choice():
     x = torch.randn(2, 3)
     assert choose_backend(x) == "reference"
     assert fallback_reason(x) is not None and "CPU" in fallback_reason(x)
+
+
+@interp
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_deterministic_grad_a_matches_reference(p, monkeypatch):
+    """dA with per-slice planes summed in order (``deterministic=True``, or torch's
+    deterministic mode) equals the oracle; M spans several slices (split > 1 on the CPU's
+    4 nominal SMs)."""
+    M, K, r = 300, 40, 3
+    g_ = torch.Generator().manual_seed(5)
+    x = torch.randn(M, K, generator=g_)
+    g = torch.randn(M, r, generator=g_)
+    mask = K_.dropout_mask(SEED, p, M, K) if p > 0 else torch.ones(M, K)
+    want = g.t() @ (x * mask)
+    got = K_.lora_grad_a(g, x, SEED, p, deterministic=True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(K_.lora_grad_a(g, x, SEED, p, deterministic=False), want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert torch.equal(K_.lora_grad_a(g, x, SEED, p), got)

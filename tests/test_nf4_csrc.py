@@ -57,3 +57,32 @@ def test_cuda_gemv_matches_reference(settings, dtype, nested):
     got = nf4_cuda.gemv(x, packed, st)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+def test_uint4_loads_need_an_aligned_weight():
+    """The GEMV reads the packed weight with 16-byte loads: a view that starts off a 16-byte
+    boundary is refused (the op then takes the Triton GEMV); contiguous buffers and weights that
+    gemv copies (non-contiguous) are fine."""
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    assert buf.data_ptr() % 16 == 0 and nf4_cuda.vector_aligned(buf)
+    assert not nf4_cuda.vector_aligned(buf[1:])
+    assert nf4_cuda.vector_aligned(buf[16:])
+    assert nf4_cuda.vector_aligned(buf.view(64, 64)[:, 1:])  # non-contiguous: copied before the launch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_misaligned_weight_falls_back_to_triton(monkeypatch, settings):
+    settings(nf4_gemv="cuda")
+    packed, st = nf4.quantize_nf4(torch.randn(64, 4096) * 0.05, 64)
+    packed, st = packed.cuda(), st.to("cuda")
+    store = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted = store[1:].view_as(packed).copy_(packed)  # same bytes, 1 byte off alignment
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    assert not nf4_cuda.supports(x, st, shifted)
+    with pytest.raises(ValueError, match="16-byte"):
+        nf4_cuda.gemv(x, shifted, st)
+    with torch.no_grad():
+        got = nf4.qlora_linear(x, shifted, st)
+    ref = x.float() @ nf4.dequantize_nf4_reference(packed, st, torch.bfloat16).float().t()
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)

@@ -6,6 +6,9 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before fastpeft.kernels.nf4 is imported (kernels are built at import)
 
+import contextlib  # noqa: E402
+from unittest import mock  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -39,13 +42,36 @@ def test_dequant_kernel_bit_exact(N, K, blocksize, nested, dtype):
     assert torch.equal(nf4.dequantize_nf4(packed, st, dtype, backend="triton"), got)
 
 
+@contextlib.contextmanager
+def _kernel_dropout(p, x0, A0, seed):
+    """With dropout and an adapter in x's dtype, the Triton path draws its mask in the LoRA
+    kernels from ``seed``; the reference then uses that same mask (``dropout_mask``), so the two
+    compute the same function. Otherwise (no dropout, or an adapter in another dtype: the eager
+    branch, torch's bernoulli draw on both sides) nothing changes."""
+    if not _kernel_mask_case(p, x0, A0):
+        yield
+        return
+    from fastpeft.kernels import lora_linear as LK
+
+    def kernel_mask(xl, p_):
+        return LK.dropout_mask(seed, p_, xl.shape[0], xl.shape[1], dtype=xl.dtype)
+
+    with mock.patch.object(nf4, "_dropout_mask", kernel_mask):
+        yield
+
+
+def _kernel_mask_case(p, x0, A0) -> bool:
+    return p > 0 and A0 is not None and A0.dtype == x0.dtype
+
+
 def _run(backend, x0, packed, st, bias0, A0, B0, s, p, dy, seed=11):
     x = x0.clone().requires_grad_(True)
     bias = None if bias0 is None else bias0.clone().requires_grad_(True)
     A = None if A0 is None else A0.clone().requires_grad_(True)
     B = None if B0 is None else B0.clone().requires_grad_(True)
     torch.manual_seed(seed)
-    y = nf4.qlora_linear(x, packed, st, bias, A, B, s, p, training=p > 0, backend=backend)
+    with _kernel_dropout(p, x0, A0, seed):
+        y = nf4.qlora_linear(x, packed, st, bias, A, B, s, p, training=p > 0, backend=backend, seed=seed)
     y.backward(dy)
     grads = [x.grad] + [t.grad for t in (bias, A, B) if t is not None]
     return y, grads
@@ -58,8 +84,12 @@ def _run(backend, x0, packed, st, bias0, A0, B0, s, p, dy, seed=11):
     (21, 40, 128, 64, True, "nf4"),   # K a multiple of the blocksize: one scale per row and K tile
     (9, 70, 96, 32, False, "nf4"),    # the same with blocksize 32, plain absmax
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+# fp16 with dropout at p = 0.5: the LoRA kernels scale fp32 sums of x * keep by 1 / (1 - p), the
+# 16-bit reference rounds x * mask first; with a power-of-two scale both are exact, so the 16-bit
+# comparison checks the masks and the plumbing, not that rounding order (the LoRA-linear op tests
+# compare 16-bit kernels with any p to an fp32 oracle).
+@pytest.mark.parametrize("dtype,dropout_p", [(torch.float32, 0.0), (torch.float32, 0.3),
+                                             (torch.float16, 0.0), (torch.float16, 0.5)])
 def test_fused_matmul_forward_backward(M, N, K, blocksize, nested, quant_type, dtype, dropout_p):
     packed, st = _quantized(N, K, blocksize, nested, quant_type)
     g = torch.Generator().manual_seed(1)
@@ -172,3 +202,64 @@ def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch, settings):
     settings(backend="auto")
     y = nf4.qlora_linear(torch.randn(2, 64), packed, st)
     assert y.shape == (2, 16)
+
+
+@pytest.mark.parametrize("impl", ["fused", "dequant"])
+def test_lora_branch_saves_no_mask_and_no_dropped_copy(monkeypatch, impl, settings):
+    """With dropout and an adapter in x's dtype the 4-bit layer's LoRA branch runs the 16-bit
+    layer's kernels: forward saves x (the input itself), u and the packed weight, nothing of
+    x's size besides x; backward regenerates the mask in lora_dx_add and lora_grad_a."""
+    from fastpeft.kernels import lora_linear as LK
+
+    settings(nf4_impl=impl)
+    calls = []
+    for name in ("lora_down", "lora_dx_add", "lora_grad_a"):
+        real = getattr(LK, name)
+        monkeypatch.setattr(LK, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    packed, st = _quantized(24, 64, 64, True)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(19, 64, generator=g).requires_grad_(True)
+    A = (torch.randn(3, 64, generator=g) * 0.1).requires_grad_(True)
+    B = (torch.randn(24, 3, generator=g) * 0.1).requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = nf4.qlora_linear(x, packed, st, None, A, B, 2.0, 0.25, training=True, backend="triton", seed=5)
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() != x.data_ptr()]
+    assert not big, [tuple(t.shape) for t in big]
+    y.sum().backward()
+    assert calls == ["lora_down", "lora_grad_a", "lora_dx_add"]
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_row_gemv_matches_reference(quant_type, nested, dtype):
+    """M = 1 with K a multiple of the blocksize takes the one-row GEMV (byte-pair code table,
+    split-K); odd N, through the op against the reference."""
+    from fastpeft.kernels import nf4 as K_
+
+    packed, st = _quantized(37, 256, 64, nested, quant_type)
+    assert K_.gemv1_config(256, 37, 64) is not None
+    x = torch.randn(1, 256).to(dtype)
+    with torch.no_grad():
+        ref = nf4.qlora_linear(x, packed, st, backend="reference")
+        got = nf4.qlora_linear(x, packed, st, backend="triton")
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+def test_code_pairs_table():
+    from fastpeft.kernels import nf4 as K_
+
+    code = torch.linspace(-1, 1, 16)
+    t = K_.code_pairs(code)
+    assert t is K_.code_pairs(code)  # cached
+    hi = (t >> 32).to(torch.int32).view(torch.float32)
+    lo = (t & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    b = torch.arange(256)
+    assert torch.equal(hi, code[b >> 4]) and torch.equal(lo, code[b & 15])
+    code.mul_(2)  # an in-place edit rebuilds the table
+    assert torch.equal((K_.code_pairs(code) & 0xFFFFFFFF).to(torch.int32).view(torch.float32), code[b & 15])

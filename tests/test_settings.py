@@ -49,7 +49,7 @@ def test_environment_is_read_once_at_import():
 def test_unset_environment_gives_the_defaults():
     out = _fresh_python("import json, fastpeft; print(json.dumps(vars(fastpeft.get_settings())))")
     assert json.loads(out) == vars(Settings()) == {
-        "backend": "auto", "lora_impl": "split", "nf4_impl": "fused", "nf4_pair": True, "nf4_gemv": "triton"}
+        "backend": "auto", "lora_impl": "split", "nf4_impl": "auto", "nf4_pair": True, "nf4_gemv": "triton"}
 
 
 def test_invalid_environment_value_fails_at_import_naming_variable_and_choices():
@@ -64,7 +64,7 @@ def test_invalid_environment_value_fails_at_import_naming_variable_and_choices()
 @pytest.mark.parametrize("field,bad,allowed", [
     ("backend", "cuda", "('auto', 'reference', 'triton')"),
     ("lora_impl", "splitt", "('split', 'kernels', 'fused')"),
-    ("nf4_impl", "magic", "('fused', 'dequant')"),
+    ("nf4_impl", "magic", "('auto', 'fused', 'dequant')"),
     ("nf4_gemv", "cublas", "('triton', 'cuda')"),
 ])
 def test_invalid_values_raise_a_clear_error(field, bad, allowed):

@@ -13,7 +13,7 @@ Two backends behind one entry point, :func:`lora_linear`:
 * ``triton`` - :class:`LoraLinearTriton`, on the kernels of ``fastpeft.kernels.lora_linear``
   (their module docstring argues the split between cuBLAS and Triton); chosen by
   :func:`fastpeft.ops.backend.choose_backend`. Its dropout mask comes from Philox on
-  ``(seed, m * K + k)``, so it differs from the reference's draw; tests compare the two with
+  ``(seed, m, k)`` (see ``_keep_tile`` there), so it differs from the reference's draw; tests compare the two with
   the kernel's own mask (``dropout_mask``).
 
 The merged-weights inference path is :func:`lora_merge` (``W += s B A`` in place) followed by
@@ -22,6 +22,7 @@ a plain linear.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
@@ -96,7 +97,9 @@ def lora_impl(impl: Optional[str] = None) -> str:
       accumulated into the base output with beta = 1), Triton kernels where the dropout mask
       must be regenerated (``u``, ``dx``, ``dA``).
     * ``kernels`` - as ``split`` but the Triton down/dx/dA kernels even without dropout.
-    * ``fused`` - one Triton kernel for the whole forward (r <= 64; larger r uses ``split``).
+    * ``fused`` - one Triton kernel for the whole forward (r <= 64; larger r, and dropout > 0 in
+      training, use ``split``: the latter with a warning, as the fused kernel would regenerate the
+      mask per output column block).
     """
     value = (impl if impl is not None else get_settings().lora_impl).strip().lower() or "split"
     if value not in IMPLS:
@@ -108,6 +111,16 @@ def _new_seed() -> int:
     # Drawn from torch's default CPU generator: torch.manual_seed reproduces it, and activation
     # checkpointing (which restores RNG state) recomputes the same mask.
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def _route_fused_dropout() -> str:
+    # The fused forward regenerates the dropout mask in every column block of the output (N / BN
+    # times per element of x); the static model (benchmarks/roofline.py) predicts it ~1.2x
+    # slower than the split plan, which draws the mask once per forward. Say so and run split.
+    warnings.warn("lora_linear: impl='fused' with dropout > 0 would regenerate the dropout mask once per "
+                  "output column block (predicted ~1.2x slower on an H100 at 4096^3, benchmarks/roofline.py); running the "
+                  "'split' plan instead. Use dropout 0 for the fused forward.", RuntimeWarning, stacklevel=4)
+    return "split"
 
 
 class LoraLinearTriton(torch.autograd.Function):
@@ -126,6 +139,8 @@ class LoraLinearTriton(torch.autograd.Function):
             seed = _new_seed()
         seed = int(seed or 0)
         r = lora_A.shape[0]
+        if impl == "fused" and p > 0.0:
+            impl = _route_fused_dropout()
         if impl == "fused" and r <= K.MAX_FUSED_RANK:
             y, u = K.lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, seed, p)
         else:

@@ -35,7 +35,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from fastpeft.ops.backend import choose_backend
+from fastpeft.ops.backend import choose_backend, interpreting
 from fastpeft.ops.dropout import reference_dropout_mask as _dropout_mask
 from fastpeft.ops.settings import NF4_IMPLS, Settings, get_settings
 
@@ -437,12 +437,23 @@ class QLoraLinearReference(torch.autograd.Function):
 
 
 def nf4_impl(impl: Optional[str] = None) -> str:
-    """The Triton plan for training-size QLoRA matmuls: ``"fused"`` (default; dequantisation
-    inside the GEMM's weight loads, no dequantised weight in memory) or ``"dequant"`` (the
-    Triton dequantisation kernel writes the weight in the compute dtype, then a cuBLAS matmul,
-    the weight freed at once: bitsandbytes' plan, kept to compare and to fall back on where it
-    is faster). Argument, else the current settings' ``nf4_impl`` (``FASTPEFT_NF4_IMPL`` at import)."""
-    value = (impl if impl is not None else get_settings().nf4_impl).strip().lower() or "fused"
+    """The Triton plan for training-size QLoRA matmuls: argument, else the current settings'
+    ``nf4_impl`` (``FASTPEFT_NF4_IMPL`` at import), where ``"auto"`` (the default) means:
+    ``dequant`` on a GPU, ``fused`` under ``TRITON_INTERPRET=1``.
+
+    * ``"dequant"`` - the Triton dequantisation kernel writes the weight in the compute dtype,
+      then a cuBLAS matmul, the weight freed at once (bitsandbytes' plan). The automatic choice
+      on a GPU: the static model (``benchmarks/roofline.py``, from the sm_90 code) predicts
+      forward+backward at 1.2-1.3x bf16 dense on an H100, where ``fused`` is ~2.7x (it
+      re-dequantises every weight tile once per 128-row tile of x, ~15 / ~40 SASS instructions per
+      weight in its forward / input-gradient loops). Until a GPU timing says otherwise.
+    * ``"fused"`` - dequantisation inside the GEMM's weight loads, no dequantised weight in
+      memory. The automatic choice under ``TRITON_INTERPRET=1`` (CPU tests), where speed does
+      not matter and it exercises the fused kernel.
+    """
+    value = (impl if impl is not None else get_settings().nf4_impl).strip().lower() or "auto"
+    if value == "auto":
+        value = "fused" if interpreting() else "dequant"
     if value not in NF4_IMPLS:
         raise ValueError(f"nf4_impl={value!r} (FASTPEFT_NF4_IMPL) is not one of {NF4_IMPLS}")
     return value
@@ -451,89 +462,129 @@ def nf4_impl(impl: Optional[str] = None) -> str:
 class QLoraLinearTriton(torch.autograd.Function):
     """The QLoRA linear on the Triton kernels of ``fastpeft.kernels.nf4`` (2-D ``x``).
 
-    Forward: M <= 16 without grad uses the GEMV kernel; otherwise the fused dequant-GEMM with
-    bias and ``s * U B^T`` in its epilogue (``U = dropout(x) A^T`` is a small torch matmul).
-    Backward: ``dx`` from the fused dequant-GEMM ``dy W`` with ``(G A) * mask`` in the
-    epilogue (``G = s dy B``); ``dA``, ``dB`` and ``db`` are small torch matmuls/sums. Only
-    the packed weight is kept for backward. With ``impl="dequant"`` (see :func:`nf4_impl`) the
-    two GEMMs are a Triton dequantisation then a torch matmul instead. ``pair`` is
-    ``Settings.nf4_pair`` (the forward GEMM's one-load-per-byte path).
+    Base product: M <= 16 without grad uses the GEMV kernel; otherwise the plan of
+    :func:`nf4_impl`: ``dequant`` (Triton dequantisation, then a torch matmul, for the forward
+    and for ``dx = dy W``) or ``fused`` (the dequant-GEMM with bias and ``s * U B^T`` in its
+    epilogue). Only the packed weight is kept for backward.
+
+    LoRA branch, adapter in x's dtype (autocast, or a 16-bit adapter on a 16-bit base): the
+    16-bit layer's kernels (``fastpeft.kernels.lora_linear``): ``U = dropout(x) A^T`` by
+    ``lora_down``, ``dx += (G A) * mask`` by ``lora_dx_add``, ``dA = G^T (x * mask)`` by
+    ``lora_grad_a``, the mask regenerated from an integer seed each time: no mask tensor, no
+    dropped copy of x (without dropout: plain matmuls). An adapter in another dtype than x (fp32
+    factors on a 16-bit base outside autocast, peft's arithmetic) keeps the eager branch with a
+    materialised mask. ``pair`` is ``Settings.nf4_pair`` (the forward GEMM's one-load-per-byte path).
     """
 
     @staticmethod
-    def forward(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, impl="fused", pair=True):
+    def forward(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, impl="fused", pair=True,
+                seed=None):
         from fastpeft.kernels import nf4 as K
 
         x = x.contiguous()
         has_lora = lora_A is not None
+        shared = has_lora and lora_A.dtype == x.dtype  # the LoRA-linear kernels take one dtype
+        p = float(dropout_p) if (training and has_lora) else 0.0
         u = mask = None
         if has_lora:
-            xl = x.to(lora_A.dtype)
-            if training and dropout_p > 0.0:
-                mask = _dropout_mask(xl, dropout_p)
-                xl = xl * mask
-            u = xl @ lora_A.t()
+            u, mask, seed = _lora_down(x, lora_A, p, seed, shared)
         needs_grad = any(ctx.needs_input_grad)
-        if (x.shape[0] <= 16 and not needs_grad) or impl == "dequant":
-            if impl == "dequant" and not (x.shape[0] <= 16 and not needs_grad):
-                W = K.dequantize(packed, state, x.dtype)
-                y = torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
-                del W
-            else:
-                y = K.gemv(x, packed, state)
-                if bias is not None:
-                    y = y + bias.to(y.dtype)
+        if x.shape[0] <= 16 and not needs_grad:
+            y = K.gemv(x, packed, state)
+            y = y if bias is None else y + bias.to(y.dtype)
             if has_lora:
                 y = y + ((u @ lora_B.t()) * scaling).to(y.dtype)
+        elif impl == "dequant":
+            W = K.dequantize(packed, state, x.dtype)
+            y = torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
+            del W
+            if has_lora:
+                if shared:
+                    y.addmm_(u, lora_B.t(), alpha=scaling)  # beta = 1: the LoRA add in the GEMM epilogue
+                else:
+                    y = y + ((u @ lora_B.t()) * scaling).to(y.dtype)
         else:
             y = K.matmul(x, packed, state, trans_w=True, bias=bias,
                          lora_l=u, lora_r=lora_B.t() if has_lora else None, lora_scale=scaling, pair=pair)
         ctx.save_for_backward(x, packed, lora_A, lora_B, u, mask)
         ctx.state, ctx.scaling, ctx.has_bias, ctx.has_lora = state, scaling, bias is not None, has_lora
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.impl = impl
+        ctx.impl, ctx.p, ctx.seed, ctx.shared = impl, p, seed, shared
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        from fastpeft.kernels import lora_linear as LK
         from fastpeft.kernels import nf4 as K
 
         x, packed, lora_A, lora_B, u, mask = ctx.saved_tensors
         s = ctx.scaling
         dx = db = dA = dB = None
         dy = dy.contiguous()
+        regen = ctx.shared and ctx.p > 0.0  # the mask is regenerated in the LoRA kernels
         g = None
         if ctx.has_lora:
             dyl = dy.to(lora_A.dtype)
             g = (dyl @ lora_B) * s  # [M, r]
             if ctx.needs_input_grad[4]:
-                xl = x.to(lora_A.dtype)
-                if mask is not None:
-                    xl = xl * mask
-                dA = g.t() @ xl
+                if regen:
+                    dA = LK.lora_grad_a(g, x, ctx.seed, ctx.p, out_dtype=lora_A.dtype)
+                else:
+                    dA = g.t() @ (x.to(lora_A.dtype) if mask is None else x.to(lora_A.dtype) * mask)
             if ctx.needs_input_grad[5]:
                 dB = (dyl.t() @ u) * s
-        if ctx.needs_input_grad[0] and ctx.impl == "dequant":
-            dx = dy @ K.dequantize(packed, ctx.state, dy.dtype)
-            if g is not None:
-                dxl = g @ lora_A
-                if mask is not None:
-                    dxl = dxl * mask
-                dx = dx + dxl.to(dx.dtype)
-        elif ctx.needs_input_grad[0]:
-            dx = K.matmul(dy, packed, ctx.state, trans_w=False, lora_l=g, lora_r=lora_A if g is not None else None,
-                          lora_scale=1.0, lora_mask=mask, out_dtype=dy.dtype)
+        if ctx.needs_input_grad[0]:
+            dx = _input_grad(ctx, dy, packed, g, lora_A, mask, regen)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(0).to(ctx.bias_dtype)
-        return dx, None, None, db, dA, dB, None, None, None, None, None
+        return dx, None, None, db, dA, dB, None, None, None, None, None, None
 
 
-def _use_cuda_gemv(x2: torch.Tensor, state: NF4State, has_lora: bool, training: bool, gemv: str) -> bool:
+def _lora_down(x, lora_A, p, seed, shared):
+    """``(u, mask, seed)`` of the LoRA branch's down projection (see :class:`QLoraLinearTriton`)."""
+    if shared and p > 0.0:
+        from fastpeft.kernels import lora_linear as LK
+        from fastpeft.ops.lora_linear import _new_seed
+
+        seed = _new_seed() if seed is None else int(seed)
+        return LK.lora_down(x, lora_A, seed, p), None, seed
+    xl = x.to(lora_A.dtype)
+    mask = None
+    if p > 0.0:
+        mask = _dropout_mask(xl, p)
+        xl = xl * mask
+    return xl @ lora_A.t(), mask, seed
+
+
+def _input_grad(ctx, dy, packed, g, lora_A, mask, regen):
+    """``dx = dy W + (g A) * mask`` on the plan of ``ctx.impl``."""
+    from fastpeft.kernels import lora_linear as LK
+    from fastpeft.kernels import nf4 as K
+
+    if ctx.impl == "fused" and not regen:
+        return K.matmul(dy, packed, ctx.state, trans_w=False, lora_l=g, lora_r=lora_A if g is not None else None,
+                        lora_scale=1.0, lora_mask=mask, out_dtype=dy.dtype)
+    if ctx.impl == "fused":
+        dx = K.matmul(dy, packed, ctx.state, trans_w=False, out_dtype=dy.dtype)
+    else:
+        dx = dy @ K.dequantize(packed, ctx.state, dy.dtype)
+    if g is None:
+        return dx
+    if regen:
+        return LK.lora_dx_add(dx, g, lora_A, ctx.seed, ctx.p)
+    if ctx.shared and mask is None:
+        return dx.addmm_(g.to(dx.dtype), lora_A)
+    dxl = g @ lora_A
+    return dx + (dxl if mask is None else dxl * mask).to(dx.dtype)
+
+
+def _use_cuda_gemv(x2: torch.Tensor, packed: torch.Tensor, state: NF4State, has_lora: bool, training: bool,
+                   gemv: str) -> bool:
     if not x2.is_cuda or x2.shape[0] != 1 or x2.requires_grad or has_lora or torch.is_grad_enabled() and training:
         return False
     from fastpeft.ops import nf4_cuda
 
-    return nf4_cuda.available(gemv) and nf4_cuda.supports(x2, state)
+    return nf4_cuda.available(gemv) and nf4_cuda.supports(x2, state, packed)
 
 
 def qlora_linear(
@@ -550,6 +601,7 @@ def qlora_linear(
     impl: Optional[str] = None,
     *,
     settings: Optional[Settings] = None,
+    seed: Optional[int] = None,
 ) -> torch.Tensor:
     """``x dequant(Wq)^T + b + scaling * dropout(x) A^T B^T`` for ``x`` ``[..., K]``.
 
@@ -559,6 +611,9 @@ def qlora_linear(
     ``lora_A`` and ``lora_B``; the 4-bit weight is frozen. ``backend`` forces ``"reference"``
     or ``"triton"``; ``impl`` picks the Triton plan, see :func:`nf4_impl`. ``settings`` (default
     :func:`fastpeft.get_settings`) supplies ``backend``, ``impl``, ``nf4_pair`` and ``nf4_gemv``.
+    ``seed`` (Triton, adapter in x's dtype) fixes the dropout mask the LoRA kernels draw
+    (``fastpeft.kernels.lora_linear.dropout_mask(seed, p, M, K)``); by default one is drawn from
+    torch's CPU generator.
     """
     settings = settings if settings is not None else get_settings()
     packed, state = canonicalize(packed, quant_state)
@@ -571,7 +626,7 @@ def qlora_linear(
         x, bias, lora_A, lora_B = (None if t is None else t.to(dt) for t in (x, bias, lora_A, lora_B))
         with torch.autocast(device_type, enabled=False):
             return qlora_linear(x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, backend, impl,
-                                settings=settings)
+                                settings=settings, seed=seed)
     _check(x, state, bias, lora_A, lora_B)
     N, K = state.shape
     lead = x.shape[:-1]
@@ -579,7 +634,7 @@ def qlora_linear(
     if state.absmax.device != x.device or packed.device != x.device:
         raise ValueError(f"qlora_linear: the 4-bit weight is on {packed.device}, the input on {x.device}")
     has_lora = lora_A is not None
-    if _use_cuda_gemv(x2, state, has_lora, training, settings.nf4_gemv):
+    if _use_cuda_gemv(x2, packed, state, has_lora, training, settings.nf4_gemv):
         from fastpeft.ops import nf4_cuda
 
         y = nf4_cuda.gemv(x2, packed, state)
@@ -589,7 +644,8 @@ def qlora_linear(
     which = choose_backend(x, packed, backend=backend if backend is not None else settings.backend)
     args = (x2, packed, state, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
     if which == "triton":
-        y = QLoraLinearTriton.apply(*args, nf4_impl(impl if impl is not None else settings.nf4_impl), settings.nf4_pair)
+        y = QLoraLinearTriton.apply(*args, nf4_impl(impl if impl is not None else settings.nf4_impl), settings.nf4_pair,
+                                    seed)
     else:
         y = QLoraLinearReference.apply(*args)
     return y.reshape(*lead, N)

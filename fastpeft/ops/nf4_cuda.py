@@ -21,7 +21,7 @@ import torch
 
 from fastpeft.ops.settings import get_settings
 
-__all__ = ["available", "unavailable_reason", "supports", "gemv", "build", "source_dir", "requested"]
+__all__ = ["available", "unavailable_reason", "supports", "vector_aligned", "gemv", "build", "source_dir", "requested"]
 
 _error: Optional[str] = None
 
@@ -79,13 +79,23 @@ def available(gemv: Optional[str] = None) -> bool:
     return True
 
 
-def supports(x: torch.Tensor, state) -> bool:
-    """Shapes and dtypes the CUDA GEMV handles: one row, K and blocksize multiples of 32."""
+def vector_aligned(packed: torch.Tensor) -> bool:
+    """True when the kernel's 16-byte (``uint4``) loads of ``packed`` are aligned: its start is
+    16-byte aligned (rows then are, as K % 32 == 0). A non-contiguous weight is copied by
+    :func:`gemv` into a fresh (aligned) allocation; a view into the middle of a buffer may not be."""
+    return not packed.is_contiguous() or packed.data_ptr() % 16 == 0
+
+
+def supports(x: torch.Tensor, state, packed: Optional[torch.Tensor] = None) -> bool:
+    """Shapes, dtypes and alignment the CUDA GEMV handles: one row, K and blocksize multiples of
+    32, the packed weight 16-byte aligned (``packed``, when given; else the caller must check
+    :func:`vector_aligned`). Callers use the Triton GEMV otherwise."""
     K = state.shape[1]
     return (
         x.is_cuda and x.dim() == 2 and x.shape[0] == 1
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and K % 32 == 0 and state.blocksize % 32 == 0
+        and (packed is None or vector_aligned(packed))
     )
 
 
@@ -93,6 +103,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     """``x @ dequant(W)^T`` for ``x`` ``[1, K]`` on CUDA; returns ``[1, N]`` in ``x.dtype``."""
     if not x.is_cuda:
         raise RuntimeError("the CUDA NF4 GEMV got a CPU tensor; use the reference backend on CPU")
+    if not vector_aligned(packed):
+        raise ValueError("the CUDA NF4 GEMV needs a 16-byte-aligned packed weight (its uint4 loads); "
+                         "pass packed.clone() or use the Triton GEMV (nf4_cuda.supports checks this)")
     ext = build()
     N, K = state.shape
     dev = x.device

@@ -21,7 +21,8 @@ variable                 field               values (default first)
 ``FASTPEFT_BACKEND``     ``backend``         ``auto`` (CUDA tensors: Triton, else reference),
                                              ``reference``, ``triton``
 ``FASTPEFT_LORA_IMPL``   ``lora_impl``       ``split``, ``kernels``, ``fused`` (see ``ops.lora_linear``)
-``FASTPEFT_NF4_IMPL``    ``nf4_impl``        ``fused``, ``dequant`` (see ``ops.nf4.nf4_impl``)
+``FASTPEFT_NF4_IMPL``    ``nf4_impl``        ``auto`` (GPU: dequant, interpreter: fused), ``fused``,
+                                             ``dequant`` (see ``ops.nf4.nf4_impl``)
 ``FASTPEFT_NF4_PAIR``    ``nf4_pair``        ``1`` / ``0`` (the NF4 GEMM's one-load-per-byte path)
 ``FASTPEFT_NF4_GEMV``    ``nf4_gemv``        ``triton``, ``cuda`` (the M = 1 decoding GEMV)
 =======================  ==================  ======================================================
@@ -42,7 +43,7 @@ __all__ = ["Settings", "get_settings", "set_settings", "use_settings", "ENV_VARS
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
 LORA_IMPLS = ("split", "kernels", "fused")
-NF4_IMPLS = ("fused", "dequant")
+NF4_IMPLS = ("auto", "fused", "dequant")
 NF4_GEMVS = ("triton", "cuda")
 
 # field -> environment variable read by Settings.from_env
@@ -69,7 +70,8 @@ class Settings:
         backend: ``"auto"`` (Triton for CUDA tensors, the reference path otherwise),
             ``"reference"`` or ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``).
         lora_impl: the LoRA-linear Triton plan, ``"split"``, ``"kernels"`` or ``"fused"``.
-        nf4_impl: the QLoRA Triton plan for training-size matmuls, ``"fused"`` or ``"dequant"``.
+        nf4_impl: the QLoRA Triton plan for training-size matmuls, ``"auto"`` (``"dequant"`` on a
+            GPU, ``"fused"`` under the Triton interpreter), ``"fused"`` or ``"dequant"``.
         nf4_pair: the NF4 forward GEMM loads each packed byte once (both nibbles) when True.
         nf4_gemv: the M = 1 decoding GEMV, ``"triton"`` or ``"cuda"`` (``csrc/``, where it builds).
 
@@ -79,7 +81,7 @@ class Settings:
 
     backend: str = "auto"
     lora_impl: str = "split"
-    nf4_impl: str = "fused"
+    nf4_impl: str = "auto"
     nf4_pair: bool = True
     nf4_gemv: str = "triton"
 

@@ -6,7 +6,9 @@ bitsandbytes ``Linear4bit`` as ``base_layer`` (its packed ``Params4bit`` weight 
 ``lora_A``/``lora_B`` in fp32, so module names, state-dict keys and checkpoints are the same
 as peft's. Its forward runs the QLoRA op :func:`fastpeft.ops.nf4.bnb_linear4bit` (dequantise
 inside the matmul: Triton on CUDA, the pure-PyTorch reference on CPU) for the first active
-adapter and computes exactly what bitsandbytes + peft compute (same casts, same dropout draw).
+adapter and computes what bitsandbytes + peft compute (same casts; on the reference path the
+same dropout draw, on the Triton path with an adapter in the compute dtype, e.g. under autocast,
+the dropout mask of the LoRA-linear kernels, regenerated from a seed instead of stored).
 
 Merging follows peft: dequantise, add ``scaling * B A``, quantise again with bitsandbytes
 (lossy: a 4-bit weight cannot hold the update exactly, peft warns the same way).
