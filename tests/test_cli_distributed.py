@@ -1,0 +1,170 @@
+"""`fastpeft train` under torchrun: 2 processes, gloo over loopback, fp32 on CPU, a tiny random Llama.
+
+- ``--strategy ddp`` and ``--strategy fsdp2`` give the per-step losses of one process with the same
+  global batch (LoRA dropout off: the ranks draw masks for their own shares of the batch);
+- only rank 0 prints (rank 1's stdout stays empty) and writes the adapter and checkpoints;
+- FSDP2 checkpoints resume across ranks (dropout on, so every rank's own RNG stream must come back):
+  the resumed run continues the uninterrupted one exactly;
+- `--strategy` without a launcher, and a batch the ranks cannot split, are refused naming the fix.
+
+Tolerance against one process: 1e-5 absolute on losses around 1-5. Each rank pads its share of a
+batch to its own longest row and the ranks' sums are added in another order than one process's,
+so fp32 round-off differs (measured: about 1e-6).
+
+Each torchrun spawn costs 10-40 s on a busy 2-core machine: four in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import save_tiny_llama, task_rows, write_rows
+from fastpeft.cli.main import main
+
+LOSS_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    model = save_tiny_llama(d / "model")
+    train = write_rows(d / "train.jsonl", task_rows(64, 1))
+    ev = write_rows(d / "eval.jsonl", task_rows(4, 2))
+    return model, train, ev
+
+
+def _argv(setup, out: Path, *extra: str, dropout: str = "0") -> list[str]:
+    """6 steps of 2 global micro-batches of 8 rows (4 per rank): 64 rows make 4 steps an epoch, so it reshuffles.
+    ``--lora-r``, not ``--r``: torchrun's parser refuses ``--r`` as an ambiguous abbreviation of its own options."""
+    model, train, ev = setup
+    return ["train", "--model", str(model), "--data", str(train), "--eval-data", str(ev), "--output-dir", str(out),
+            "--steps", "6", "--batch-size", "8", "--grad-accum", "2", "--lr", "1e-2", "--lora-r", "4",
+            "--lora-dropout", dropout, "--seed", "5", "--device", "cpu", "--threads", "1", "--max-new-tokens", "3",
+            *extra]
+
+
+def _rank_logs(log_dir: Path) -> dict[str, str]:
+    """{"<rank>/stdout.log": text, ...} of torchrun's per-rank log files (``--redirects 3``)."""
+    return {f"{p.parent.name}/{p.name}": p.read_text(errors="replace")
+            for p in sorted(log_dir.rglob("*.log")) if p.parent.name.isdigit()}
+
+
+def _torchrun(argv: list[str], log_dir: Path, attempts: int = 2) -> dict[str, str]:
+    """Run ``fastpeft train`` as 2 processes; returns each rank's stdout/stderr. A failure raises with both
+    ranks' stderr. A run that died without a Python traceback (gloo's socket set-up and teardown have
+    known aborts) is tried once more."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "127.0.0.1:0", "--log-dir", str(log_dir), "--redirects", "3",
+           "-m", "fastpeft.cli.main", *argv]
+    for attempt in range(attempts):
+        shutil.rmtree(log_dir, ignore_errors=True)
+        # run outside the checkout: its top-level kernels/ must not shadow anything (see DESIGN.md)
+        proc = subprocess.run(cmd, env=env, cwd=log_dir.parent, capture_output=True, text=True, timeout=600)
+        logs = _rank_logs(log_dir)
+        if proc.returncode == 0:
+            return logs
+        text = "\n".join(f"--- rank {k}:\n{v[-3000:]}" for k, v in logs.items() if k.endswith("stderr.log"))
+        if "Traceback" in text or attempt == attempts - 1:
+            raise AssertionError(f"torchrun exited with {proc.returncode}\n{proc.stderr[-2000:]}\n{text}")
+    raise AssertionError("unreachable")
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _adapter(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert main(_argv(setup, out)) == 0
+    return out
+
+
+def _assert_matches_one_process(out: Path, one: Path) -> None:
+    dist_s, one_s = _summary(out), _summary(one)
+    assert len(dist_s["train_losses"]) == 6
+    assert dist_s["train_losses"] == pytest.approx(one_s["train_losses"], abs=LOSS_ATOL, rel=0)
+    assert dist_s["eval_after"]["loss"] == pytest.approx(one_s["eval_after"]["loss"], abs=LOSS_ATOL, rel=0)
+    assert dist_s["eval_after"]["exact_match"] == one_s["eval_after"]["exact_match"]
+    assert dist_s["processes"] == 2 and one_s["processes"] == 1 and one_s["strategy"] is None
+    # the gathered adapter is the one process's (Adam's normalisation can amplify round-off a little)
+    a, b = _adapter(out / "adapter"), _adapter(one / "adapter")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+
+
+def _assert_only_rank0_reports(logs: dict[str, str]) -> None:
+    assert "summary" in logs["0/stdout.log"] and "eval after" in logs["0/stdout.log"]
+    assert logs["1/stdout.log"] == ""
+    assert "train:" not in logs["1/stderr.log"]  # no progress bar either
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_losses_match_one_process(setup, one_process, tmp_path, strategy):
+    out = tmp_path / "run"
+    logs = _torchrun(_argv(setup, out, "--strategy", strategy), tmp_path / "logs")
+    _assert_matches_one_process(out, one_process)
+    _assert_only_rank0_reports(logs)
+
+
+def test_fsdp2_resume_across_ranks_continues_the_run(setup, tmp_path):
+    whole = tmp_path / "whole"
+    _torchrun(_argv(setup, whole, "--strategy", "fsdp2", "--save-every", "3", dropout="0.2"), tmp_path / "logs")
+    state = torch.load(whole / "checkpoint-3" / "training_state.pt", weights_only=True)
+    assert isinstance(state["rng"], list) and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # the ranks' dropout streams differ
+    assert state["optimizer"]["state"], "the full (gathered) optimizer state"
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
+    logs = _torchrun(_argv(setup, resumed, "--strategy", "fsdp2", "--save-every", "3", "--resume", dropout="0.2"),
+                     tmp_path / "logs")
+    assert "resuming from" in logs["0/stdout.log"]
+    s, w = _summary(resumed), _summary(whole)
+    assert s["resumed_from_step"] == 3
+    # the same processes, shards and RNG streams: the continuation repeats the uninterrupted run's numbers
+    assert s["train_losses"] == pytest.approx(w["train_losses"], abs=1e-6, rel=0)
+    a, b = _adapter(resumed / "adapter"), _adapter(whole / "adapter")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_strategy_without_a_launcher_names_torchrun(setup, tmp_path, capsys, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "run"
+    assert main(_argv(setup, out, "--strategy", "fsdp2")) == 2
+    err = capsys.readouterr().err
+    assert "--strategy fsdp2 needs one process per device" in err and "torchrun --nproc-per-node N" in err
+    assert not out.exists()
+
+
+def test_a_batch_the_ranks_cannot_split_is_refused(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = _argv(setup, tmp_path / "run", "--strategy", "ddp")
+    argv[argv.index("--batch-size") + 1] = "3"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 3 is the global micro-batch, split over the 2 processes" in err
+    assert "use a global batch of 2 or 4" in err
+    import torch.distributed as dist
+    assert not dist.is_initialized()  # refused before any process group existed
