@@ -101,6 +101,22 @@ class Ranks:
         return wrap_model(model, self.strategy, **({"device_ids": device_ids} if self.strategy == "ddp" else {}))
 
     @contextlib.contextmanager
+    def accumulating(self, model, last: bool):
+        """Around the backward of one micro-batch: gradients are synchronised across ranks only on the
+        ``last`` micro-batch of an optimizer step (the earlier ones accumulate locally)."""
+        if not self.distributed or last:
+            yield
+        elif self.strategy == "ddp":
+            with model.no_sync():
+                yield
+        else:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+    @contextlib.contextmanager
     def full_model(self, model):
         """Around evaluation: with FSDP2, the root's own parameters (embeddings, final norm, lm_head) stay
         gathered, since ``generate`` calls the inner model and bypasses the root's gathering hooks; the

@@ -54,10 +54,11 @@ def train_step(model, micro: list, pad_id: int, device, use_bf16: bool, ranks: R
         # the global count; times the world size because DDP and FSDP2 average the ranks' gradients
         n_target = int(ranks.sum(n_target)[0])
     step_loss, tokens = 0.0, 0
-    for c in cols:
-        s, _ = batch_loss(model, c, device, use_bf16)
-        loss = s / n_target
-        (loss * ranks.world_size if ranks.distributed else loss).backward()
+    for i, c in enumerate(cols):
+        with ranks.accumulating(model, last=i == len(cols) - 1):
+            s, _ = batch_loss(model, c, device, use_bf16)
+            loss = s / n_target
+            (loss * ranks.world_size if ranks.distributed else loss).backward()
         step_loss += float(s.detach()) / n_target
         tokens += int(c["attention_mask"].sum())
     if ranks.distributed:
