@@ -1,26 +1,31 @@
 """`fastpeft train` under torchrun: 2 processes, gloo over loopback, fp32 on CPU, a tiny random Llama.
 
-- ``--strategy ddp`` and ``--strategy fsdp2`` give the per-step losses of one process with the same
-  global batch (LoRA dropout off: the ranks draw masks for their own shares of the batch);
+- ``--strategy ddp``, ``--strategy fsdp2`` and ``--strategy fsdp2 --qlora`` (a sharded 4-bit base) give
+  the per-step losses of one process with the same global batch (LoRA dropout off: the ranks draw
+  masks for their own shares of the batch);
 - only rank 0 prints (rank 1's stdout stays empty) and writes the adapter and checkpoints;
 - FSDP2 checkpoints resume across ranks (dropout on, so every rank's own RNG stream must come back):
   the resumed run continues the uninterrupted one exactly;
+- SIGTERM to one rank stops every rank after the same step, with one checkpoint;
 - `--strategy` without a launcher, and a batch the ranks cannot split, are refused naming the fix.
 
 Tolerance against one process: 1e-5 absolute on losses around 1-5. Each rank pads its share of a
 batch to its own longest row and the ranks' sums are added in another order than one process's,
 so fp32 round-off differs (measured: about 1e-6).
 
-Each torchrun spawn costs 10-40 s on a busy 2-core machine: four in all.
+Each torchrun spawn costs 10-40 s on a busy 2-core machine: seven in all.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,24 +62,37 @@ def _rank_logs(log_dir: Path) -> dict[str, str]:
             for p in sorted(log_dir.rglob("*.log")) if p.parent.name.isdigit()}
 
 
-def _torchrun(argv: list[str], log_dir: Path, attempts: int = 2) -> dict[str, str]:
-    """Run ``fastpeft train`` as 2 processes; returns each rank's stdout/stderr. A failure raises with both
-    ranks' stderr. A run that died without a Python traceback (gloo's socket set-up and teardown have
-    known aborts) is tried once more."""
+def _launch(argv: list[str], log_dir: Path) -> subprocess.Popen:
+    """Start ``fastpeft train`` as 2 processes under torchrun (gloo over loopback, a free port from the
+    c10d rendezvous, each rank's stdout and stderr in its own file under ``log_dir``)."""
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", "127.0.0.1:0", "--log-dir", str(log_dir), "--redirects", "3",
            "-m", "fastpeft.cli.main", *argv]
+    shutil.rmtree(log_dir, ignore_errors=True)
+    # run outside the checkout: its top-level kernels/ must not shadow anything (see DESIGN.md)
+    return subprocess.Popen(cmd, env=env, cwd=log_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _failure(proc: subprocess.Popen, output: str, logs: dict[str, str]) -> str:
+    text = "\n".join(f"--- rank {k}:\n{v[-3000:]}" for k, v in logs.items() if k.endswith("stderr.log"))
+    return f"torchrun exited with {proc.returncode}\n{output[-2000:]}\n{text}"
+
+
+def _torchrun(argv: list[str], log_dir: Path, attempts: int = 2) -> dict[str, str]:
+    """Run ``fastpeft train`` as 2 processes; returns each rank's stdout/stderr. A failure raises with both
+    ranks' stderr. A run that died without a Python traceback (gloo's socket set-up and teardown have
+    known aborts) is tried once more."""
     for attempt in range(attempts):
-        shutil.rmtree(log_dir, ignore_errors=True)
-        # run outside the checkout: its top-level kernels/ must not shadow anything (see DESIGN.md)
-        proc = subprocess.run(cmd, env=env, cwd=log_dir.parent, capture_output=True, text=True, timeout=600)
+        proc = _launch(argv, log_dir)
+        output, _ = proc.communicate(timeout=600)
         logs = _rank_logs(log_dir)
         if proc.returncode == 0:
             return logs
-        text = "\n".join(f"--- rank {k}:\n{v[-3000:]}" for k, v in logs.items() if k.endswith("stderr.log"))
-        if "Traceback" in text or attempt == attempts - 1:
-            raise AssertionError(f"torchrun exited with {proc.returncode}\n{proc.stderr[-2000:]}\n{text}")
+        why = _failure(proc, output, logs)
+        if "Traceback" in why or attempt == attempts - 1:
+            raise AssertionError(why)
     raise AssertionError("unreachable")
 
 
@@ -90,9 +108,17 @@ def _adapter(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process(setup, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "run"
-    assert main(_argv(setup, out)) == 0
-    return out
+    """The one-process run with the given extra flags (each run once per module)."""
+    runs: dict = {}
+
+    def run(*extra: str) -> Path:
+        if extra not in runs:
+            out = tmp_path_factory.mktemp("one") / "run"
+            assert main(_argv(setup, out, *extra)) == 0
+            runs[extra] = out
+        return runs[extra]
+
+    return run
 
 
 def _assert_matches_one_process(out: Path, one: Path) -> None:
@@ -115,11 +141,14 @@ def _assert_only_rank0_reports(logs: dict[str, str]) -> None:
     assert "train:" not in logs["1/stderr.log"]  # no progress bar either
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_losses_match_one_process(setup, one_process, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, extra", [("ddp", ()), ("fsdp2", ()), ("fsdp2", ("--qlora",))],
+                         ids=["ddp", "fsdp2", "fsdp2-qlora"])
+def test_losses_match_one_process(setup, one_process, tmp_path, strategy, extra):
+    if extra:  # QLoRA: the 4-bit base, stored in fp32 (the compute dtype) so that fully_shard splits it
+        pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"
-    logs = _torchrun(_argv(setup, out, "--strategy", strategy), tmp_path / "logs")
-    _assert_matches_one_process(out, one_process)
+    logs = _torchrun(_argv(setup, out, "--strategy", strategy, *extra), tmp_path / "logs")
+    _assert_matches_one_process(out, one_process(*extra))
     _assert_only_rank0_reports(logs)
 
 
@@ -168,3 +197,56 @@ def test_a_batch_the_ranks_cannot_split_is_refused(setup, tmp_path, capsys, monk
     assert "use a global batch of 2 or 4" in err
     import torch.distributed as dist
     assert not dist.is_initialized()  # refused before any process group existed
+
+
+def _worker_pid(parent: int, rank: int) -> int:
+    """The pid of the torchrun worker (a child of ``parent``) whose RANK is ``rank``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise LookupError(f"no worker of rank {rank} under pid {parent}")
+
+
+def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until rank 0's progress bar (``log``) shows ``step`` optimizer steps done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        done = [int(m) for m in re.findall(r"train:.*?\| *(\d+)/", text)]
+        if done and max(done) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"training did not reach step {step} (torchrun {'exited' if proc.poll() is not None else 'hung'})")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(setup, tmp_path):
+    out, log_dir = tmp_path / "run", tmp_path / "logs"
+    argv = _argv(setup, out, "--strategy", "ddp")
+    argv[argv.index("--steps") + 1] = "100000"  # runs until stopped
+    proc = _launch(argv, log_dir)
+    try:
+        rank0_err = next(iter(log_dir.rglob("0/stderr.log")), None)
+        deadline = time.monotonic() + 120
+        while rank0_err is None and time.monotonic() < deadline:  # torchrun creates it at the workers' start
+            time.sleep(0.2)
+            rank0_err = next(iter(log_dir.rglob("0/stderr.log")), None)
+        assert rank0_err is not None, "torchrun started no workers"
+        _wait_for_step(rank0_err, 3, proc)
+        os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns of it by the all-reduce
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = _rank_logs(log_dir)
+    stops = {r: re.findall(r"stopped by SIGTERM at step (\d+)", logs[f"{r}/stderr.log"]) for r in (0, 1)}
+    assert stops[0] and stops[0] == stops[1], _failure(proc, output, logs)
+    step = int(stops[0][0])
+    assert (out / f"checkpoint-{step}" / "training_state.pt").is_file()
+    assert torch.load(out / f"checkpoint-{step}" / "training_state.pt", weights_only=True)["step"] == step
+    assert not (out / "summary.json").exists()
