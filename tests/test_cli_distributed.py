@@ -6,6 +6,7 @@
 - only rank 0 prints (rank 1's stdout stays empty) and writes the adapter and checkpoints;
 - FSDP2 checkpoints resume across ranks (dropout on, so every rank's own RNG stream must come back):
   the resumed run continues the uninterrupted one exactly;
+- ``accelerate launch`` (no ``--strategy``: DDP) runs the same;
 - SIGTERM to one rank stops every rank after the same step, with one checkpoint;
 - `--strategy` without a launcher, and a batch the ranks cannot split, are refused naming the fix.
 
@@ -13,7 +14,7 @@ Tolerance against one process: 1e-5 absolute on losses around 1-5. Each rank pad
 batch to its own longest row and the ranks' sums are added in another order than one process's,
 so fp32 round-off differs (measured: about 1e-6).
 
-Each torchrun spawn costs 10-40 s on a busy 2-core machine: seven in all.
+Each torchrun spawn costs 10-40 s on a busy 2-core machine: eight in all.
 """
 
 from __future__ import annotations
@@ -62,13 +63,27 @@ def _rank_logs(log_dir: Path) -> dict[str, str]:
             for p in sorted(log_dir.rglob("*.log")) if p.parent.name.isdigit()}
 
 
-def _launch(argv: list[str], log_dir: Path) -> subprocess.Popen:
+def _launcher_cmd(launcher: str, log_dir: Path) -> list[str]:
+    if launcher == "accelerate":  # its torchrun launcher (--multi_gpu: on CPU too); a fixed port, no log files
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "127.0.0.1:0", "--log-dir", str(log_dir), "--redirects", "3"]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(argv: list[str], log_dir: Path, launcher: str = "torchrun") -> subprocess.Popen:
     """Start ``fastpeft train`` as 2 processes under torchrun (gloo over loopback, a free port from the
-    c10d rendezvous, each rank's stdout and stderr in its own file under ``log_dir``)."""
+    c10d rendezvous, each rank's stdout and stderr in its own file under ``log_dir``) or accelerate launch."""
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", "--log-dir", str(log_dir), "--redirects", "3",
-           "-m", "fastpeft.cli.main", *argv]
+    cmd = [*_launcher_cmd(launcher, log_dir), "-m", "fastpeft.cli.main", *argv]
     shutil.rmtree(log_dir, ignore_errors=True)
     # run outside the checkout: its top-level kernels/ must not shadow anything (see DESIGN.md)
     return subprocess.Popen(cmd, env=env, cwd=log_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -77,17 +92,17 @@ def _launch(argv: list[str], log_dir: Path) -> subprocess.Popen:
 
 def _failure(proc: subprocess.Popen, output: str, logs: dict[str, str]) -> str:
     text = "\n".join(f"--- rank {k}:\n{v[-3000:]}" for k, v in logs.items() if k.endswith("stderr.log"))
-    return f"torchrun exited with {proc.returncode}\n{output[-2000:]}\n{text}"
+    return f"the launcher exited with {proc.returncode}\n{output[-3000:]}\n{text}"
 
 
-def _torchrun(argv: list[str], log_dir: Path, attempts: int = 2) -> dict[str, str]:
-    """Run ``fastpeft train`` as 2 processes; returns each rank's stdout/stderr. A failure raises with both
-    ranks' stderr. A run that died without a Python traceback (gloo's socket set-up and teardown have
-    known aborts) is tried once more."""
+def _torchrun(argv: list[str], log_dir: Path, attempts: int = 2, launcher: str = "torchrun") -> dict[str, str]:
+    """Run ``fastpeft train`` as 2 processes; returns each rank's stdout/stderr (torchrun; accelerate: the
+    launcher's output as "output"). A failure raises with both ranks' stderr. A run that died without a
+    Python traceback (gloo's socket set-up and teardown have known aborts) is tried once more."""
     for attempt in range(attempts):
-        proc = _launch(argv, log_dir)
+        proc = _launch(argv, log_dir, launcher)
         output, _ = proc.communicate(timeout=600)
-        logs = _rank_logs(log_dir)
+        logs = _rank_logs(log_dir) if launcher == "torchrun" else {"output": output}
         if proc.returncode == 0:
             return logs
         why = _failure(proc, output, logs)
@@ -150,6 +165,15 @@ def test_losses_match_one_process(setup, one_process, tmp_path, strategy, extra)
     logs = _torchrun(_argv(setup, out, "--strategy", strategy, *extra), tmp_path / "logs")
     _assert_matches_one_process(out, one_process(*extra))
     _assert_only_rank0_reports(logs)
+
+
+def test_accelerate_launch_runs_ddp_like_torchrun(setup, one_process, tmp_path):
+    out = tmp_path / "run"
+    logs = _torchrun(_argv(setup, out), tmp_path / "logs", launcher="accelerate")  # no --strategy: ddp
+    assert "launched as 2 processes without --strategy: using ddp" in logs["output"]
+    assert logs["output"].count("eval after: loss") == 1  # printed by rank 0 only
+    _assert_matches_one_process(out, one_process())
+    assert _summary(out)["strategy"] == "ddp"
 
 
 def test_fsdp2_resume_across_ranks_continues_the_run(setup, tmp_path):

@@ -27,7 +27,7 @@ from fastpeft.cli.checkpoint import save_adapter, save_checkpoint
 from fastpeft.cli.errors import TrainError
 
 LAUNCH_HINT = ("`torchrun --nproc-per-node N -m fastpeft.cli.main train --strategy {s} ...` "
-               "(or `accelerate launch --num_processes N -m fastpeft.cli.main train --strategy {s} ...`)")
+               "(or `accelerate launch --multi_gpu --num_processes N -m fastpeft.cli.main train --strategy {s} ...`)")
 
 
 @dataclass(frozen=True)
