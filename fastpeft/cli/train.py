@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastpeft.cli.arguments import check_args
-from fastpeft.cli.checkpoint import checkpoint_dirs, check_output_dir, remove_if_empty, remove_leftovers, save_adapter, write_json
+from fastpeft.cli.checkpoint import checkpoint_dirs, check_output_dir, remove_if_empty, remove_leftovers, write_json
 from fastpeft.cli.data import BatchStream, encode_rows, load_rows
 from fastpeft.cli.distributed import Ranks, check_rows, start_ranks
 from fastpeft.cli.loop import (StopOnSignal, TrainingRun, latest_checkpoint, load_adapter_weights, make_optimizer,
