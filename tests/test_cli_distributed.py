@@ -4,8 +4,8 @@
   the per-step losses of one process with the same global batch (LoRA dropout off: the ranks draw
   masks for their own shares of the batch);
 - only rank 0 prints (rank 1's stdout stays empty) and writes the adapter and checkpoints;
-- FSDP2 checkpoints resume across ranks (dropout on, so every rank's own RNG stream must come back):
-  the resumed run continues the uninterrupted one exactly;
+- DDP and FSDP2 checkpoints resume across ranks (FSDP2 with dropout on, so every rank's own RNG
+  stream must come back): the resumed run continues the uninterrupted one exactly;
 - ``accelerate launch`` (no ``--strategy``: DDP) runs the same;
 - SIGTERM to one rank stops every rank after the same step, with one checkpoint;
 - `--strategy` without a launcher, and a batch the ranks cannot split, are refused naming the fix.
@@ -14,7 +14,7 @@ Tolerance against one process: 1e-5 absolute on losses around 1-5. Each rank pad
 batch to its own longest row and the ranks' sums are added in another order than one process's,
 so fp32 round-off differs (measured: about 1e-6).
 
-Each torchrun spawn costs 10-40 s on a busy 2-core machine: eight in all.
+Each torchrun spawn costs 10-40 s on a busy 2-core machine: nine in all.
 """
 
 from __future__ import annotations
@@ -156,15 +156,49 @@ def _assert_only_rank0_reports(logs: dict[str, str]) -> None:
     assert "train:" not in logs["1/stderr.log"]  # no progress bar either
 
 
-@pytest.mark.parametrize("strategy, extra", [("ddp", ()), ("fsdp2", ()), ("fsdp2", ("--qlora",))],
-                         ids=["ddp", "fsdp2", "fsdp2-qlora"])
-def test_losses_match_one_process(setup, one_process, tmp_path, strategy, extra):
+@pytest.fixture(scope="module")
+def ddp_run(setup, tmp_path_factory):
+    """A DDP run with a checkpoint at step 3: (its output directory, its ranks' logs)."""
+    d = tmp_path_factory.mktemp("ddp")
+    logs = _torchrun(_argv(setup, d / "run", "--strategy", "ddp", "--save-every", "3"), d / "logs")
+    return d / "run", logs
+
+
+def test_ddp_losses_match_one_process(ddp_run, one_process):
+    out, logs = ddp_run
+    _assert_matches_one_process(out, one_process())
+    _assert_only_rank0_reports(logs)
+
+
+@pytest.mark.parametrize("extra", [(), ("--qlora",)], ids=["fp32", "qlora"])
+def test_fsdp2_losses_match_one_process(setup, one_process, tmp_path, extra):
     if extra:  # QLoRA: the 4-bit base, stored in fp32 (the compute dtype) so that fully_shard splits it
         pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"
-    logs = _torchrun(_argv(setup, out, "--strategy", strategy, *extra), tmp_path / "logs")
+    logs = _torchrun(_argv(setup, out, "--strategy", "fsdp2", *extra), tmp_path / "logs")
     _assert_matches_one_process(out, one_process(*extra))
     _assert_only_rank0_reports(logs)
+
+
+def _resume_matches(setup, whole: Path, tmp_path: Path, *flags: str, dropout: str) -> None:
+    """Resume a copy of ``whole``'s checkpoint-3 with the same command: the continuation repeats the
+    uninterrupted run's numbers (same processes, shards and RNG streams)."""
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
+    logs = _torchrun(_argv(setup, resumed, *flags, "--resume", dropout=dropout), tmp_path / "logs")
+    assert "resuming from" in logs["0/stdout.log"]
+    s, w = _summary(resumed), _summary(whole)
+    assert s["resumed_from_step"] == 3
+    assert s["train_losses"] == pytest.approx(w["train_losses"], abs=1e-6, rel=0)
+    a, b = _adapter(resumed / "adapter"), _adapter(whole / "adapter")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_ddp_resume_across_ranks_continues_the_run(setup, ddp_run, tmp_path):
+    _resume_matches(setup, ddp_run[0], tmp_path, "--strategy", "ddp", "--save-every", "3", dropout="0")
 
 
 def test_accelerate_launch_runs_ddp_like_torchrun(setup, one_process, tmp_path):
@@ -184,19 +218,7 @@ def test_fsdp2_resume_across_ranks_continues_the_run(setup, tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # the ranks' dropout streams differ
     assert state["optimizer"]["state"], "the full (gathered) optimizer state"
 
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
-    logs = _torchrun(_argv(setup, resumed, "--strategy", "fsdp2", "--save-every", "3", "--resume", dropout="0.2"),
-                     tmp_path / "logs")
-    assert "resuming from" in logs["0/stdout.log"]
-    s, w = _summary(resumed), _summary(whole)
-    assert s["resumed_from_step"] == 3
-    # the same processes, shards and RNG streams: the continuation repeats the uninterrupted run's numbers
-    assert s["train_losses"] == pytest.approx(w["train_losses"], abs=1e-6, rel=0)
-    a, b = _adapter(resumed / "adapter"), _adapter(whole / "adapter")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    _resume_matches(setup, whole, tmp_path, "--strategy", "fsdp2", "--save-every", "3", dropout="0.2")
 
 
 def test_strategy_without_a_launcher_names_torchrun(setup, tmp_path, capsys, monkeypatch):
