@@ -267,7 +267,8 @@ def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float 
         if done and max(done) >= step:
             return
         time.sleep(0.2)
-    raise AssertionError(f"training did not reach step {step} (torchrun {'exited' if proc.poll() is not None else 'hung'})")
+    state = "exited" if proc.poll() is not None else "hung"
+    raise AssertionError(f"training did not reach step {step} (torchrun {state})")
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")

@@ -6,7 +6,8 @@ directory named ``checkpoint-<step>`` or ``adapter`` is always complete. A check
 - the adapter in PEFT format (``adapter_config.json``, ``adapter_model.safetensors``: loadable
   by ``fastpeft`` or ``peft`` as it is);
 - ``training_state.pt``: optimizer, scheduler, every RNG state (python, numpy, torch CPU, CUDA
-  when present; a list of them, one per rank, for a distributed run), the step, the data position, the losses so far and the pre-training eval.
+  when present; a list of them, one per rank, for a distributed run), the step, the data
+  position, the losses so far and the pre-training eval.
   It holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
 """
 

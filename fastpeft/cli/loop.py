@@ -115,7 +115,8 @@ class TrainingRun:
 
     def training_state(self) -> dict:
         """What a checkpoint restores besides the adapter (collective in a distributed run)."""
-        return {"format": STATE_FORMAT, "step": self.step, "optimizer": self.ranks.optimizer_state(self.model, self.opt),
+        return {"format": STATE_FORMAT, "step": self.step,
+                "optimizer": self.ranks.optimizer_state(self.model, self.opt),
                 "scheduler": self.sched.state_dict(), "rng": self.ranks.rng_states(capture_rng),
                 "data": self.stream.state_dict(), "losses": list(self.losses), "tokens_seen": self.tokens_seen,
                 "eval_before": self.eval_before, "run": dict(self.identity)}
@@ -128,15 +129,10 @@ class TrainingRun:
             prune_checkpoints(out_dir, keep)
         return path
 
-    def resume(self, ckpt: Path) -> None:
-        """Load adapter weights, optimizer, scheduler, data position and RNG states from ``ckpt``
-        (one process, or DDP; under FSDP2 load the adapter before sharding, see :func:`read_checkpoint`)."""
-        state = read_checkpoint(ckpt, self.identity)
-        load_adapter_weights(_unwrapped(self.model), ckpt)
-        self.restore(state)
-
     def restore(self, state: dict) -> None:
-        """Everything of :func:`read_checkpoint`'s ``state`` but the adapter weights."""
+        """Continue from :func:`read_checkpoint`'s ``state``: optimizer, scheduler, data position, progress
+        and RNG states. The adapter weights come first, before the model is wrapped or sharded, with
+        :func:`load_adapter_weights`."""
         self.ranks.load_optimizer_state(self.model, self.opt, state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
@@ -161,11 +157,6 @@ class TrainingRun:
         self.losses.append(loss)
         self.tokens_seen += tokens
         return loss, tokens
-
-
-def _unwrapped(model):
-    from fastpeft.utils.distributed import unwrap_model
-    return unwrap_model(model)
 
 
 def read_checkpoint(ckpt: Path, identity: dict) -> dict:
