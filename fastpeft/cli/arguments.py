@@ -52,11 +52,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, or 1 when the machine is already busy: "
                         "load average >= 1.5 x cores, where more threads only wait on each other)")
+    t.add_argument("--strategy", choices=("ddp", "fsdp2"), default=None,
+                   help="data-parallel training over the processes of `torchrun --nproc-per-node N -m "
+                        "fastpeft.cli.main train ...` (or accelerate launch): ddp (DistributedDataParallel) or "
+                        "fsdp2 (fully_shard: parameters, gradients and optimizer state sharded); --batch-size "
+                        "stays the global micro-batch, split over the processes (default: one process; ddp "
+                        "when launched)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA when the GPU supports bf16, off on CPU)")
 
     lo = p.add_argument_group("LoRA")
-    lo.add_argument("--r", type=int, default=16, help="LoRA rank")
+    # --lora-r: torchrun's own parser rejects a bare --r after the script as ambiguous with its --rdzv-* options
+    lo.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank")
     lo.add_argument("--lora-alpha", type=float, default=32, help="LoRA scaling numerator (scale = alpha / r)")
     lo.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input while training")
     lo.add_argument("--target-modules", default="all-linear",

@@ -6,7 +6,8 @@ directory named ``checkpoint-<step>`` or ``adapter`` is always complete. A check
 - the adapter in PEFT format (``adapter_config.json``, ``adapter_model.safetensors``: loadable
   by ``fastpeft`` or ``peft`` as it is);
 - ``training_state.pt``: optimizer, scheduler, every RNG state (python, numpy, torch CPU, CUDA
-  when present), the step, the data position, the losses so far and the pre-training eval.
+  when present; a list of them, one per rank, for a distributed run), the step, the data
+  position, the losses so far and the pre-training eval.
   It holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
 """
 
@@ -52,17 +53,23 @@ def _atomic_dir(dest: Path, write: Callable[[Path], None]) -> Path:
     return dest
 
 
-def save_adapter(model, dest: Path) -> Path:
-    """Save the adapter (PEFT format) to ``dest`` atomically: write a temp dir, then rename into place."""
-    return _atomic_dir(dest, lambda tmp: model.save_pretrained(str(tmp)))
+def _save_pretrained(model, tmp: Path, state_dict: dict | None) -> None:
+    # a distributed run passes the adapter tensors gathered onto rank 0 (its own are shards)
+    model.save_pretrained(str(tmp), **({} if state_dict is None else {"state_dict": state_dict}))
 
 
-def save_checkpoint(model, training_state: dict, dest: Path) -> Path:
+def save_adapter(model, dest: Path, state_dict: dict | None = None) -> Path:
+    """Save the adapter (PEFT format) to ``dest`` atomically: write a temp dir, then rename into place.
+    ``state_dict``: the adapter's tensors to write instead of the model's own (keyed like its state dict)."""
+    return _atomic_dir(dest, lambda tmp: _save_pretrained(model, tmp, state_dict))
+
+
+def save_checkpoint(model, training_state: dict, dest: Path, state_dict: dict | None = None) -> Path:
     """Save the adapter plus ``training_state`` (see the module docstring) to ``dest`` atomically."""
     import torch
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        _save_pretrained(model, tmp, state_dict)
         torch.save(training_state, tmp / STATE_FILE)
 
     return _atomic_dir(dest, write)

@@ -115,8 +115,10 @@ def resolve_model(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-def _bnb_4bit_config(device):
-    """The QLoRA quantization config: NF4, double quantization, bf16 compute on CUDA, fp32 on CPU."""
+def _bnb_4bit_config(device, shardable: bool = False):
+    """The QLoRA quantization config: NF4, double quantization, bf16 compute on CUDA, fp32 on CPU.
+    ``shardable`` (``--strategy fsdp2``): the packed weights are stored in the compute dtype, so that
+    ``fully_shard`` splits them like the other parameters (FSDP keeps one dtype per group)."""
     import torch
     try:
         import bitsandbytes  # noqa: F401
@@ -124,32 +126,34 @@ def _bnb_4bit_config(device):
         raise TrainError("--qlora needs bitsandbytes: `pip install bitsandbytes` (or `pip install fastpeft[gpu]`)") from None
     from transformers import BitsAndBytesConfig
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    storage = {"bnb_4bit_quant_storage": compute} if shardable else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_compute_dtype=compute, **storage)
 
 
-def _nf4_load_kwargs(name: str, kw: dict, device) -> dict:
+def _nf4_load_kwargs(name: str, kw: dict, device, shardable: bool) -> dict:
     if "gguf_file" in kw:
         raise TrainError(f"--qlora needs a transformers checkpoint, not a .gguf file ({name}); convert it "
                          "first (AutoModelForCausalLM.from_pretrained(dir, gguf_file=...).save_pretrained(out))")
     import torch
     where = (device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else "cpu"
-    return {"quantization_config": _bnb_4bit_config(device), "device_map": {"": where}}
+    return {"quantization_config": _bnb_4bit_config(device, shardable), "device_map": {"": where}}
 
 
-def load_base_model(name: str, device, dtype, quantization: str | None = None):
+def load_base_model(name: str, device, dtype, quantization: str | None = None, shardable: bool = False):
     """Load (tokenizer, base causal LM) for --model.
 
     ``quantization="nf4"`` loads the base 4-bit through bitsandbytes (``--qlora``); a .gguf
     file is de-quantized by transformers, so QLoRA needs a transformers checkpoint (the
-    embedded default is converted to one and cached).
+    embedded default is converted to one and cached). ``shardable``: 4-bit weights stored in the
+    compute dtype, for FSDP2.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if quantization not in (None, "nf4"):
         raise TrainError(f"quantization {quantization!r} is not supported (only 'nf4', i.e. --qlora)")
     path, kw = resolve_model(name)
-    extra = _nf4_load_kwargs(name, kw, device) if quantization == "nf4" else {}
+    extra = _nf4_load_kwargs(name, kw, device, shardable) if quantization == "nf4" else {}
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw, **extra)
@@ -182,7 +186,8 @@ def build_model(args: argparse.Namespace, device, use_bf16: bool):
     import torch
     base_dtype = torch.bfloat16 if (use_bf16 and device.type == "cuda") else torch.float32
     qlora = getattr(args, "qlora", False)
-    tok, base = load_base_model(args.model, device, base_dtype, quantization="nf4" if qlora else None)
+    tok, base = load_base_model(args.model, device, base_dtype, quantization="nf4" if qlora else None,
+                                shardable=getattr(args, "strategy", None) == "fsdp2")
     base.config.use_cache = False
     if qlora:
         from fastpeft import prepare_model_for_kbit_training

@@ -59,12 +59,14 @@ def _show_samples(label: str, res: dict, k: int = 3) -> None:
 
 
 def run_eval(label: str, model, tok, eval_ex: list[Example], device, use_bf16: bool, batch_size: int,
-             max_new_tokens: int) -> dict | None:
-    """Evaluate and print one line plus a few samples; None when there are no eval rows."""
+             max_new_tokens: int, progress: bool = True) -> dict | None:
+    """Evaluate and print one line plus a few samples; None when there are no eval rows.
+    ``progress``: show a progress bar (off on the ranks other than 0 of a distributed run)."""
     if not eval_ex:
         return None
     t = time.perf_counter()
-    res = evaluate(model, tok, eval_ex, device, use_bf16, batch_size, max_new_tokens, desc=f"eval {label}")
+    res = evaluate(model, tok, eval_ex, device, use_bf16, batch_size, max_new_tokens,
+                   desc=f"eval {label}" if progress else None)
     print(f"eval {label}: loss {res['loss']:.4f}, exact match {res['exact_match']:.1%} "
           f"({round(res['exact_match'] * res['n'])}/{res['n']}) [{time.perf_counter() - t:.1f}s]")
     _show_samples(label, res)
