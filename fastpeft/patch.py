@@ -58,7 +58,8 @@ warns and says why (typically: called before ``get_peft_model``, or before TRL's
 wrapped the model; :class:`fastpeft.PatchCallback` patches inside the trainer).
 
 Under ``torch.autocast`` a patched LoRA layer takes the op whatever its input dtype, and the op's
-reference path computes peft's autocast sequence (see :func:`fastpeft.ops.lora_linear.lora_linear`).
+reference path computes peft's autocast sequence (see :func:`fastpeft.ops.lora_linear.lora_linear`;
+for QLoRA layers bitsandbytes' then peft's, see :func:`fastpeft.ops.nf4.bnb_linear4bit`).
 AdaLoRA and DoRA adapters take their original forward under autocast: their ops do not round as
 peft's autocast sequence does (DoRA's gradients differed by 7-10%), so they stay exact, unfused.
 

@@ -686,6 +686,10 @@ def bnb_linear4bit(
     """
     inp_dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
+        settings = settings if settings is not None else get_settings()
+        if choose_backend(x, packed, backend=backend if backend is not None else settings.backend) == "reference":
+            return _bnb_autocast_reference(x, packed, quant_state, bias, compute_dtype, lora_A, lora_B, float(scaling),
+                                           float(dropout_p), bool(training))
         y = qlora_linear(x, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, training, backend,
                          settings=settings)
         return y.to(inp_dtype)
@@ -701,3 +705,33 @@ def bnb_linear4bit(
         xl = torch.nn.functional.dropout(x.to(lora_A.dtype), dropout_p, training=training and dropout_p > 0)
         y = y + (torch.nn.functional.linear(torch.nn.functional.linear(xl, lora_A), lora_B) * scaling).to(inp_dtype)
     return y
+
+
+def _bnb_autocast_reference(x, packed, quant_state, bias, compute_dtype, lora_A, lora_B, scaling: float,
+                            dropout_p: float, training: bool) -> torch.Tensor:
+    """The reference path under ``torch.autocast``: bitsandbytes' ``Linear4bit.forward`` then peft's
+    ``lora.bnb.Linear4bit`` adapter branch, op for op in plain autograd, so every cast and rounding
+    happens in the same dtype at the same point as in an unpatched model:
+
+    * base: the input cast to ``compute_dtype``, one autocast ``linear`` with the bias against the
+      weight dequantised in the state's dtype (what bitsandbytes' 4-bit matmul computes under
+      autocast), cast back to the input's dtype;
+    * adapter: peft asks ``torch.is_autocast_enabled()`` with no device, i.e. about CUDA. Where that
+      is False (CPU autocast) it casts ``x`` to ``lora_A``'s dtype and the branch's output back to
+      the base output's dtype; where True it does neither. Dropout is ``F.dropout`` (nn.Dropout's
+      mask and RNG draw), then two autocast linears and ``* scaling``, added to the base output.
+    """
+    F = torch.nn.functional
+    packed, state = canonicalize(packed, quant_state)
+    inp_dtype = x.dtype
+    xc = x if compute_dtype is None else x.to(compute_dtype)
+    weight = dequantize_nf4_reference(packed, state)
+    y = F.linear(xc, weight, None if bias is None else bias.to(xc.dtype)).to(inp_dtype)
+    if lora_A is None:
+        return y
+    convert = not torch.is_autocast_enabled()  # peft's own (CUDA-only) check, kept on purpose
+    xa = x.to(lora_A.dtype) if convert else x
+    if training and dropout_p > 0.0:
+        xa = F.dropout(xa, dropout_p, training=True)
+    out = F.linear(F.linear(xa, lora_A), lora_B) * scaling
+    return y + (out.to(y.dtype) if convert else out)
