@@ -123,6 +123,7 @@ def nf4_specs(dt: str, Kd: int = 4096, N: int = 4096, M: int = 4096, gemv_ms=(1,
     import torch
 
     from fastpeft.kernels import nf4 as K
+    from fastpeft.ops.settings import get_settings
 
     fp32 = dt == "fp32"
     BS, NBS = 64, 256
@@ -143,7 +144,7 @@ def nf4_specs(dt: str, Kd: int = 4096, N: int = 4096, M: int = 4096, gemv_ms=(1,
             ("nf4.matmul fwd", True, dict(HAS_BIAS=True, HAS_MASK=False)),
             ("nf4.matmul dx", False, dict(HAS_BIAS=False, HAS_MASK=False))):
         bm, bp, bq, gm, kw = K._matmul_config(M, N if trans_w else Kd, trans_w, torch_dt, BS, interp=False)
-        pair = trans_w and K._pair_enabled()
+        pair = trans_w and get_settings().nf4_pair  # the launcher's default plan (Settings.nf4_pair)
         const = dict(qc, **mm, **extra, TRANS_W=trans_w, HAS_LORA=True, ROW_SCALE=True, PAIR=pair,
                      BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, R_PAD=16, GROUP_M=gm)
         P, Q = (N, Kd) if trans_w else (Kd, N)
