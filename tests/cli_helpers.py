@@ -64,3 +64,12 @@ def task_rows(n: int, seed: int):
         i = r.randrange(len(LETTERS) - 2)
         rows.append({"prompt": f"next : {LETTERS[i]}", "completion": f"{LETTERS[i + 1]} {LETTERS[i + 2]}"})
     return rows
+
+
+def run_files(d: Path):
+    """(model dir, train.jsonl, eval.jsonl) of a tiny run under ``d``: 64 task rows to train on, 4 to
+    evaluate (the resume and distributed tests share them)."""
+    model = save_tiny_llama(d / "model")
+    train = write_rows(d / "train.jsonl", task_rows(64, 1))
+    ev = write_rows(d / "eval.jsonl", task_rows(4, 2))
+    return model, train, ev

@@ -148,3 +148,16 @@ class TokenRows(torch.utils.data.Dataset):
 def ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(1, 128, (2, 9), generator=g)
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary (w0..w119 + UNK/PAD/EOS), for TRL and
+    Trainer tests that need a real ``PreTrainedTokenizerFast`` without a hub download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(120)}
+    vocab.update({"[UNK]": 120, "[PAD]": 121, "[EOS]": 122})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")

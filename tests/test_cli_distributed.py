@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import save_tiny_llama, task_rows, write_rows
+from cli_helpers import run_files
 from fastpeft.cli.main import main
 
 LOSS_ATOL = 1e-5
@@ -41,10 +41,7 @@ LOSS_ATOL = 1e-5
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    model = save_tiny_llama(d / "model")
-    train = write_rows(d / "train.jsonl", task_rows(64, 1))
-    ev = write_rows(d / "eval.jsonl", task_rows(4, 2))
-    return model, train, ev
+    return run_files(d)
 
 
 def _argv(setup, out: Path, *extra: str, dropout: str = "0") -> list[str]:

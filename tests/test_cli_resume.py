@@ -15,17 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import save_tiny_llama, task_rows, write_rows
+from cli_helpers import run_files
 from fastpeft.cli.main import main
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
-    model = save_tiny_llama(d / "model")
-    train = write_rows(d / "train.jsonl", task_rows(64, 1))
-    ev = write_rows(d / "eval.jsonl", task_rows(4, 2))
-    return model, train, ev
+    return run_files(d)
 
 
 def _argv(setup, out: Path, *extra: str) -> list[str]:

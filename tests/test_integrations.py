@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, count_calls, tiny_llama
+from conftest import FP32_ATOL, count_calls, tiny_llama, word_tokenizer
 
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
@@ -95,24 +95,13 @@ def test_no_import_hook_is_installed():
 
 
 # ----------------------------------------------------------------------------- TRL
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(120)}
-    vocab.update({"[UNK]": 120, "[PAD]": 121, "[EOS]": 122})
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
-
-
 def _sft(tmp_path, model, peft_config=None, callbacks=None, steps=3, bf16=True):
     """A short SFTTrainer run; bf16=True is TRL's default (autocast, also on CPU)."""
     data = datasets.Dataset.from_dict({"text": [" ".join(f"w{(3 * i + j) % 100}" for j in range(10)) for i in range(8)]})
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
                          report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
                          seed=0, data_seed=0, bf16=bf16)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_word_tokenizer(),
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=word_tokenizer(),
                              peft_config=peft_config, callbacks=callbacks)
     trainer.train()
     return trainer, [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]

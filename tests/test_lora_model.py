@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastpeft
-from conftest import FP32_ATOL, TokenRows, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import FP32_ATOL, TokenRows, tiny_bert, tiny_gpt2, tiny_llama, word_tokenizer
 
 peft = pytest.importorskip("peft")
 
@@ -237,17 +237,6 @@ def test_transformers_trainer_trains_and_saves_adapter(tmp_path):
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), atol=FP32_ATOL, rtol=0)
 
 
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(120)}
-    vocab.update({"[UNK]": 120, "[PAD]": 121, "[EOS]": 122})
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
-
-
 def test_trl_sft_trainer_trains_and_saves_adapter(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
@@ -256,7 +245,7 @@ def test_trl_sft_trainer_trains_and_saves_adapter(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
                          report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_word_tokenizer())
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=word_tokenizer())
     trainer.train()
     assert any((p - before[n]).abs().max() > 0 for n, p in model.named_parameters() if n in before)
     trainer.save_model(str(tmp_path / "final"))
