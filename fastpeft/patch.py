@@ -61,6 +61,7 @@ from fastpeft.ops.backend import choose_backend, fallback_reason, requested_back
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.nf4 import bnb_linear4bit
+from fastpeft.patch_loss import patch_loss, unpatch_loss
 from fastpeft.patch_prefix import patch_prefix, unpatch_prefix
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchedModule", "SkippedModule"]
@@ -97,6 +98,8 @@ class PatchReport:
             layers without an adapter (the QLoRA op without a LoRA branch).
         native: fastpeft LoRA layers, which run the op already (left as they are).
         skipped: LoRA / tuner layers left untouched, each with the reason.
+        loss: whether the causal LM's labelled loss now runs the fused linear cross-entropy
+            (``{"name", "kind", "note"}``) or why not (``"reason"``); None with ``fused_loss=False``.
     """
 
     backend: str
@@ -104,6 +107,7 @@ class PatchReport:
     patched: List[PatchedModule] = field(default_factory=list)
     native: List[PatchedModule] = field(default_factory=list)
     skipped: List[SkippedModule] = field(default_factory=list)
+    loss: Optional[Dict[str, str]] = None  # patch_loss's result: {"name", "kind", "note" or "reason"}
 
     @property
     def patched_names(self) -> List[str]:
@@ -120,6 +124,7 @@ class PatchReport:
             "patched": [vars(p) for p in self.patched],
             "native": [vars(p) for p in self.native],
             "skipped": [vars(s) for s in self.skipped],
+            "loss": self.loss,
         }
 
     def __str__(self) -> str:
@@ -134,6 +139,8 @@ class PatchReport:
             lines.append(f"  native   {p.name}: {p.kind}" + (f" [{p.note}]" if p.note else ""))
         for s in self.skipped:
             lines.append(f"  skipped  {s.name}: {s.kind}: {s.reason}")
+        if self.loss:
+            lines.append(f"  loss     {self.loss['kind']}: {self.loss.get('note') or 'not fused: ' + self.loss['reason']}")
         return "\n".join(lines)
 
 
@@ -369,7 +376,7 @@ def _probe_tensor(model: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
-def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
+def patch(model: nn.Module, backend: Optional[str] = None, fused_loss: bool = True) -> PatchReport:
     """Route the LoRA layers of ``model`` to fastpeft's fused LoRA-linear op (the QLoRA op for
     LoRA on bitsandbytes 4-bit bases), and frozen bitsandbytes ``Linear4bit`` layers to the
     QLoRA op.
@@ -381,6 +388,8 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         backend: ``"triton"`` or ``"reference"`` to force one for the patched layers (also
             re-routes fastpeft's own layers); None: automatic per call (Triton for CUDA
             tensors), honouring ``FASTPEFT_BACKEND``.
+        fused_loss: a causal LM called with ``labels`` computes its loss with the fused linear
+            cross-entropy (:mod:`fastpeft.patch_loss`; logits are then None in training mode).
 
     Returns:
         A :class:`PatchReport` listing patched, native and skipped layers (with reasons); it
@@ -415,6 +424,7 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             report.skipped.append(SkippedModule(**prefix))
         else:
             report.patched.append(PatchedModule(**prefix))
+    report.loss = patch_loss(model, explicit) if fused_loss else None  # fastpeft/patch_loss.py
 
     inside_tuner = set()
     for module in model.modules():
@@ -489,6 +499,7 @@ def _install(module: nn.Module, backend: Optional[str], kind: str = "lora") -> N
 def unpatch(model: nn.Module) -> List[str]:
     """Restore the original forward of every layer :func:`patch` changed; returns their names."""
     restored = unpatch_prefix(model)
+    unpatch_loss(model)  # not a layer: not listed among the restored names
     for name, module in model.named_modules():
         state = module.__dict__.pop(_STATE_ATTR, None)
         if state is None:
