@@ -9,7 +9,8 @@ One step = forward with labels + loss + backward + AdamW step, batch 1, gradient
 * ``fastpeft`` - ``fastpeft.get_peft_model`` (both fused by default).
 
 Each (model, seq, arm) runs in its own subprocess, so one arm's allocations never count for another.
-Peak memory: on CPU the process high-water RSS (``ru_maxrss``), with
+Peak memory: on CPU the high-water RSS of the steps (``VmHWM`` after resetting it with
+``/proc/self/clear_refs`` once the model is built; ``ru_maxrss`` of the whole process is reported too), with
 ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` in every arm's environment so glibc hands
 freed memory back at once and RSS tracks live tensors (with glibc's defaults it measures what the
 allocator keeps); it includes the Python runtime, libraries and weights. On GPU
@@ -101,7 +102,31 @@ def _build(spec: dict, dev: torch.device):
 
 
 def _rss_mib() -> float:
+    """The process's high-water RSS so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _reset_rss_peak() -> bool:
+    """Restart the kernel's high-water RSS count (Linux: ``5 > /proc/self/clear_refs``), so the steps' peak
+    is not the model loader's; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_mib() -> float:
+    """``VmHWM`` (the high-water RSS since the last reset) in MiB, else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return _rss_mib()
 
 
 def worker(spec: dict) -> dict:
@@ -113,6 +138,8 @@ def worker(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, spec["seq"]), generator=gen).to(dev)
     rss_built = _rss_mib()
+    load_before = os.getloadavg()[0]
+    reset = dev.type == "cpu" and _reset_rss_peak()
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -130,9 +157,12 @@ def worker(spec: dict) -> dict:
         times.append(time.perf_counter() - start)
     timed = times[1:] or times
     step_s = statistics.median(timed)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _rss_mib()
+    cpu = dev.type == "cpu"
+    peak = _hwm_mib() if cpu else torch.cuda.max_memory_allocated() / 2**20
     return {"model": spec["model"], "seq": spec["seq"], "arm": spec["arm"], "step s": step_s,
-            "tokens/s": spec["seq"] / step_s, "peak MiB": peak, "built MiB": rss_built if dev.type != "cuda" else None,
+            "tokens/s": spec["seq"] / step_s, "peak MiB": peak,
+            "process peak MiB": max(rss_built, peak, _rss_mib()) if cpu else None, "built MiB": rss_built if cpu else None,
+            "peak reset after build": reset, "load avg": f"{load_before:.1f}-{os.getloadavg()[0]:.1f}",
             "loss": losses[0], "steps": len(times), "device": dev.type}
 
 
@@ -160,12 +190,17 @@ def with_ratios(rows: List[dict]) -> List[dict]:
 
 
 def render(rows: List[dict], env: Dict[str, str]) -> str:
-    cols = ("model", "seq", "arm", "step s", "tokens/s", "peak MiB", "memory vs peft", "speed vs peft", "loss")
+    cols = ("model", "seq", "arm", "step s", "tokens/s", "peak MiB", "memory vs peft", "speed vs peft",
+            "process peak MiB", "load avg", "loss")
     lines = ["# Whole LoRA step: peak memory and time (benchmarks/train_memory.py)", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += ["", "Batch 1, gradient checkpointing on, LoRA r=16 all-linear, AdamW. Peak memory: "
               + ("max_memory_allocated." if env.get("peak") == "cuda" else
-                 "process high-water RSS, one process per arm, MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0."),
+                 "the steps' high-water RSS (VmHWM, reset after the model is built; it includes the weights, "
+                 "optimizer state and Python runtime), one process per arm, MALLOC_MMAP_THRESHOLD_=65536 "
+                 "MALLOC_TRIM_THRESHOLD_=0; `process peak MiB` is ru_maxrss over the whole process, loading "
+                 "included. `load avg` is the machine's 1-minute load before-after the arm (2 shared cores: "
+                 "times are only comparable at similar load)."),
               "`memory vs peft` < 1: less memory; `speed vs peft` > 1: faster.", ""]
     lines.append(markdown_table([{c: r.get(c) for c in cols} for r in rows]))
     return "\n".join(lines) + "\n"
@@ -188,21 +223,22 @@ def main(argv=None) -> int:
         return 0
     cuda = torch.cuda.is_available() and not a.cpu
     models = a.models or (["smollm2", "1b", "8b"] if cuda else ["smollm2"])
-    rows = []
+    env = environment()
+    env.update({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "peak": "cuda" if cuda else "rss",
+                "weights": a.weights, "steps per arm": str(a.steps)})
+    stem = f"train_memory-{slug(env['device'])}-{env['date'][:10]}"
+    os.makedirs(a.out, exist_ok=True)
+    rows: List[dict] = []
     for model in models:
         for seq in a.seqs:
             for arm in a.arms:
                 spec = {"model": model, "seq": seq, "arm": arm, "steps": a.steps, "weights": a.weights, "cpu": a.cpu}
                 rows.append(run_arm(spec, a.timeout))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    env = environment()
-    env.update({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "peak": "cuda" if cuda else "rss",
-                "weights": a.weights, "steps per arm": str(a.steps)})
-    rows = with_ratios(rows)
-    stem = f"train_memory-{slug(env['device'])}-{env['date'][:10]}"
-    os.makedirs(a.out, exist_ok=True)
-    atomic_write(os.path.join(a.out, stem + ".md"), render(rows, env))
-    atomic_write(os.path.join(a.out, stem + ".json"), json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+                rows = with_ratios(rows)  # results so far are written after every arm
+                atomic_write(os.path.join(a.out, stem + ".md"), render(rows, env))
+                atomic_write(os.path.join(a.out, stem + ".json"),
+                             json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     print(render(rows, env))
     return 0
 

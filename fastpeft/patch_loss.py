@@ -217,7 +217,7 @@ class _FusedLossForward:
     def __call__(self, *args, **kwargs):
         model = self._model_ref
         state = model.__dict__[_STATE_ATTR]
-        original = state["orig_forward"] or functools.partial(type(model).forward, model)
+        original = functools.partial(type(model).forward, model)
         labelled = _has_labels(model, args, kwargs)
         head = fused_loss_head(model)[0] if labelled else None
         if head is None:
@@ -245,10 +245,14 @@ def patch_loss(model: nn.Module, backend: Optional[str] = None) -> Dict[str, str
     if head is None:
         return {"name": "lm_head", "kind": kind, "reason": reason}
     state = causal_lm.__dict__.get(_STATE_ATTR)
+    other = causal_lm.__dict__.get("forward")
+    if state is None and other is not None:
+        return {"name": "lm_head", "kind": kind, "reason": f"the model's forward is already replaced on the instance "
+                f"({getattr(other, '__qualname__', type(other).__name__)}, e.g. TRL's fused LM head); it is left alone"}
     if state is not None:
         state["backend"] = backend
     else:
-        causal_lm.__dict__[_STATE_ATTR] = {"backend": backend, "orig_forward": causal_lm.__dict__.get("forward")}
+        causal_lm.__dict__[_STATE_ATTR] = {"backend": backend}
         causal_lm.forward = _FusedLossForward(causal_lm)
     extras = [f"logit_scale={head.logit_scale:g}"] if head.logit_scale != 1.0 else []
     extras += [f"softcap={head.softcap:g}"] if head.softcap else []
@@ -262,10 +266,7 @@ def unpatch_loss(model: nn.Module) -> List[str]:
     state = causal_lm.__dict__.pop(_STATE_ATTR, None)
     if state is None:
         return []
-    if state["orig_forward"] is not None:
-        causal_lm.forward = state["orig_forward"]
-    else:
-        causal_lm.__dict__.pop("forward", None)
+    causal_lm.__dict__.pop("forward", None)
     return ["lm_head"]
 
 

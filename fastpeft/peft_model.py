@@ -451,6 +451,7 @@ class PeftModelForCausalLM(PeftModel):
     fused_loss: bool = True
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        skip_logits = kwargs.pop("skip_logits", None)  # the fused loss's switch; the base model does not know it
         if self._is_prompt_learning and not self._prompt_learning_disabled:
             kwargs.update(_call_kwargs(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict))
             return self._prompt_forward_causal_lm(input_ids, attention_mask, inputs_embeds, labels, kwargs)
@@ -461,15 +462,16 @@ class PeftModelForCausalLM(PeftModel):
         base = self.get_base_model()
         head = self._fused_loss_head(base, call)
         if head is not None:
-            return fused_causal_lm_forward(base, head, (), call)
-        call.pop("skip_logits", None)
+            return fused_causal_lm_forward(base, head, (), dict(call, skip_logits=skip_logits))
+        if skip_logits is not None and is_loss_patched(base):
+            call["skip_logits"] = skip_logits  # the patched base forward reads it
         return base(**call)
 
     def _fused_loss_head(self, base: nn.Module, call: Dict[str, Any]):
         """The fused loss's view of ``base`` when this call should use it (labels given, switched on), else None."""
         if not self.fused_loss or (call.get("labels") is None and call.get("shift_labels") is None):
             return None
-        if is_loss_patched(base):  # fastpeft.patch already routes the base model's forward
+        if "forward" in base.__dict__:  # fastpeft.patch routes it already, or another library's head (TRL's)
             return None
         return fused_loss_head(base)[0]
 
