@@ -162,6 +162,17 @@ def _post_logits(head: LossHead, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _named_arguments(causal_lm: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """A call's arguments by name, as the model's forward would receive them (positional ones too)."""
+    signature = inspect.signature(type(causal_lm).forward)
+    bound = signature.bind(causal_lm, *args, **kwargs)
+    call = {k: v for k, v in bound.arguments.items() if k != "self"}
+    for p in signature.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(call.pop(p.name, {}))
+    return call
+
+
 def fused_causal_lm_forward(causal_lm: nn.Module, head: LossHead, args: tuple, kwargs: Dict[str, Any],
                             backend: Optional[str] = None):
     """``causal_lm(*args, **kwargs)`` with ``labels`` (or ``shift_labels``), the loss from the fused op.
@@ -171,11 +182,7 @@ def fused_causal_lm_forward(causal_lm: nn.Module, head: LossHead, args: tuple, k
     """
     kwargs = dict(kwargs)
     skip_logits = kwargs.pop("skip_logits", None)
-    bound = inspect.signature(type(causal_lm).forward).bind(causal_lm, *args, **kwargs)
-    call = {k: v for k, v in bound.arguments.items() if k != "self"}
-    var_kw = next((p.name for p in inspect.signature(type(causal_lm).forward).parameters.values()
-                   if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    call.update(call.pop(var_kw, {}) if var_kw else {})
+    call = _named_arguments(causal_lm, args, kwargs)
     labels = call.pop("labels", None)
     logits_to_keep = call.pop("logits_to_keep", 0)
     return_dict = call.pop("return_dict", None)

@@ -152,3 +152,19 @@ def test_patch_switch_and_unsupported_models():
     wrapped = peft.get_peft_model(_tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     report = fastpeft.patch(wrapped)
     assert "reason" in report.loss and "nn.Linear" in report.loss["reason"] and not is_loss_patched(wrapped)
+
+
+def test_patch_loss_on_a_plain_causal_lm_positional_labels_and_tuples():
+    from fastpeft.patch_loss import patch_loss, unpatch_loss
+
+    model = _tiny("qwen2").train()
+    ids, labels = _batch(seed=3)
+    want = model(input_ids=ids, labels=labels).loss
+    assert patch_loss(model)["kind"] == "loss of Qwen2ForCausalLM"
+    got = model(ids, None, None, None, None, labels)  # labels by position (input_ids, mask, positions, cache, embeds)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want, atol=FP32_ATOL, rtol=1e-5)
+    as_tuple = model(input_ids=ids, labels=labels, return_dict=False, skip_logits=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], want, atol=FP32_ATOL, rtol=1e-5)
+    assert unpatch_loss(model) == ["lm_head"] and "forward" not in model.__dict__
