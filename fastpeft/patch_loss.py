@@ -39,7 +39,8 @@ from torch import nn
 
 from fastpeft.ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["patch_loss", "unpatch_loss", "fused_loss_head", "fused_causal_lm_forward", "LossHead"]
+__all__ = ["patch_loss", "unpatch_loss", "fused_loss_head", "fused_causal_lm_forward", "call_with_fused_loss",
+           "is_loss_patched", "LossHead"]
 
 _STATE_ATTR = "_fastpeft_loss_state"
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -200,6 +201,18 @@ def fused_causal_lm_forward(causal_lm: nn.Module, head: LossHead, args: tuple, k
     skip = causal_lm.training if skip_logits is None else bool(skip_logits)
     logits = None if skip else _post_logits(head, hidden)
     return _output(causal_lm, loss, logits, outputs, return_dict)
+
+
+def call_with_fused_loss(causal_lm: nn.Module, head: LossHead, kwargs: Dict[str, Any], backend: Optional[str] = None):
+    """``causal_lm(**kwargs)`` through the module's ``__call__`` (so its hooks run: AdaLoRA's regulariser
+    is a forward hook) with the fused loss as the forward, for this call only."""
+    if "forward" in causal_lm.__dict__:
+        raise RuntimeError("call_with_fused_loss: the model's forward is already replaced on the instance")
+    causal_lm.__dict__["forward"] = lambda *a, **k: fused_causal_lm_forward(causal_lm, head, a, k, backend=backend)
+    try:
+        return causal_lm(**kwargs)
+    finally:
+        causal_lm.__dict__.pop("forward", None)
 
 
 def _has_labels(causal_lm: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, U
 import torch
 from torch import nn
 
-from fastpeft.patch_loss import fused_causal_lm_forward, fused_loss_head, is_loss_patched
+from fastpeft.patch_loss import call_with_fused_loss, fused_loss_head, is_loss_patched
 from fastpeft.config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig, PeftType, TaskType
 from fastpeft.prompt_learning import PromptLearningMixin
 from fastpeft.tuners.base import PEFT_TYPE_TO_TUNER, BaseTuner, register_tuner  # noqa: F401
@@ -462,7 +462,7 @@ class PeftModelForCausalLM(PeftModel):
         base = self.get_base_model()
         head = self._fused_loss_head(base, call)
         if head is not None:
-            return fused_causal_lm_forward(base, head, (), dict(call, skip_logits=skip_logits))
+            return call_with_fused_loss(base, head, dict(call, skip_logits=skip_logits))
         if skip_logits is not None and is_loss_patched(base):
             call["skip_logits"] = skip_logits  # the patched base forward reads it
         return base(**call)
