@@ -81,6 +81,7 @@ from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.nf4 import bnb_linear4bit
 from fastpeft.ops.settings import Settings, get_settings
+from fastpeft.patch_loss import patch_loss, unpatch_loss
 from fastpeft.patch_prefix import patch_prefix, unpatch_prefix
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchedModule", "SkippedModule", "Route", "ROUTES"]
@@ -119,6 +120,8 @@ class PatchReport:
             layers without an adapter (the QLoRA op without a LoRA branch).
         native: fastpeft LoRA layers, which run the op already (left as they are).
         skipped: LoRA / tuner layers left untouched, each with the reason.
+        loss: whether the causal LM's labelled loss now runs the fused linear cross-entropy
+            (``{"name", "kind", "note"}``) or why not (``"reason"``); None with ``fused_loss=False``.
     """
 
     backend: str
@@ -127,6 +130,7 @@ class PatchReport:
     native: List[PatchedModule] = field(default_factory=list)
     skipped: List[SkippedModule] = field(default_factory=list)
     settings: Optional[Settings] = None
+    loss: Optional[Dict[str, str]] = None  # patch_loss's result: {"name", "kind", "note" or "reason"}
 
     @property
     def patched_names(self) -> List[str]:
@@ -144,6 +148,7 @@ class PatchReport:
             "native": [vars(p) for p in self.native],
             "skipped": [vars(s) for s in self.skipped],
             "settings": None if self.settings is None else dict(vars(self.settings)),
+            "loss": self.loss,
         }
 
     def __str__(self) -> str:
@@ -160,6 +165,8 @@ class PatchReport:
             lines.append(f"  native   {p.name}: {p.kind}" + (f" [{p.note}]" if p.note else ""))
         for s in self.skipped:
             lines.append(f"  skipped  {s.name}: {s.kind}: {s.reason}")
+        if self.loss:
+            lines.append(f"  loss     {self.loss['kind']}: {self.loss.get('note') or 'not fused: ' + self.loss['reason']}")
         return "\n".join(lines)
 
 
@@ -591,7 +598,8 @@ def _probe_tensor(model: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
-def patch(model: nn.Module, backend: Optional[str] = None, *, settings: Optional[Settings] = None) -> PatchReport:
+def patch(model: nn.Module, backend: Optional[str] = None, fused_loss: bool = True, *,
+          settings: Optional[Settings] = None) -> PatchReport:
     """Route the LoRA layers of ``model`` to fastpeft's fused LoRA-linear op (the QLoRA op for
     LoRA on bitsandbytes 4-bit bases), and frozen bitsandbytes ``Linear4bit`` layers to the
     QLoRA op.
@@ -606,6 +614,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, settings: Optional
         settings: the :class:`fastpeft.Settings` the patched layers use (also re-routes
             fastpeft's own layers); None: :func:`fastpeft.get_settings` now. Resolved once
             and baked into the layers, with ``backend`` overriding its backend.
+        fused_loss: a causal LM called with ``labels`` computes its loss with the fused linear
+            cross-entropy (:mod:`fastpeft.patch_loss`; logits are then None in training mode).
 
     Returns:
         A :class:`PatchReport` listing patched, native and skipped layers (with reasons); it
@@ -645,6 +655,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, settings: Optional
             report.skipped.append(SkippedModule(**prefix))
         else:
             report.patched.append(PatchedModule(**prefix))
+    report.loss = patch_loss(model, resolved.backend) if fused_loss else None  # fastpeft/patch_loss.py
 
     for layer in _layers(model):
         _route_layer(layer, explicit, resolved, report)
@@ -672,6 +683,7 @@ def _install(module: nn.Module, settings: Settings, route: Route) -> None:
 def unpatch(model: nn.Module) -> List[str]:
     """Restore the original forward of every layer :func:`patch` changed; returns their names."""
     restored = unpatch_prefix(model)
+    unpatch_loss(model)  # not a layer: not listed among the restored names
     for name, module in model.named_modules():
         state = module.__dict__.pop(_STATE_ATTR, None)
         if state is None:

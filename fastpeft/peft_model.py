@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, U
 import torch
 from torch import nn
 
+from fastpeft.patch_loss import call_with_fused_loss, fused_loss_head, is_loss_patched
 from fastpeft.config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig, PeftType, TaskType
 from fastpeft.prompt_learning import PromptLearningMixin
 from fastpeft.tuners.base import PEFT_TYPE_TO_TUNER, BaseTuner, register_tuner  # noqa: F401
@@ -436,24 +437,40 @@ def _call_kwargs(**kwargs: Any) -> Dict[str, Any]:
 
 
 class PeftModelForCausalLM(PeftModel):
-    """PeftModel for decoder-only language models (``task_type="CAUSAL_LM"``)."""
+    """PeftModel for decoder-only language models (``task_type="CAUSAL_LM"``).
+
+    Called with ``labels`` (not prompt learning), the loss comes from the fused linear
+    cross-entropy (:mod:`fastpeft.patch_loss`): the logits are never formed in full, and in training
+    mode the output's ``logits`` is None unless ``skip_logits=False`` is passed. Set
+    ``model.fused_loss = False`` for the model's own loss and logits.
+    """
+
+    fused_loss: bool = True
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        skip_logits = kwargs.pop("skip_logits", None)  # the fused loss's switch; the base model does not know it
         if self._is_prompt_learning and not self._prompt_learning_disabled:
             kwargs.update(_call_kwargs(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict))
             return self._prompt_forward_causal_lm(input_ids, attention_mask, inputs_embeds, labels, kwargs)
-        return self.get_base_model()(
-            **_call_kwargs(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-            ),
-            **kwargs,
-        )
+        call = _call_kwargs(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                            return_dict=return_dict)
+        call.update(kwargs)
+        base = self.get_base_model()
+        head = self._fused_loss_head(base, call)
+        if head is not None:
+            return call_with_fused_loss(base, head, dict(call, skip_logits=skip_logits))
+        if skip_logits is not None and is_loss_patched(base):
+            call["skip_logits"] = skip_logits  # the patched base forward reads it
+        return base(**call)
+
+    def _fused_loss_head(self, base: nn.Module, call: Dict[str, Any]):
+        """The fused loss's view of ``base`` when this call should use it (labels given, switched on), else None."""
+        if not self.fused_loss or (call.get("labels") is None and call.get("shift_labels") is None):
+            return None
+        if "forward" in base.__dict__:  # fastpeft.patch routes it already, or another library's head (TRL's)
+            return None
+        return fused_loss_head(base)[0]
 
     def generate(self, *args: Any, **kwargs: Any):
         """Generate with the active adapter (transformers' ``generate``; greedy output equals peft's)."""

@@ -76,7 +76,11 @@ def lora_train_step(model, ids, seed: int = 0):
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    out = model(input_ids=ids, labels=ids)
+    # the fused LM-head loss (fastpeft's models, fastpeft.patch) skips the logits unless asked
+    from fastpeft.patch_loss import is_loss_patched
+
+    fused = is_loss_patched(model) or getattr(model, "fused_loss", False)
+    out = model(input_ids=ids, labels=ids, **({"skip_logits": False} if fused else {}))
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(".lora_" in n for n in grads)

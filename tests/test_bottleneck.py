@@ -322,7 +322,7 @@ def test_bf16_base_fp32_adapters_and_checkpointing(ids):
     torch.testing.assert_close(_out(model.eval(), ids), _out(tiny_llama().to(torch.bfloat16), ids), atol=0, rtol=0)
     model.gradient_checkpointing_enable()
     model.train()
-    out = model(input_ids=ids, labels=ids)
+    out = model(input_ids=ids, labels=ids, skip_logits=False)  # the fused loss skips logits in training unless asked
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     ups = [p.grad for n, p in model.named_parameters() if ".adapter_up." in n]

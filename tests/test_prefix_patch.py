@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
 from conftest import tiny_gpt2  # noqa: E402
+from fastpeft.patch_loss import is_loss_patched  # noqa: E402
 from fastpeft.prefix_attention_hf import REGISTRY_ATTR  # noqa: E402
 from prefix_helpers import run_peft  # noqa: E402
 
@@ -62,7 +63,8 @@ def _batch(B=3, T=9):
 def _step(pm, ids, mask):
     """logits, loss and the prefix-encoder gradients of one training forward/backward."""
     pm.zero_grad(set_to_none=True)
-    out = pm(input_ids=ids, attention_mask=mask, labels=ids)
+    keep = {"skip_logits": False} if is_loss_patched(pm) else {}  # the fused loss skips training logits
+    out = pm(input_ids=ids, attention_mask=mask, labels=ids, **keep)
     (out.loss + (out.logits * torch.linspace(-1, 1, out.logits.shape[-1])).mean()).backward()
     grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
     return out.logits.detach(), out.loss.detach(), grads
