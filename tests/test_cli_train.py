@@ -12,8 +12,8 @@ import torch
 from fastpeft.cli.main import main
 from fastpeft.cli.data import IGNORE_INDEX, collate, encode_row, read_jsonl
 from fastpeft.cli.errors import TrainError
-from fastpeft.cli.loss import completion_loss
 
+from conftest import count_calls
 from cli_helpers import save_tiny_llama, task_rows as _task_rows, tokenizer as _tokenizer, write_rows as _write_rows
 
 
@@ -69,21 +69,40 @@ def test_truncation_that_removes_the_completion_drops_the_row():
     assert ex.labels[:-1] == [IGNORE_INDEX] * 10
 
 
-def test_collate_and_loss_ignore_padding():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-loss", "full-logits"])
+def test_collate_and_loss_ignore_padding(tmp_path, monkeypatch, fused):
+    """batch_loss sums the next-token cross-entropy over completion tokens only (padding and prompt
+    ignored), through the fused LM-head loss or from full logits: each equals F.cross_entropy on the
+    model's own logits, row by row."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    import fastpeft
+    from fastpeft.cli.loss import batch_loss
+
     tok = _tokenizer()
     exs = [encode_row(tok, {"prompt": "copy : a :", "completion": "a"}, False, 64),
            encode_row(tok, {"prompt": "copy : a b c :", "completion": "a b c"}, False, 64)]
     b = collate(exs, tok.pad_token_id)
     assert b["attention_mask"][0].sum() == len(exs[0].input_ids)
     assert (b["labels"][0, len(exs[0].input_ids):] == IGNORE_INDEX).all()
-    torch.manual_seed(0)
-    logits = torch.randn(*b["input_ids"].shape, len(tok))
-    s, n = completion_loss(logits, b["labels"])
-    # same as summing each row's loss on its own
-    s0, n0 = completion_loss(logits[:1, :len(exs[0].input_ids)], b["labels"][:1, :len(exs[0].input_ids)])
-    s1, n1 = completion_loss(logits[1:], b["labels"][1:])
-    assert n == n0 + n1 == (2 + 4)
-    torch.testing.assert_close(s, s0 + s1)
+    model = fastpeft.get_peft_model(AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "m")),
+                                    fastpeft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False,
+                                                        task_type="CAUSAL_LM"))
+    model.fused_loss = fused
+    model.eval()
+    import fastpeft.peft_model as pm
+    calls = count_calls(monkeypatch, pm, "call_with_fused_loss", record=lambda a, k: 1)
+    with torch.no_grad():
+        s, n = batch_loss(model, b, torch.device("cpu"), use_bf16=False)
+        assert len(calls) == (1 if fused else 0)
+        want = 0.0
+        for row, ex in enumerate(exs):  # each row on its own, unpadded
+            t = len(ex.input_ids)
+            logits = model(input_ids=b["input_ids"][row:row + 1, :t]).logits[0]
+            want += F.cross_entropy(logits[:-1], b["labels"][row, 1:t], ignore_index=IGNORE_INDEX, reduction="sum")
+    assert n == 2 + 4
+    torch.testing.assert_close(s, want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -58,6 +58,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "fsdp2 (fully_shard: parameters, gradients and optimizer state sharded); --batch-size "
                         "stays the global micro-batch, split over the processes (default: one process; ddp "
                         "when launched)")
+    t.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="LM head + cross-entropy in chunks, never the whole [tokens, vocab] logits "
+                        "(fastpeft.ops.linear_cross_entropy); --no-fused-loss computes them from full logits")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA when the GPU supports bf16, off on CPU)")
 

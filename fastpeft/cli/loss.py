@@ -1,7 +1,10 @@
 """The loss of ``fastpeft train``: next-token cross-entropy over completion tokens.
 
-Training and evaluation both go through :func:`batch_loss`, so a different loss computation
-(e.g. a fused linear + cross-entropy that never materialises the logits) is one function to change.
+Training and evaluation both go through :func:`batch_loss`. The model computes the loss from the
+labels itself, summed (``num_items_in_batch=1``): fastpeft's causal-LM wrapper does it with the
+fused linear cross-entropy (one chunk of logits alive at a time) unless ``--no-fused-loss`` turned
+``model.fused_loss`` off; then transformers' loss runs on the full logits. Both sum the same
+next-token cross-entropy over the target (completion) tokens.
 """
 
 from __future__ import annotations
@@ -19,19 +22,10 @@ def autocast(device, use_bf16: bool):
     return contextlib.nullcontext()
 
 
-def completion_loss(logits, labels):
-    """(sum of next-token cross-entropy over target positions, number of target positions)."""
-    import torch.nn.functional as F
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
-
-
 def batch_loss(model, batch: dict, device, use_bf16: bool):
     """Forward one collated batch; (summed completion loss, number of target tokens)."""
+    labels = batch["labels"].to(device)
     with autocast(device, use_bf16):
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-    return completion_loss(logits, batch["labels"])
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    labels=labels, num_items_in_batch=1)  # a divisor of 1: the summed loss
+    return out.loss.float(), int((labels[:, 1:] != IGNORE_INDEX).sum())

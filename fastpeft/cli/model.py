@@ -198,6 +198,7 @@ def build_model(args: argparse.Namespace, device, use_bf16: bool):
         model = get_peft_model(base, cfg)
     except ValueError as exc:
         raise TrainError(f"could not apply LoRA (--target-modules {args.target_modules}): {exc}") from None
+    model.fused_loss = getattr(args, "fused_loss", True)  # the LM head + loss without full logits
     for p in model.parameters():  # adapters train in fp32 even over a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
