@@ -263,9 +263,7 @@ def _quantize_blockwise_dynamic(a: torch.Tensor, blocksize: int) -> Tuple[torch.
     nb = -(-n // blocksize)
     pad = nb * blocksize - n
     blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(nb, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    if pad:  # the padded zeros do not change the max of |x|
-        pass
+    absmax = blocks.abs().amax(dim=1)  # the zero padding cannot raise a block's max of |x|
     normed = (blocks / absmax[:, None]).reshape(-1)[:n]
     search = code.clone()
     search[0] = -1.0
