@@ -263,4 +263,23 @@ def _prefix_group(dt: str, all_shapes: bool):
     return out
 
 
-GROUPS = {"lora": _lora_specs, "nf4": _nf4_group, "dora": _dora_specs, "prefix": _prefix_group}
+# ----------------------------------------------------------------------------- linear cross-entropy
+LCE_VOCABS = (49152, 128256)  # SmolLM2 / Llama-3
+
+
+def _lce_specs(dt: str, all_shapes: bool):
+    """The per-row loss + dlogits kernel as ``cross_entropy_rows_`` launches it: one row per program,
+    BLOCK_V 2048 with 8 warps, gradient pass on, with and without softcapping."""
+    from fastpeft.kernels import linear_cross_entropy as K
+
+    out = []
+    for vocab in (LCE_VOCABS if all_shapes else LCE_VOCABS[:1]):
+        for softcap in (False, True):
+            const = dict(HAS_SOFTCAP=softcap, COMPUTE_GRAD=True, BLOCK_V=2048)
+            vals = (f"*{dt}", vocab, "*i64", "*fp32", "*fp32", vocab, -100, 1.0, 30.0 if softcap else 1.0)
+            out.append(_spec("lce.rows" + (" softcap" if softcap else ""), dt, f"V={vocab}", "BLOCK_V=2048",
+                             K._cross_entropy_rows_kernel, const, vals, 8, 3, 2048))
+    return out
+
+
+GROUPS = {"lora": _lora_specs, "nf4": _nf4_group, "dora": _dora_specs, "prefix": _prefix_group, "lce": _lce_specs}

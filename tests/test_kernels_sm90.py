@@ -1,4 +1,4 @@
-"""The NF4, DoRA and prefix-attention Triton kernels compile for an H100 (sm_90) without a GPU.
+"""The NF4, DoRA, prefix-attention and linear-cross-entropy Triton kernels compile for an H100 (sm_90) without a GPU.
 
 Runs ``benchmarks/aot.py`` (triton's own compiler, bundled ``cuobjdump``) in a subprocess without
 ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit`` at import time) and with an empty
@@ -30,7 +30,8 @@ EXPECTED = {
     ("nf4.matmul fwd", "bf16"), ("nf4.matmul dx", "bf16"),
     ("nf4.matmul fwd", "fp32"), ("nf4.matmul dx", "fp32"),
 } | {(f"prefix.{k}", dt) for k in ("fwd", "dq", "dkdv", "dprefix") for dt in ("bf16", "fp32")} | {
-    (f"lora.{k}", dt) for k in ("down", "dx_add", "grad_a", "fused_fwd") for dt in ("bf16", "fp32")}
+    (f"lora.{k}", dt) for k in ("down", "dx_add", "grad_a", "fused_fwd") for dt in ("bf16", "fp32")} | {
+    (k, dt) for k in ("lce.rows", "lce.rows softcap") for dt in ("bf16", "fp32")}
 
 # bf16 tensor-core tiles of >= 64 rows: Hopper's warpgroup MMA
 WGMMA = {("nf4.matmul fwd", "bf16"), ("nf4.matmul dx", "bf16")} | {
