@@ -77,6 +77,16 @@ class LossHead:
 
 
 @functools.lru_cache(maxsize=None)
+def _forward_calls(cls: type, call: str) -> bool:
+    """Whether ``cls.forward``'s source contains ``call`` (read once per class: this runs on every
+    labelled forward)."""
+    try:
+        return call in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def _forward_processing(cls: type) -> Tuple[Optional[frozenset], Optional[str]]:
     """The logit-processing steps of ``cls.forward`` (a frozenset of names), or None and why not."""
     try:
@@ -118,7 +128,7 @@ def fused_loss_head(causal_lm: nn.Module) -> Tuple[Optional[LossHead], Optional[
     prefix = getattr(causal_lm, "base_model_prefix", "model")
     backbone = getattr(causal_lm, prefix, None)
     head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
-    if not isinstance(backbone, nn.Module) or f"self.{prefix}(" not in inspect.getsource(type(causal_lm).forward):
+    if not isinstance(backbone, nn.Module) or not _forward_calls(type(causal_lm), f"self.{prefix}("):
         return None, f"the forward does not run its backbone .{prefix} (base_model_prefix) as the standard one does"
     if type(head) is not nn.Linear:
         return None, f"the LM head is {type(head).__name__}, not a plain nn.Linear (LoRA or modules_to_save on lm_head)"
