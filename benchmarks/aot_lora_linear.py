@@ -41,7 +41,12 @@ def main(argv=None) -> int:
     ap.add_argument("--first", action="store_true", help="only the first kept config per kernel/rank/dropout (quick check)")
     ap.add_argument("--dropout", choices=["both", "on", "off"], default="both")
     ap.add_argument("--kernels", nargs="+", default=list(LORA_KERNELS), choices=list(LORA_KERNELS))
+    ap.add_argument("--mask-cost", action="store_true",
+                    help="per kernel and rank: the first config kept with dropout, compiled with and without it; "
+                         "prints the dropout mask's SASS instructions per element (the difference)")
     args = ap.parse_args(argv)
+    if args.mask_cost:
+        return mask_cost(args)
 
     import triton
 
@@ -79,6 +84,37 @@ def main(argv=None) -> int:
                           f"{res['per_elem']} |", flush=True)
     print(f"\n{bad} kept config(s) use more than {args.max_local} local/stack bytes per thread")
     return 1 if bad else 0
+
+
+def _compile(K, kind, dt, r, dropout, config, m, k, n):
+    """compile_spec result of LoRA kernel ``kind`` at one config (a ``triton.Config``)."""
+    name, kernel, _ = LORA_KERNELS[kind]
+    fn = getattr(K, kernel).fn
+    const = {key: v for key, v in lora_constants(kind, dt, r, dropout).items() if key in fn.arg_names}
+    spec = _spec(name, dt, "", _cfg(config), fn, dict(const, **config.kwargs), lora_values(kind, dt, m, k, n, r),
+                 config.num_warps, config.num_stages, config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"])
+    return compile_spec(spec)
+
+
+def mask_cost(args) -> int:
+    """The dropout mask's cost in one binary's terms: the same config with and without it (the
+    issue's bound is 16 SASS instructions per element)."""
+    from fastpeft.kernels import lora_linear as K
+
+    print("| kernel | r_pad | config (BM, BN, BK, warps, stages) | instrs/elem, no dropout | with dropout | mask |")
+    print("|---|---|---|---|---|---|")
+    for kind in args.kernels:
+        _, kernel, configs_fn = LORA_KERNELS[kind]
+        fn = getattr(K, kernel).fn
+        for r in args.rank:
+            if kind == "fused" and r > K.MAX_FUSED_RANK:
+                continue
+            const = {key: v for key, v in lora_constants(kind, args.dtype, r, True).items() if key in fn.arg_names}
+            c = K._prune(kind)(getattr(K, configs_fn)(), dict(const, M=args.m, ELEM_BYTES=4 if args.dtype == "fp32" else 2))[0]
+            off, on = (_compile(K, kind, args.dtype, r, d, c, args.m, args.k, args.n)["per_elem"] for d in (False, True))
+            shape = (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N", "-"), c.kwargs.get("BLOCK_K"), c.num_warps, c.num_stages)
+            print(f"| {kind} | {K._pad_rank(r)} | {shape} | {off} | {on} | {on - off:.2f} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

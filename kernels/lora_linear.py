@@ -19,7 +19,7 @@ forward
     ``y = addmm(b, x, W^T)`` (cuBLAS, bias in its epilogue);
     ``u = dropout(x) A^T`` by :func:`lora_down` - one Triton pass over x, the mask drawn
     from ``(seed, m, k)`` with Philox (:func:`_keep_tile`: one 7-round Philox call per 8 columns,
-    16-bit draws against ``round(p * 2^16)``; ~11-16 SASS instructions per element), never stored;
+    16-bit draws against ``round(p * 2^16)``; ~10-15 SASS instructions per element), never stored;
     ``y.addmm_(u, B^T, alpha=s)`` - cuBLAS with beta = 1 accumulates the LoRA branch into y in
     the GEMM epilogue: no separate add pass, no M x N temporary.
     Saved for backward: x (an input anyway), u (M r, tiny) and the integer seed. No mask, no
@@ -52,7 +52,7 @@ is a pure function of ``(seed, m, k // 8)`` with int64 offsets, identical in eve
 (:func:`dropout_mask` materialises it for tests); it drops with probability
 ``round(p * 2^16) / 2^16`` (:func:`dropout_threshold`) and scales by the inverse of what it keeps.
 Backward regenerates the mask (dx_add, grad_a) rather than reading a saved 1-bit mask: at
-~11-16 instructions per element both stay memory-bound on an H100 (benchmarks/roofline.py), and
+~10-15 instructions per element both stay memory-bound on an H100 (benchmarks/roofline.py), and
 regenerating keeps M K / 8 bytes per layer out of the saved activations.
 ``impl="fused"`` with dropout would regenerate the mask in every output column block, so the op
 runs ``split`` instead (with a warning). Under ``TRITON_INTERPRET=1`` tiles are cast
@@ -126,11 +126,18 @@ def _cfg(kw, warps, stages):
 
 
 # ----------------------------------------------------------------------------- configs
+# Largest row blocks first (down, grad_a): autotuning times every kept config either way, but the first one
+# kept is what runs before tuning and what benchmarks/aot.py reports as representative. At
+# training M the big tiles issue the fewest SASS instructions per element (the dropout down
+# kernel at r = 64, 4096^3: 13.7 at 128 rows, 8 warps, against 25.8 at 16 rows, 4 warps;
+# benchmarks/aot_lora_linear.py); for tiny M the pruning drops them and leaves the small ones.
+ROW_BLOCKS_LARGE_FIRST = (128, 64, 32, 16)
+
 def _down_configs():
     if _INTERPRET:
         return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
     out = []
-    for bm in (16, 32, 64, 128):
+    for bm in ROW_BLOCKS_LARGE_FIRST:
         for bk in (64, 128):
             for w in (4, 8):
                 out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
@@ -193,7 +200,7 @@ def _dx_configs():
     if _INTERPRET:
         return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
     out = []
-    for bm in (32, 64, 128):
+    for bm in (32, 64, 128):  # small first: at 128 rows the dropout mask cost 16.0-16.1 instrs/elem, at 32 14.7-14.9
         for bk in (64, 128):
             for w in (4, 8):
                 out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))
@@ -204,7 +211,7 @@ def _da_configs():
     if _INTERPRET:
         return [_cfg({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1)]
     out = []
-    for bm in (32, 64, 128):
+    for bm in ROW_BLOCKS_LARGE_FIRST[:-1]:
         for bk in (32, 64, 128):
             for w in (4, 8):
                 out.append(_cfg({"BLOCK_M": bm, "BLOCK_K": bk}, w, 3))

@@ -42,3 +42,23 @@ def test_kernels_compile_for_sm90():
         assert 0 < float(per_elem) < 40, (kernel, per_elem)
     fused = next(r for r in rows if r[0] == "fused")
     assert fused[3].startswith("(128, 128") and fused[7] == "yes", fused  # Hopper tensor-core path
+
+
+@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton build without the bundled CUDA tools")
+def test_dropout_mask_costs_at_most_16_instructions_per_element():
+    """Issue 12's bound on the mask, read in one binary's terms: each kernel's first kept config
+    compiled with and without dropout (r = 16 and 64, bf16, M = K = N = 4096); the difference of
+    their main loops' SASS per element is the mask's cost."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "aot_lora_linear.py"), "--rank", "16", "64", "--mask-cost"],
+        capture_output=True, text=True, timeout=600, cwd="/", env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in proc.stdout.splitlines()
+            if ln.startswith("| ") and "kernel" not in ln]
+    assert sorted({(r[0], r[1]) for r in rows}) == sorted((k, rp) for k in ("da", "down", "dx", "fused")
+                                                          for rp in ("16", "64")), proc.stdout
+    for kernel, r_pad, config, off, on, mask in rows:
+        assert float(on) > float(off) > 0, (kernel, r_pad, off, on)  # the mask is really compiled in
+        assert float(mask) <= 16.0, (kernel, r_pad, config, mask)
