@@ -19,6 +19,12 @@ Plans modelled (``M`` tokens, ``x [M, K]``, ``W [N, K]``, rank ``r``, bf16):
 * NF4 GEMV at M = 1: fraction of HBM bandwidth on the packed weight (target >= 70 %).
 * QLoRA forward+backward at training M: fused dequant-GEMM vs dequantise + cuBLAS, over bf16
   dense (target <= 1.15).
+* Shared-prefix attention forward+backward (``--only prefix``): fastpeft's four kernels from their
+  compiled innermost loops, as a range (softmax overlapped with / serial to the tensor cores),
+  against peft's masked SDPA (memory-efficient kernel, float bias, no causal skipping) and the
+  alternatives for the same math - FA2 / cuDNN on the concatenation, and the log-sum-exp hybrid -
+  at public H100 rates (:data:`SDPA_TFLOPS`). Targets: masked / fastpeft >= 1.3, best alt /
+  fastpeft >= 1.
 
 Usage: ``python benchmarks/roofline.py [--device H100 H200]`` prints the tables (markdown).
 No ``run()``: ``benchmarks/run.py`` skips it.
