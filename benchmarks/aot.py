@@ -165,6 +165,20 @@ def main_loop(instrs: list) -> tuple:
     return (best, True) if best else (instrs, False)
 
 
+def innermost_loops(instrs: list) -> list:
+    """Instruction counts of the loops that contain no other loop (backward branches whose body
+    holds no other backward branch), in address order: e.g. the prefix, unmasked and diagonal
+    key loops of an attention kernel, where :func:`main_loop` sees only the longest (for nested
+    loops: the outer one, with every inner loop in it)."""
+    ranges = []
+    for addr, text in instrs:
+        m = _BRA.search(text)
+        if m and int(m.group(1), 16) < addr:
+            ranges.append((int(m.group(1), 16), addr))
+    inner = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    return [sum(1 for a, _ in instrs if lo <= a <= hi) for lo, hi in sorted(set(inner))]
+
+
 def _load_bits(text: str) -> int:
     op = text.split()[1] if text.startswith("@") else text.split()[0]
     if not (op.startswith("LDG") or op.startswith("LDGSTS")):
@@ -196,7 +210,7 @@ def analyse(ck, num_warps: int, elems_per_iter: int) -> dict:
     return dict(regs=regs, local=local, shared=shared, ctas_per_sm=ctas, warps_per_sm=ctas * num_warps,
                 tensor_core=tc, wgmma=any("HGMMA" in t for _, t in instrs),
                 widest_load=max([_load_bits(t) for _, t in body] or [0]) or max([_load_bits(t) for _, t in instrs] or [0]),
-                loop_instrs=len(body), scope="loop" if is_loop else "kernel",
+                loop_instrs=len(body), scope="loop" if is_loop else "kernel", inner_loops=innermost_loops(instrs),
                 per_elem=round(len(body) / per_thread, 2) if per_thread else None,
                 ptx=ck.asm["ptx"])
 

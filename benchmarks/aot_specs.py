@@ -214,7 +214,11 @@ def _contig(*shape):
     return tuple(reversed(strides))
 
 
-def prefix_specs(dt: str, B: int = 8, H: int = 32, T: int = 2048, P: int = 32, D: int = 128):
+def prefix_specs(dt: str, B: int = 8, H: int = 32, T: int = 2048, P: int = 32, D: int = 128,
+                 has_mask: bool = True):
+    """The four prefix-attention kernels as the launcher starts them (causal; ``has_mask``: with a
+    key padding mask, the sm_90 table's variant, or without one, the unpadded batches
+    ``roofline.py --only prefix`` models)."""
     import torch
 
     from fastpeft.kernels import prefix_attention as K
@@ -229,15 +233,15 @@ def prefix_specs(dt: str, B: int = 8, H: int = 32, T: int = 2048, P: int = 32, D
     pk = _contig(KVH, P, D)
     kpm = (S, 1)
     scale = D ** -0.5
-    shape = f"B={B} H={H} T={T} P={P} D={D}"
+    shape = f"B={B} H={H} T={T} P={P} D={D}" + ("" if has_mask else " no pad")
     common = dict(BLOCK_D=K._block_d(D), DOT_FP32=dot_fp32, PREC=prec)
     kernels = [
-        ("prefix.fwd", K._fwd_kernel, "fwd", dict(CAUSAL=True, HAS_MASK=True),
+        ("prefix.fwd", K._fwd_kernel, "fwd", dict(CAUSAL=True, HAS_MASK=has_mask),
          (p, p, p, p, p, "*i8", p, "*fp32") + q + kv + kv + pk + pk + kpm + q + (H, G, T, S, P, D, scale * 1.4427)),
-        ("prefix.dq", K._bwd_dq_kernel, "dq", dict(CAUSAL=True, HAS_MASK=True),
+        ("prefix.dq", K._bwd_dq_kernel, "dq", dict(CAUSAL=True, HAS_MASK=has_mask),
          (p, p, p, p, p, "*i8", p, "*fp32", "*fp32", p) + q + kv + kv + pk + pk + kpm + q + q
          + (H, G, T, S, P, D, scale * 1.4427, scale)),
-        ("prefix.dkdv", K._bwd_dkdv_kernel, "dkdv", dict(CAUSAL=True, HAS_MASK=True),
+        ("prefix.dkdv", K._bwd_dkdv_kernel, "dkdv", dict(CAUSAL=True, HAS_MASK=has_mask),
          (p, p, p, "*i8", p, "*fp32", "*fp32", p, p) + q + kv + kv + kpm + q + kv + kv
          + (H, KVH, G, T, S, D, scale * 1.4427, scale)),
         ("prefix.dprefix", K._bwd_dprefix_kernel, "dprefix", {},

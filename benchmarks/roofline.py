@@ -19,6 +19,12 @@ Plans modelled (``M`` tokens, ``x [M, K]``, ``W [N, K]``, rank ``r``, bf16):
 * NF4 GEMV at M = 1: fraction of HBM bandwidth on the packed weight (target >= 70 %).
 * QLoRA forward+backward at training M: fused dequant-GEMM vs dequantise + cuBLAS, over bf16
   dense (target <= 1.15).
+* Shared-prefix attention forward+backward (``--only prefix``): fastpeft's four kernels from their
+  compiled innermost loops, as a range (softmax overlapped with / serial to the tensor cores),
+  against peft's masked SDPA (memory-efficient kernel, float bias, no causal skipping) and the
+  alternatives for the same math - FA2 / cuDNN on the concatenation, and the log-sum-exp hybrid -
+  at public H100 rates (:data:`SDPA_TFLOPS`). Targets: masked / fastpeft >= 1.3, best alt /
+  fastpeft >= 1.
 
 Usage: ``python benchmarks/roofline.py [--device H100 H200]`` prints the tables (markdown).
 No ``run()``: ``benchmarks/run.py`` skips it.
@@ -166,6 +172,193 @@ def nf4_table(devices, shapes=((4096, 4096), (4096, 14336), (14336, 4096)), M=40
     return rows
 
 
+# ----------------------------------------------------------------------------- prefix attention
+# Public H100 SXM5 rates of the SDPA backends the alternatives run, bf16, head dim 128, by sequence
+# length (TFLOP/s in FlashAttention's convention: causal forward 2 B H T^2 D, backward 2.5x that),
+# read off the FlashAttention-3 paper's figures (Shah et al. 2024, arXiv 2407.08608; 16k tokens per
+# batch): forward from its causal panel, backward from its (non-causal) panel, used for causal too,
+# which flatters the alternatives. FA2 = torch's flash backend; cuDNN = torch's cudnn backend. The
+# memory-efficient (CUTLASS, mma.sync) kernel has no H100 figure there: assumed at 0.65x FA2, its ratio
+# to FA2 in the FlashAttention-2 paper's A100 figures.
+SDPA_TFLOPS = {  # seqlen -> (forward, backward) TFLOP/s
+    "FA2": {512: (191, 214), 1024: (260, 260), 2048: (298, 291), 4096: (319, 310)},
+    "cuDNN": {512: (315, 305), 1024: (410, 408), 2048: (484, 465), 4096: (518, 499)},
+}
+SDPA_TFLOPS["efficient"] = {t: (0.65 * f, 0.65 * b) for t, (f, b) in SDPA_TFLOPS["FA2"].items()}
+
+
+def sdpa_rate(backend: str, T: int) -> tuple:
+    """(forward, backward) FLOP/s of an SDPA backend at the tabulated length nearest ``T``."""
+    table = SDPA_TFLOPS[backend]
+    near = min(table, key=lambda t: abs(t - T))
+    return tuple(r * 1e12 for r in table[near])
+
+
+def prefix_ipe(D: int = 128) -> dict:
+    """Instructions per score element of the prefix kernels' innermost loops (aot.py, bf16, causal,
+    no padding mask), in source order: fwd/dq (prefix, unmasked, diagonal), dkdv (diagonal,
+    unmasked), dprefix (one loop); and the compiled facts the table shows."""
+    import aot
+    import aot_specs
+
+    out = {}
+    for s in aot_specs.prefix_specs("bf16", D=D, has_mask=False):
+        r = aot.compile_spec(s)
+        per_thread = s["elems_per_iter"] / (32 * s["warps"])
+        out[s["name"]] = dict(loops=[n / per_thread for n in r["inner_loops"]], regs=r["regs"], local=r["local"],
+                              ctas=r["ctas_per_sm"], tc=r["tensor_core"], wgmma=r["wgmma"])
+    return out
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _query_block_elems(T, S, P, BM, BN):
+    """(prefix, unmasked, diagonal) score elements one (batch, head) computes in a kernel that walks
+    query blocks of ``BM`` over key blocks of ``BN`` as ``_fwd_kernel`` / ``_bwd_dq_kernel`` do
+    (right-aligned causal, no padding)."""
+    off, s_full = S - T, (S // BN) * BN
+    pre = bulk = edge = 0
+    for m0 in range(0, T, BM):
+        hi = min(S, m0 + BM + off)
+        full = min((max(m0 + off + 1, 0) // BN) * BN, s_full)
+        pre += _cdiv(P, BN)
+        bulk += full // BN
+        edge += _cdiv(max(hi - full, 0), BN)
+    return tuple(n * BM * BN for n in (pre, bulk, edge))
+
+
+def _key_block_elems(T, S, BM, BN):
+    """(diagonal, unmasked) score elements of ``_bwd_dkdv_kernel`` per (batch, query head)."""
+    off = S - T
+    diag = bulk = 0
+    for n0 in range(0, S, BN):
+        lo = (max(n0 - off, 0) // BM) * BM
+        full = min(_cdiv(max(n0 + BN - 1 - off, 0), BM) * BM, T)
+        diag += _cdiv(max(full - lo, 0), BM)
+        bulk += _cdiv(max(T - full, 0), BM)
+    return diag * BM * BN, bulk * BM * BN
+
+
+def attention_kernel_s(dev, bytes_, flops, instrs) -> tuple:
+    """(overlapped, serial) seconds of an FA2-style attention kernel: the softmax instructions
+    hidden under the tensor cores (the project's max-of-floors model), or issued between the
+    GEMMs of each tile with the tensor cores idle (no warp specialisation: what the Triton
+    tutorial kernel of the same structure measures, ~320-390 TFLOP/s in the FA3 paper)."""
+    issue = dev["sms"] * LANES_PER_SM_CLOCK * dev["clock"]
+    t_b, t_f, t_i = bytes_ / dev["bw"], flops / dev["tc"], instrs / issue
+    return max(t_b, t_f, t_i) + LAUNCH_GAP_S, max(t_b, t_f + t_i) + LAUNCH_GAP_S
+
+
+def prefix_kernel_plan(dev, B, H, KVH, T, P, D, ipe) -> dict:
+    """Predicted (overlapped, serial) seconds of fastpeft's four prefix kernels, forward and
+    backward, causal, no padding (``S = T``), from the compiled loop lengths ``ipe``."""
+    S, G = T, H // KVH
+    q_bytes, kv_bytes = BF16 * B * H * T * D, BF16 * B * KVH * S * D
+    f = {}
+    pre, bulk, edge = (B * H * n for n in _query_block_elems(T, S, P, 128, 64))
+    lp = ipe["prefix.fwd"]["loops"]
+    f["fwd"] = attention_kernel_s(dev, 2 * q_bytes + 2 * kv_bytes, 4 * D * (pre + bulk + edge),
+                                  pre * lp[0] + bulk * lp[1] + edge * lp[2])
+    pre, bulk, edge = (B * H * n for n in _query_block_elems(T, S, P, 64, 64))
+    lp = ipe["prefix.dq"]["loops"]
+    f["dq"] = attention_kernel_s(dev, 3 * q_bytes + 2 * kv_bytes, 6 * D * (pre + bulk + edge),
+                                 pre * lp[0] + bulk * lp[1] + edge * lp[2])
+    diag, bulk = (B * H * n for n in _key_block_elems(T, S, 64, 64))
+    lp = ipe["prefix.dkdv"]["loops"]
+    f["dkdv"] = attention_kernel_s(dev, 2 * q_bytes + 4 * kv_bytes, 8 * D * (diag + bulk), diag * lp[0] + bulk * lp[1])
+    elems = KVH * _cdiv(P, 64) * 64 * B * G * _cdiv(T, 64) * 64
+    f["dprefix"] = attention_kernel_s(dev, 2 * q_bytes, 8 * D * elems, elems * ipe["prefix.dprefix"]["loops"][0])
+    pre_s = kernel_s(dev, 2 * q_bytes)  # delta = rowsum(dO * O)
+    fwd = f["fwd"]
+    bwd = tuple(pre_s + f["dq"][i] + f["dkdv"][i] + f["dprefix"][i] for i in (0, 1))
+    return dict(fwd=fwd, bwd=bwd)
+
+
+def prefix_alternatives(dev, B, H, KVH, T, P, D) -> dict:
+    """Predicted (forward, backward) seconds of the same math by SDPA, causal, no padding:
+
+    * ``masked``: peft + transformers - the prefix expanded per batch and concatenated into the
+      cache, KV heads repeated when GQA, a boolean [B, 1, T, P+T] mask that SDPA turns into a float
+      bias per call and the memory-efficient kernel reads; it cannot skip the masked triangle.
+    * ``concat <backend>``: the same concatenation, lower-right causal and no mask (FA2 through
+      ``causal_lower_right``; cuDNN needs a square causal, e.g. P zero query rows, whose copy of q is
+      counted too), the concat copies (and their backward) at the HBM floor.
+    * ``hybrid <backend>``: the backend on the sequence part alone (square causal) merged with the
+      prefix part by log-sum-exp, the prefix part as one fused pass (forward: read q, o_s, write
+      o; backward: read q, dO, O, dq and write dq, and read q, dO again for the prefix gradient).
+    """
+    S, G = T, H // KVH
+    q_bytes, kv_bytes = BF16 * B * H * T * D, BF16 * B * KVH * S * D
+    pre_bytes = BF16 * B * KVH * P * D
+    causal = 2.0 * B * H * T * T * D  # FA convention, forward
+    out = {}
+    # concat copies of k and v (read the sequence, write [prefix ; sequence]); backward: the
+    # gradient slices copied out and the prefix gradient summed over the batch
+    cat_f = kernel_s(dev, 2 * (2 * kv_bytes + pre_bytes) + 2 * pre_bytes)
+    cat_b = kernel_s(dev, 2 * (2 * kv_bytes + pre_bytes) + 2 * pre_bytes)
+    fr, br = sdpa_rate("efficient", T)
+    full = 4.0 * B * H * T * (P + S) * D  # every score, masked or not
+    bias = B * T * (P + S)
+    rep = kernel_s(dev, 2 * 2 * BF16 * B * H * (P + S) * D) if G > 1 else 0.0  # repeat_kv copies
+    rep_b = kernel_s(dev, 2 * 2 * BF16 * B * H * (P + S) * D) if G > 1 else 0.0  # and their sum back
+    out["masked"] = (cat_f + rep + kernel_s(dev, 3 * bias) + max(full / fr, (BF16 * bias + 2 * q_bytes) / dev["bw"]),
+                     cat_b + rep_b + max(2.5 * full / br, (BF16 * bias + 6 * q_bytes) / dev["bw"]))
+    lower_right = 2.0 * B * H * D * (2 * T * P + T * T)  # T queries over P + T keys, lower-right
+    for name in ("FA2", "cuDNN"):
+        fr, br = sdpa_rate(name, T)
+        extra_f = extra_b = 0.0
+        if name == "cuDNN":  # square causal: P zero query rows concatenated before q, dO padded back
+            extra_f = kernel_s(dev, 2 * q_bytes + 2 * BF16 * B * H * P * D)
+            extra_b = kernel_s(dev, 2 * q_bytes + 2 * BF16 * B * H * P * D)
+        flops = lower_right if name == "FA2" else 2.0 * B * H * (T + P) ** 2 * D
+        out[f"concat {name}"] = (cat_f + extra_f + flops / fr, cat_b + extra_b + 2.5 * flops / br)
+        pf = 4.0 * B * H * T * P * D
+        hyb_f = kernel_s(dev, 3 * q_bytes, pf)
+        hyb_b = kernel_s(dev, 5 * q_bytes, 2.5 * pf) + kernel_s(dev, 2 * q_bytes, 1.5 * pf)
+        out[f"hybrid {name}"] = (causal / fr + hyb_f, 2.5 * causal / br + hyb_b)
+    return out
+
+
+PREFIX_SHAPES = [(16, 32, 32, 2048, 32), (16, 32, 32, 2048, 128), (16, 32, 8, 2048, 32), (8, 32, 32, 512, 32),
+                 (32, 32, 32, 1024, 32), (8, 32, 32, 4096, 32), (16, 32, 32, 2048, 10)]
+
+
+def prefix_table(devices, shapes=PREFIX_SHAPES, D=128) -> list:
+    """One row per (device, shape): fastpeft's kernels (overlapped - serial) against the masked
+    baseline and the best alternative, forward + backward, all predicted."""
+    ipe = prefix_ipe(D)
+    rows = []
+    for B, H, KVH, T, P in shapes:
+        for name in devices:
+            dev = DEVICES[name]
+            ours = prefix_kernel_plan(dev, B, H, KVH, T, P, D, ipe)
+            alt = prefix_alternatives(dev, B, H, KVH, T, P, D)
+            o_lo, o_hi = (ours["fwd"][i] + ours["bwd"][i] for i in (0, 1))
+            tot = {k: f + b for k, (f, b) in alt.items()}
+            best = min((k for k in tot if k != "masked"), key=tot.get)
+            rows.append({
+                "device": name, "B H KVH T P": f"{B} {H} {KVH} {T} {P}",
+                "fastpeft fwd+bwd ms": f"{o_lo * 1e3:.2f}-{o_hi * 1e3:.2f}",
+                "masked ms": tot["masked"] * 1e3,
+                "concat FA2 ms": tot["concat FA2"] * 1e3, "concat cuDNN ms": tot["concat cuDNN"] * 1e3,
+                "hybrid FA2 ms": tot["hybrid FA2"] * 1e3, "hybrid cuDNN ms": tot["hybrid cuDNN"] * 1e3,
+                "masked/fastpeft (target >= 1.3)": f"{tot['masked'] / o_hi:.2f}-{tot['masked'] / o_lo:.2f}",
+                "best alt": best,
+                "best alt/fastpeft (target >= 1)": f"{tot[best] / o_hi:.2f}-{tot[best] / o_lo:.2f}",
+                "concat FA2/fastpeft": f"{tot['concat FA2'] / o_hi:.2f}-{tot['concat FA2'] / o_lo:.2f}",
+            })
+    return rows
+
+
+def prefix_facts(ipe: dict) -> list:
+    """The compiled facts the prefix predictions use, one row per kernel."""
+    return [{"kernel": k, "regs": v["regs"], "local B": v["local"], "CTAs/SM": v["ctas"], "tensor-core instrs": v["tc"],
+             "wgmma": v["wgmma"], "innermost loops, instrs per score element": ", ".join(f"{x:.1f}" for x in v["loops"])}
+            for k, v in ipe.items()]
+
+
 def markdown(rows) -> str:
     if not rows:
         return ""
@@ -181,7 +374,7 @@ def markdown(rows) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", nargs="+", default=list(DEVICES), choices=list(DEVICES))
-    ap.add_argument("--only", nargs="+", default=["lora", "nf4"], choices=["lora", "nf4"])
+    ap.add_argument("--only", nargs="+", default=["lora", "nf4", "prefix"], choices=["lora", "nf4", "prefix"])
     args = ap.parse_args(argv)
     import triton
 
@@ -192,6 +385,10 @@ def main(argv=None) -> int:
     if "nf4" in args.only:
         print("### NF4 / QLoRA (predicted)\n")
         print(markdown(nf4_table(args.device)) + "\n")
+    if "prefix" in args.only:
+        print("### Shared-prefix attention, forward+backward, causal, no padding, bf16, D=128 (predicted)\n")
+        print(markdown(prefix_facts(prefix_ipe())) + "\n")
+        print(markdown(prefix_table(args.device)) + "\n")
     return 0
 
 

@@ -48,8 +48,9 @@ class PrefixKVRegistry:
 
     Each entry is ``(prefix_k, prefix_v)``, both ``[num_kv_heads, P, head_dim]`` (shared by the
     batch; they may carry autograd history, e.g. a prefix encoder's output, so set them for
-    every forward). Layers without an entry run plain SDPA attention. ``backend`` is handed to
-    the op (None: the current settings' backend, see ``fastpeft.ops.settings``).
+    every forward). Layers without an entry run plain SDPA attention. ``backend`` and ``impl``
+    are handed to the op (None: the current settings' ``backend`` / ``prefix_impl``, see
+    ``fastpeft.ops.settings``).
 
     Two ways to reach the attention function: attached to the model's attention modules by
     :func:`enable_prefix_attention` (the per-model registry), or passed per call as the model
@@ -57,10 +58,11 @@ class PrefixKVRegistry:
     """
 
     def __init__(self, kvs: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, impl: Optional[str] = None) -> None:
         self._kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._mask_cache = None  # (weakref to the 4D mask, its _version, key, result)
         self.backend = backend
+        self.impl = impl
         if kvs is not None:
             self.set_layers(kvs)
 
@@ -159,7 +161,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout:
         key, value, S = key[:, :, :T], value[:, :, :T], T
     structure = registry.structure(attention_mask, T, S, causal)
     out = prefix_attention_for_structure(query, key, value, prefix_k, prefix_v, structure, scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0, backend=registry.backend)
+                                         dropout_p=dropout if module.training else 0.0, backend=registry.backend,
+                                         impl=registry.impl)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -249,23 +249,26 @@ def check_fused_route(base: nn.Module, adapters: Dict[str, Any], who: str = "fas
 
 # ----------------------------------------------------------------------------- one call
 class PrefixRoute:
-    """The fused route for one model: its cache keyword, backend and (when probed) layout,
-    fixed when it is built.
+    """The fused route for one model: its cache keyword, backend, prefix-attention implementation
+    (``impl``: ``"kernel"`` / ``"sdpa"`` / ``"auto"``, None = ``Settings.prefix_impl`` per call)
+    and (when probed) layout, fixed when it is built.
 
     :meth:`prepare` turns one call's keyword arguments into the fused route's: positions
     shifted by the prefix length, and the shared per-layer prefix in ``fastpeft_prefix``.
     The mask and the cache stay those of the real tokens.
     """
 
-    def __init__(self, cache_name: str, backend: Optional[str] = None, layout: Optional[PrefixLayout] = None) -> None:
+    def __init__(self, cache_name: str, backend: Optional[str] = None, layout: Optional[PrefixLayout] = None,
+                 impl: Optional[str] = None) -> None:
         self.cache_name = cache_name
         self.backend = backend
+        self.impl = impl
         self.layout = layout  # the model's (check_fused_route); None: the adapter config's
 
     def registry(self, flat: torch.Tensor, config: Any) -> PrefixKVRegistry:
         """A per-call registry over the prefix-encoder output ``flat`` ``[P, L * 2 * KVH * D]``."""
         layout = self.layout if self.layout is not None else adapter_layout(config)[0]
-        return PrefixKVRegistry(split_prefix_kv(flat, *layout), backend=self.backend)
+        return PrefixKVRegistry(split_prefix_kv(flat, *layout), backend=self.backend, impl=self.impl)
 
     def prepare(self, kwargs: Dict[str, Any], ref: Optional[torch.Tensor], num_virtual_tokens: int,
                 registry: PrefixKVRegistry) -> Dict[str, Any]:

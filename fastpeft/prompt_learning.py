@@ -315,8 +315,8 @@ class PromptLearningMixin:
 
     def _fused_route(self, attached: PrefixKVRegistry) -> Tuple[PrefixRoute, PrefixKVRegistry]:
         """The shared-prefix route of this model (its cache keyword, the attached registry's
-        backend) and this call's prefix as a per-call registry."""
-        route = PrefixRoute(self._cache_kwarg, attached.backend)
+        backend and implementation) and this call's prefix as a per-call registry."""
+        route = PrefixRoute(self._cache_kwarg, attached.backend, impl=attached.impl)
         return route, route.registry(self._prefix_flat(), self.active_peft_config)
 
     # --- checkpoints -----------------------------------------------------------------------

@@ -32,3 +32,31 @@ def test_lora_plans_order_and_mask_cost():
     slow = roofline.lora_plans(H100, M, K, N, 16, costly, IPE0)
     assert slow["split"] > t["split"] * 1.05 and slow["split_saved_mask"] < slow["split"]
     assert t["fused_fwd_with_dropout"] > t["split_fwd_with_dropout"]  # mask per column block
+
+
+# hand-set loop lengths (instructions per score element) of the four prefix kernels
+PREFIX_IPE = {"prefix.fwd": {"loops": [14.0, 12.0, 17.0]}, "prefix.dq": {"loops": [28.0, 25.0, 33.0]},
+              "prefix.dkdv": {"loops": [43.0, 30.0]}, "prefix.dprefix": {"loops": [32.0]}}
+
+
+def test_prefix_block_counts_follow_the_causal_triangle():
+    T, P, BM, BN = 2048, 32, 128, 64
+    pre, bulk, edge = roofline._query_block_elems(T, T, P, BM, BN)
+    assert pre == (T // BM) * BM * BN  # one (padded) prefix block per query block
+    assert T * T / 2 < bulk + edge < T * T / 2 + T * BM  # the triangle plus the diagonal blocks
+    diag, full = roofline._key_block_elems(T, T, 64, 64)
+    assert diag + full == pytest.approx(T * T / 2, rel=0.05) and diag < full
+
+
+def test_prefix_predictions_order():
+    """Serial >= overlapped; the masked baseline (every score, float bias) is slowest; cuDNN's rate
+    beats FA2's; the concat copies scale with the KV heads."""
+    ours = roofline.prefix_kernel_plan(H100, 16, 32, 32, 2048, 32, 128, PREFIX_IPE)
+    assert ours["fwd"][0] <= ours["fwd"][1] and ours["bwd"][0] <= ours["bwd"][1]
+    alt = roofline.prefix_alternatives(H100, 16, 32, 32, 2048, 32, 128)
+    total = {k: f + b for k, (f, b) in alt.items()}
+    assert total["masked"] > max(v for k, v in total.items() if k != "masked")
+    assert total["concat cuDNN"] < total["concat FA2"] and total["hybrid cuDNN"] < total["hybrid FA2"]
+    gqa = roofline.prefix_alternatives(H100, 16, 32, 8, 2048, 32, 128)
+    assert sum(gqa["concat FA2"]) < total["concat FA2"] and sum(gqa["hybrid FA2"]) == pytest.approx(total["hybrid FA2"])
+    assert total["masked"] / (ours["fwd"][1] + ours["bwd"][1]) > 1.3

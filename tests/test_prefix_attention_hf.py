@@ -4,7 +4,8 @@ Oracle: what peft does for Prefix Tuning: the prefix expanded per batch element 
 DynamicCache, ones prepended to the attention mask, plain SDPA attention (so the real
 tokens sit at positions P..P+T-1). fastpeft's path keeps the prefix shared in a registry and
 the mask/cache to the real tokens; with position_ids starting at P the logits and the prefix
-gradients must match, on the reference backend and on the Triton kernels (interpreter).
+gradients must match, on the reference backend, on the Triton kernels (interpreter) and on the
+``sdpa`` implementation (the prefix concatenated, then PyTorch's SDPA; autograd-native, so on CPU).
 """
 
 import os
@@ -29,8 +30,29 @@ from fastpeft.prefix_attention_hf import (  # noqa: E402
 from fastpeft.prefix_route import cache_kwarg, split_prefix_kv  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32 model
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+BACKENDS = ["reference", "sdpa", pytest.param("triton", marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU models reach the Triton kernels only under TRITON_INTERPRET=1"))]
+# what each BACKENDS entry sets: "sdpa" is the fused path's concat + SDPA implementation
+SETTINGS = {"reference": dict(backend="reference"), "triton": dict(backend="triton"),
+            "sdpa": dict(backend="auto", prefix_impl="sdpa")}
+
+
+def _count_calls(monkeypatch):
+    """Count the fused kernel's and the sdpa implementation's calls: {"triton": n, "sdpa": n}."""
+    import fastpeft.ops.prefix_attention as op
+
+    calls = {"triton": 0, "sdpa": 0}
+    fused_apply, sdpa = op.PrefixAttentionFunction.apply, op.prefix_attention_sdpa
+
+    def count(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(op.PrefixAttentionFunction, "apply", count("triton", fused_apply))
+    monkeypatch.setattr(op, "prefix_attention_sdpa", count("sdpa", sdpa))
+    return calls
 L, H, KVH, D, P = 2, 4, 2, 16, 5
 
 
@@ -79,7 +101,7 @@ def _fastpeft_logits(model, registry, ids, mask, flat):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("left_pad", [True, False])
 def test_logits_and_prefix_grads_match_peft_style_cache(monkeypatch, backend, left_pad, settings):
-    settings(backend=backend)
+    settings(**SETTINGS[backend])
     model = _model()
     ids, mask = _batch(left_pad=left_pad)
     flat = _prefix()
@@ -88,17 +110,14 @@ def test_logits_and_prefix_grads_match_peft_style_cache(monkeypatch, backend, le
     ref = _peft_style_logits(model, ids, mask, flat_ref)
     (ref * torch.linspace(-1, 1, ref.shape[-1])).sum().backward()
 
-    import fastpeft.ops.prefix_attention as op
-
-    calls = []
-    fused_apply = op.PrefixAttentionFunction.apply
-    monkeypatch.setattr(op.PrefixAttentionFunction, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    calls = _count_calls(monkeypatch)
     registry = enable_prefix_attention(model)
     try:
         assert model.config._attn_implementation == "fastpeft_prefix"
         flat_ours = flat.clone().requires_grad_(True)
         ours = _fastpeft_logits(model, registry, ids, mask, flat_ours)
-        assert len(calls) == (L if backend == "triton" else 0)  # every layer took the fused kernel
+        # every layer took the fused kernel / the sdpa implementation, as set
+        assert calls == {name: (L if backend == name else 0) for name in ("triton", "sdpa")}
         (ours * torch.linspace(-1, 1, ours.shape[-1])).sum().backward()
     finally:
         disable_prefix_attention(model)
@@ -190,11 +209,14 @@ def test_split_prefix_kv_layout_and_errors():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cached_decoding_matches_peft_style_cache(settings, backend):
-    """Prefill then single-token steps with a KV cache (T < S, left padding): same logits as peft's path."""
-    settings(backend=backend)
+@pytest.mark.parametrize("left_pad", [True, False])
+def test_cached_decoding_matches_peft_style_cache(monkeypatch, settings, backend, left_pad):
+    """Prefill then single-token steps with a KV cache (T < S; with and without left padding, the
+    latter the sdpa implementation's lower-right causal path): same logits as peft's path."""
+    settings(**SETTINGS[backend])
+    calls = _count_calls(monkeypatch)
     model = _model()
-    ids, mask = _batch(left_pad=True)
+    ids, mask = _batch(left_pad=left_pad)
     flat = _prefix()
     B, T = ids.shape
     steps = 3
@@ -226,6 +248,7 @@ def test_cached_decoding_matches_peft_style_cache(settings, backend):
                 start += n
                 mask_ours = torch.cat([mask_ours, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
         assert cache_ours.get_seq_length() == T + steps - 1  # the cache holds only the real tokens
+        assert calls == {name: (steps * L if backend == name else 0) for name in ("triton", "sdpa")}
         assert cache_ref.get_seq_length() == P + T + steps - 1
     finally:
         disable_prefix_attention(model)

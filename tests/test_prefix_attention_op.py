@@ -1,4 +1,5 @@
-"""Shared-prefix attention: the Triton kernels (under TRITON_INTERPRET=1) against the reference.
+"""Shared-prefix attention: the Triton kernels (under TRITON_INTERPRET=1) and the ``sdpa``
+implementation (concatenation + PyTorch SDPA, autograd-native) against the reference.
 
 Forward and all five gradients (q, k, v, prefix_k, prefix_v) over ragged lengths (not
 multiples of the 16-wide interpreter tiles), key padding, causal and non-causal, GQA/MQA,
@@ -18,9 +19,11 @@ import torch
 
 from fastpeft.ops.prefix_attention import (
     check_prefix_attention_args,
+    choose_prefix_impl,
     prefix_attention,
     prefix_attention_reference,
 )
+from fastpeft.ops.prefix_attention_sdpa import prefix_attention_sdpa
 
 # Tolerances per dtype, written once. Low-precision inputs are compared with the fp32
 # reference run on the same (rounded) inputs; the interpreter truncates fp32->bf16 stores.
@@ -164,6 +167,80 @@ def test_cpu_automatic_backend_is_reference(settings):
 
 
 # --------------------------------------------------------------------------------------
+# the sdpa implementation (concatenation + SDPA)
+# --------------------------------------------------------------------------------------
+
+SDPA_CASES = CASES + [
+    # unpadded: the paths that hand SDPA no mask tensor
+    (2, 4, 2, 19, 19, 5, 16, True, False, torch.float32, False),     # T == S: P zero query rows, square causal
+    (2, 4, 2, 19, 19, 5, 16, True, False, torch.bfloat16, True),     # the same, bf16, transformers layout
+    (2, 4, 2, 7, 23, 5, 16, True, False, torch.float32, False),      # T < S: lower-right causal bias
+    (2, 2, 1, 1, 18, 4, 16, True, False, torch.float32, False),      # one decoding step, MQA
+    (2, 4, 1, 25, 20, 3, 16, True, False, torch.float32, False),     # T > S: first rows see the prefix only
+    (2, 4, 2, 19, 23, 5, 16, False, False, torch.float32, False),    # non-causal: no mask at all
+]
+
+
+@pytest.mark.parametrize("B,H,KVH,T,S,P,D,causal,pad,dtype,noncontig", SDPA_CASES)
+def test_sdpa_impl_matches_reference(B, H, KVH, T, S, P, D, causal, pad, dtype, noncontig):
+    """impl="sdpa" (here on CPU, where it needs no Triton): forward and all five gradients."""
+    q, k, v, pk, pv, kpm, do = _inputs(B, H, KVH, T, S, P, D, dtype, pad, noncontig=noncontig)
+    out, grads = _fwd_bwd(prefix_attention, (q, k, v, pk, pv), do, causal=causal, key_padding_mask=kpm, impl="sdpa")
+    ref_out, ref_grads = _fwd_bwd(prefix_attention_reference, [t.float() for t in (q, k, v, pk, pv)], do.float(),
+                                  causal=causal, key_padding_mask=kpm)
+    assert out.dtype == dtype and out.shape == (B, H, T, D)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref_out, **tol)
+    for name, g, r, t in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads, (q, k, v, pk, pv)):
+        assert g.shape == t.shape and g.dtype == dtype, name
+        torch.testing.assert_close(g.float(), r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sdpa_impl_hands_sdpa_no_mask_without_padding(monkeypatch):
+    """Unpadded causal training (T == S) reaches SDPA as the square is_causal problem, no mask tensor."""
+    import fastpeft.ops.prefix_attention_sdpa as mod
+
+    seen = []
+    real = mod.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((tuple(q.shape), tuple(k.shape), attn_mask, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(mod.F, "scaled_dot_product_attention", spy)
+    B, H, KVH, T, P, D = 2, 4, 2, 9, 3, 8
+    q, k, v, pk, pv, _, _ = _inputs(B, H, KVH, T, T, P, D, torch.float32, pad=False)
+    prefix_attention_sdpa(q, k, v, pk, pv, causal=True, scale=D ** -0.5)
+    assert seen == [((B, H, P + T, D), (B, KVH, P + T, D), None, True)]
+
+
+def test_prefix_impl_choice(settings):
+    """Forced names win; auto keeps the kernel off CUDA (here: CPU, the interpreter); bad names fail."""
+    q, k, v, pk, pv = _ok()
+    kpm = torch.ones(2, 6, dtype=torch.bool)
+    assert choose_prefix_impl(q, k, pk, None, "auto") == "kernel"  # CPU tensors
+    assert choose_prefix_impl(q, k, pk, kpm, "sdpa") == "sdpa" and choose_prefix_impl(q, k, pk, None, "kernel") == "kernel"
+    settings(prefix_impl="sdpa")
+    assert choose_prefix_impl(q, k, pk, None) == "sdpa"  # None: the settings' value
+    with pytest.raises(ValueError, match="FASTPEFT_PREFIX_IMPL"):
+        prefix_attention(q, k, v, pk, pv, impl="flash")
+    # the settings' sdpa reaches the op; a forced reference backend still wins
+    torch.testing.assert_close(prefix_attention(q, k, v, pk, pv),
+                               prefix_attention_sdpa(q, k, v, pk, pv, scale=q.shape[-1] ** -0.5), atol=0, rtol=0)
+    leaf = q.clone().requires_grad_(True)
+    out = prefix_attention(leaf, k, v, pk, pv, backend="reference")
+    torch.testing.assert_close(out, prefix_attention_reference(q, k, v, pk, pv), atol=0, rtol=0)
+
+
+@needs_interpreter
+def test_forced_triton_backend_runs_the_kernel_whatever_the_impl(settings):
+    settings(prefix_impl="sdpa")
+    q, k, v, pk, pv = _ok()
+    out = prefix_attention(q.requires_grad_(True), k, v, pk, pv, backend="triton")
+    assert "PrefixAttentionFunction" in type(out.grad_fn).__name__
+
+
+# --------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------
 
@@ -284,3 +361,26 @@ def test_cuda_kernels_match_reference(B, H, KVH, T, S, P, D, causal, pad, dtype)
         err = (got.float() - ref).abs().max().item()
         base_err = (base.float() - ref).abs().max().item()
         assert err <= 2 * base_err + 1e-4, f"{name}: kernel error {err:.3g} vs torch {dtype} SDPA error {base_err:.3g}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pad", [False, True])
+def test_cuda_auto_impl_matches_reference(dtype, pad, settings):
+    """On CUDA, auto takes sdpa exactly when there is no padding and cuDNN takes the problem; either
+    way forward and gradients match the fp32 reference within the dtype's tolerance."""
+    from fastpeft.ops.prefix_attention_sdpa import cudnn_takes
+
+    settings(backend="auto", prefix_impl="auto")
+    dev = torch.device("cuda")
+    q, k, v, pk, pv, kpm, do = (None if t is None else t.to(dev)
+                                for t in _inputs(2, 8, 2, 256, 256, 32, 128, dtype, pad))
+    want = "sdpa" if (not pad and cudnn_takes(q, k, 32)) else "kernel"
+    assert choose_prefix_impl(q, k, pk, kpm) == want
+    out, grads = _fwd_bwd(prefix_attention, (q, k, v, pk, pv), do, key_padding_mask=kpm)
+    ref_out, ref_grads = _fwd_bwd(prefix_attention_reference, [t.float() for t in (q, k, v, pk, pv)], do.float(),
+                                  key_padding_mask=kpm)
+    torch.testing.assert_close(out.float(), ref_out, **TOL[dtype])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r, **TOL[dtype])

@@ -40,16 +40,18 @@ def test_environment_is_read_once_at_import():
         "print(json.dumps([first, vars(fastpeft.get_settings())]))\n"
     )
     out = _fresh_python(code, FASTPEFT_BACKEND="Reference", FASTPEFT_LORA_IMPL="fused", FASTPEFT_NF4_IMPL="dequant",
-                        FASTPEFT_NF4_PAIR="0", FASTPEFT_NF4_GEMV="cuda")
+                        FASTPEFT_NF4_PAIR="0", FASTPEFT_NF4_GEMV="cuda", FASTPEFT_PREFIX_IMPL=" SDPA")
     first, later = json.loads(out)
-    want = {"backend": "reference", "lora_impl": "fused", "nf4_impl": "dequant", "nf4_pair": False, "nf4_gemv": "cuda"}
+    want = {"backend": "reference", "lora_impl": "fused", "nf4_impl": "dequant", "nf4_pair": False, "nf4_gemv": "cuda",
+            "prefix_impl": "sdpa"}
     assert first == want and later == want
 
 
 def test_unset_environment_gives_the_defaults():
     out = _fresh_python("import json, fastpeft; print(json.dumps(vars(fastpeft.get_settings())))")
     assert json.loads(out) == vars(Settings()) == {
-        "backend": "auto", "lora_impl": "split", "nf4_impl": "auto", "nf4_pair": True, "nf4_gemv": "triton"}
+        "backend": "auto", "lora_impl": "split", "nf4_impl": "auto", "nf4_pair": True, "nf4_gemv": "triton",
+        "prefix_impl": "auto"}
 
 
 def test_invalid_environment_value_fails_at_import_naming_variable_and_choices():
@@ -66,6 +68,7 @@ def test_invalid_environment_value_fails_at_import_naming_variable_and_choices()
     ("lora_impl", "splitt", "('split', 'kernels', 'fused')"),
     ("nf4_impl", "magic", "('auto', 'fused', 'dequant')"),
     ("nf4_gemv", "cublas", "('triton', 'cuda')"),
+    ("prefix_impl", "flash", "('auto', 'kernel', 'sdpa')"),
 ])
 def test_invalid_values_raise_a_clear_error(field, bad, allowed):
     with pytest.raises(ValueError) as err:

@@ -21,10 +21,20 @@ Backends (see :func:`fastpeft.ops.backend.choose_backend`):
 * ``reference``: :func:`prefix_attention_reference`: expands the prefix per batch,
   concatenates, builds the boolean mask and runs plain softmax attention in fp32, cast back
   to q's dtype; autograd gives every gradient. It is the oracle in tests and the CPU path.
-* ``triton``: :class:`PrefixAttentionFunction` over ``fastpeft.kernels.prefix_attention``.
-  Its forward saves q, k, v, the prefix, the output and a per-row log-sum-exp (never the
-  concatenation); its backward returns dq, dk, dv and the prefix gradients summed over the
-  batch and the query heads of each KV group.
+* ``triton`` (the fused path), in one of two implementations (:func:`choose_prefix_impl`,
+  ``Settings.prefix_impl`` / ``FASTPEFT_PREFIX_IMPL`` or ``impl=``):
+
+  - ``kernel``: :class:`PrefixAttentionFunction` over ``fastpeft.kernels.prefix_attention``.
+    Its forward saves q, k, v, the prefix, the output and a per-row log-sum-exp (never the
+    concatenation); its backward returns dq, dk, dv and the prefix gradients summed over the
+    batch and the query heads of each KV group.
+  - ``sdpa``: :func:`fastpeft.ops.prefix_attention_sdpa.prefix_attention_sdpa`, the
+    concatenation with PyTorch's SDPA and no mask tensor where there is no padding (cuDNN /
+    FlashAttention); autograd-native, so it also runs on CPU.
+
+  ``auto`` takes ``sdpa`` for 16-bit CUDA tensors without a padding mask when cuDNN's SDPA
+  takes the problem (predicted ~0.7-1.2x the kernel's time, ``benchmarks/roofline.py --only
+  prefix``), and the kernel everywhere else (padding, fp32, the interpreter).
 
 :func:`mask_structure` and :func:`prefix_attention_for_structure` read a transformers-style
 attention mask and dispatch on it; the glue that plugs this op into transformers' attention
@@ -39,14 +49,17 @@ from typing import Optional
 
 import torch
 
+from fastpeft.kernels._common import interpreting
 from fastpeft.ops.backend import choose_backend, requested_backend
-from fastpeft.ops.settings import get_settings
+from fastpeft.ops.prefix_attention_sdpa import cudnn_takes, prefix_attention_sdpa
+from fastpeft.ops.settings import PREFIX_IMPLS, get_settings
 
 __all__ = [
     "prefix_attention",
     "prefix_attention_reference",
     "PrefixAttentionFunction",
     "check_prefix_attention_args",
+    "choose_prefix_impl",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference only
@@ -237,13 +250,38 @@ class PrefixAttentionFunction(torch.autograd.Function):
                 dpk if npk else None, dpv if npv else None, None, None, None)
 
 
+def _impl_name(impl: Optional[str]) -> str:
+    value = (impl if impl is not None else get_settings().prefix_impl).strip().lower()
+    if value not in PREFIX_IMPLS:
+        raise ValueError(f"prefix_attention: impl {value!r} is not one of {PREFIX_IMPLS} "
+                         "(Settings.prefix_impl, environment variable FASTPEFT_PREFIX_IMPL)")
+    return value
+
+
+def choose_prefix_impl(q: torch.Tensor, k: torch.Tensor, prefix_k: torch.Tensor,
+                       key_padding_mask: Optional[torch.Tensor], impl: Optional[str] = None) -> str:
+    """``"kernel"`` or ``"sdpa"`` for a call on the fused path (see the module doc).
+
+    ``impl`` (else ``Settings.prefix_impl``): ``"kernel"`` / ``"sdpa"`` force one; ``"auto"``
+    picks ``"sdpa"`` only for CUDA tensors in bf16/fp16, outside the Triton interpreter, without
+    a key padding mask, when cuDNN's SDPA takes the square causal problem; else ``"kernel"``.
+    """
+    value = _impl_name(impl)
+    if value != "auto":
+        return value
+    fits = (q.is_cuda and not interpreting() and key_padding_mask is None
+            and q.dtype in (torch.bfloat16, torch.float16))
+    return "sdpa" if fits and cudnn_takes(q, k, prefix_k.shape[-2]) else "kernel"
+
+
 def prefix_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     *, causal: bool = True, key_padding_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None, backend: Optional[str] = None,
+    scale: Optional[float] = None, backend: Optional[str] = None, impl: Optional[str] = None,
 ) -> torch.Tensor:
-    """Attention of ``q`` over ``[prefix ; sequence]`` keys/values without concatenating them.
+    """Attention of ``q`` over ``[prefix ; sequence]`` keys/values without a per-batch prefix copy
+    in the cache (the ``kernel`` implementation never concatenates at all).
 
     Args:
         q: ``[B, H, T, D]``.
@@ -254,32 +292,46 @@ def prefix_attention(
         key_padding_mask: optional ``[B, S]`` bool/int, True/1 = keep, for the sequence keys.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"reference"``, ``"triton"``, ``"auto"`` or None (the current settings' backend).
+        impl: the fused path's implementation, ``"kernel"``, ``"sdpa"``, ``"auto"`` or None (the
+            current settings' ``prefix_impl``); see :func:`choose_prefix_impl`. An explicit
+            ``"sdpa"`` also runs on CPU (it needs no Triton); a forced ``backend="triton"``
+            always runs the kernel.
 
     Returns:
         ``[B, H, T, D]`` in q's dtype.
     """
     per_batch = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask)
-    backend = backend if backend is not None else get_settings().backend  # one read for the whole call
+    settings = get_settings()  # one read for the whole call
+    backend = backend if backend is not None else settings.backend
+    impl = _impl_name(impl if impl is not None else settings.prefix_impl)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    forced = requested_backend(backend)
     if per_batch:
-        if requested_backend(backend) == "triton":
+        if forced == "triton":
             raise ValueError(
                 "prefix_attention: the Triton backend needs a prefix shared by the batch, [kv_heads, prefix_len, "
                 "head_dim]; got a per-batch prefix of shape "
                 f"{tuple(prefix_k.shape)}. Pass prefix_k[0] if the rows are equal, or use backend='reference'.")
         chosen = "reference"
+    elif forced is None and impl == "sdpa" and q.dtype != torch.float64:
+        chosen = "sdpa"  # asked for by name: runs wherever PyTorch does
     else:
         chosen = choose_backend(q, k, v, prefix_k, prefix_v, backend=backend)
     if chosen == "triton" and (D > _MAX_HEAD_DIM or q.dtype == torch.float64):
-        if requested_backend(backend) == "triton":
+        if forced == "triton":
             what = f"head_dim {D} (at most {_MAX_HEAD_DIM})" if D > _MAX_HEAD_DIM else "float64"
             raise ValueError(
                 f"prefix_attention: the Triton kernels do not support {what}; use backend='reference'")
         chosen = "reference"
+    if chosen == "triton" and forced is None:
+        chosen = "sdpa" if choose_prefix_impl(q, k, prefix_k, key_padding_mask, impl) == "sdpa" else "triton"
     if chosen == "reference":
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal,
                                           key_padding_mask=key_padding_mask, scale=scale)
+    if chosen == "sdpa":
+        return prefix_attention_sdpa(q, k, v, prefix_k, prefix_v, causal=bool(causal),
+                                     key_padding_mask=key_padding_mask, scale=scale)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8)
     return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, kpm, bool(causal), scale)
 
@@ -326,6 +378,7 @@ def prefix_attention_for_structure(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     prefix_k: torch.Tensor, prefix_v: torch.Tensor, structure: tuple,
     *, scale: Optional[float] = None, dropout_p: float = 0.0, backend: Optional[str] = None,
+    impl: Optional[str] = None,
 ) -> torch.Tensor:
     """Prefix attention under a mask read by :func:`mask_structure`, ``[B, H, T, D]``.
 
@@ -341,7 +394,7 @@ def prefix_attention_for_structure(
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, scale=scale, dropout_p=dropout_p,
                                           seq_mask=seq_mask)
     return prefix_attention(q, k, v, prefix_k, prefix_v, causal=structure[1], key_padding_mask=structure[2],
-                            scale=scale, backend=backend)
+                            scale=scale, backend=backend, impl=impl)
 
 
 __all__ += ["mask_structure", "prefix_attention_for_structure"]

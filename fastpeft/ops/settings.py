@@ -25,6 +25,9 @@ variable                 field               values (default first)
                                              ``dequant`` (see ``ops.nf4.nf4_impl``)
 ``FASTPEFT_NF4_PAIR``    ``nf4_pair``        ``1`` / ``0`` (the NF4 GEMM's one-load-per-byte path)
 ``FASTPEFT_NF4_GEMV``    ``nf4_gemv``        ``triton``, ``cuda`` (the M = 1 decoding GEMV)
+``FASTPEFT_PREFIX_IMPL`` ``prefix_impl``     ``auto`` (CUDA, 16-bit, no padding, cuDNN takes it:
+                                             ``sdpa``, else ``kernel``), ``kernel``, ``sdpa``
+                                             (see ``ops.prefix_attention.choose_prefix_impl``)
 =======================  ==================  ======================================================
 
 This module imports nothing from fastpeft: the ops (and ``fastpeft.patch``) read it, never the
@@ -39,12 +42,13 @@ import os
 from typing import Iterator, Mapping, Optional, Tuple
 
 __all__ = ["Settings", "get_settings", "set_settings", "use_settings", "ENV_VARS",
-           "BACKEND_CHOICES", "LORA_IMPLS", "NF4_IMPLS", "NF4_GEMVS"]
+           "BACKEND_CHOICES", "LORA_IMPLS", "NF4_IMPLS", "NF4_GEMVS", "PREFIX_IMPLS"]
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
 LORA_IMPLS = ("split", "kernels", "fused")
 NF4_IMPLS = ("auto", "fused", "dequant")
 NF4_GEMVS = ("triton", "cuda")
+PREFIX_IMPLS = ("auto", "kernel", "sdpa")
 
 # field -> environment variable read by Settings.from_env
 ENV_VARS = {
@@ -53,8 +57,10 @@ ENV_VARS = {
     "nf4_impl": "FASTPEFT_NF4_IMPL",
     "nf4_pair": "FASTPEFT_NF4_PAIR",
     "nf4_gemv": "FASTPEFT_NF4_GEMV",
+    "prefix_impl": "FASTPEFT_PREFIX_IMPL",
 }
-_CHOICES = {"backend": BACKEND_CHOICES, "lora_impl": LORA_IMPLS, "nf4_impl": NF4_IMPLS, "nf4_gemv": NF4_GEMVS}
+_CHOICES = {"backend": BACKEND_CHOICES, "lora_impl": LORA_IMPLS, "nf4_impl": NF4_IMPLS, "nf4_gemv": NF4_GEMVS,
+            "prefix_impl": PREFIX_IMPLS}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -74,6 +80,11 @@ class Settings:
             GPU, ``"fused"`` under the Triton interpreter), ``"fused"`` or ``"dequant"``.
         nf4_pair: the NF4 forward GEMM loads each packed byte once (both nibbles) when True.
         nf4_gemv: the M = 1 decoding GEMV, ``"triton"`` or ``"cuda"`` (``csrc/``, where it builds).
+        prefix_impl: how the fused (non-reference) shared-prefix attention runs: ``"kernel"`` (the
+            Triton kernels), ``"sdpa"`` (the prefix concatenated before the sequence keys, then
+            PyTorch's SDPA without a mask where the batch has no padding) or ``"auto"`` (``"sdpa"``
+            on CUDA for 16-bit, unpadded batches that cuDNN's attention takes, the predicted winner;
+            ``"kernel"`` everywhere else).
 
     Strings are stripped and lower-cased; a value outside the allowed ones raises ``ValueError``
     naming the field, its environment variable and the allowed values.
@@ -84,6 +95,7 @@ class Settings:
     nf4_impl: str = "auto"
     nf4_pair: bool = True
     nf4_gemv: str = "triton"
+    prefix_impl: str = "auto"
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
