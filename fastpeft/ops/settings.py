@@ -24,7 +24,9 @@ variable                 field               values (default first)
 ``FASTPEFT_NF4_IMPL``    ``nf4_impl``        ``auto`` (GPU: dequant, interpreter: fused), ``fused``,
                                              ``dequant`` (see ``ops.nf4.nf4_impl``)
 ``FASTPEFT_NF4_PAIR``    ``nf4_pair``        ``1`` / ``0`` (the NF4 GEMM's one-load-per-byte path)
-``FASTPEFT_NF4_GEMV``    ``nf4_gemv``        ``triton``, ``cuda`` (the M = 1 decoding GEMV)
+``FASTPEFT_NF4_GEMV``    ``nf4_gemv``        ``triton`` (code table in registers where it
+                                             compiles), ``triton_l1`` (the L1 table), ``cuda``
+                                             (the M = 1 decoding GEMV)
 =======================  ==================  ======================================================
 
 This module imports nothing from fastpeft: the ops (and ``fastpeft.patch``) read it, never the
@@ -44,7 +46,7 @@ __all__ = ["Settings", "get_settings", "set_settings", "use_settings", "ENV_VARS
 BACKEND_CHOICES = ("auto", "reference", "triton")
 LORA_IMPLS = ("split", "kernels", "fused")
 NF4_IMPLS = ("auto", "fused", "dequant")
-NF4_GEMVS = ("triton", "cuda")
+NF4_GEMVS = ("triton", "triton_l1", "cuda")
 
 # field -> environment variable read by Settings.from_env
 ENV_VARS = {
@@ -73,7 +75,10 @@ class Settings:
         nf4_impl: the QLoRA Triton plan for training-size matmuls, ``"auto"`` (``"dequant"`` on a
             GPU, ``"fused"`` under the Triton interpreter), ``"fused"`` or ``"dequant"``.
         nf4_pair: the NF4 forward GEMM loads each packed byte once (both nibbles) when True.
-        nf4_gemv: the M = 1 decoding GEMV, ``"triton"`` or ``"cuda"`` (``csrc/``, where it builds).
+        nf4_gemv: the M = 1 decoding GEMV: ``"triton"`` (the one-row Triton GEMV with its code
+            table in registers, read by ``prmt`` byte permutes, wherever it compiles: CUDA, a
+            table exact in fp16), ``"triton_l1"`` (the same GEMV reading a 2 KB byte-pair table
+            through L1, the interpreter's path) or ``"cuda"`` (``csrc/``, where it builds).
 
     Strings are stripped and lower-cased; a value outside the allowed ones raises ``ValueError``
     naming the field, its environment variable and the allowed values.
