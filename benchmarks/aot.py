@@ -14,7 +14,8 @@ shape. The bundled ``cuobjdump`` then reads back, per kernel (:func:`analyse`):
 * the widest global load in the main loop (bits: 128 = 16-byte vector loads);
 * the SASS instructions of the main loop (the longest backward branch; the whole kernel when
   it has no loop) per element it processes per thread (per weight for NF4), the figure
-  ``benchmarks/roofline.py`` turns into predicted times.
+  ``benchmarks/roofline.py`` turns into predicted times, and (``alu_per_elem``, JSON only) those
+  of them that issue to the integer-ALU pipe (:data:`ALU_OPS`).
 
 The specs (kernel, argument values at a shape, constants, warps, stages, elements per loop
 iteration) are in ``aot_specs.py``. Usage::
@@ -189,6 +190,16 @@ def _load_bits(text: str) -> int:
     return 32
 
 
+# SASS that issues to the integer ALU pipe (16 lanes per SM sub-partition, half the issue rate;
+# IMAD and the FP32 instructions go to the FMA pipes): used for the ALU-pipe floor of roofline.py
+ALU_OPS = ("LOP3", "SHF", "PRMT", "IADD3", "ISETP", "LEA", "SEL", "MOV", "FSEL", "FMNMX", "IMNMX", "FSETP",
+           "P2R", "R2P", "PLOP3", "BMSK", "SGXT", "FLO", "POPC", "BREV")
+
+
+def _opcode(text: str) -> str:
+    return (text.split()[1] if text.startswith("@") else text.split()[0]).split(".")[0]
+
+
 def occupancy(regs: int, shared: int, warps: int) -> int:
     """CTAs per SM on an H100 from registers (allocated per warp in units of 256), shared memory
     (+1 KB reserved per CTA) and warps."""
@@ -212,6 +223,7 @@ def analyse(ck, num_warps: int, elems_per_iter: int) -> dict:
                 widest_load=max([_load_bits(t) for _, t in body] or [0]) or max([_load_bits(t) for _, t in instrs] or [0]),
                 loop_instrs=len(body), scope="loop" if is_loop else "kernel", inner_loops=innermost_loops(instrs),
                 per_elem=round(len(body) / per_thread, 2) if per_thread else None,
+                alu_per_elem=round(sum(_opcode(t) in ALU_OPS for _, t in body) / per_thread, 2) if per_thread else None,
                 ptx=ck.asm["ptx"])
 
 

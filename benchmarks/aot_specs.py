@@ -118,8 +118,9 @@ def _lora_specs(dt: str, all_shapes: bool):
 NF4_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # K x N (qlora_matmul.py)
 
 
-def nf4_specs(dt: str, Kd: int = 4096, N: int = 4096, M: int = 4096, gemv_ms=(1, 16)):
-    """NF4 kernels at one shape (blocksize 64, double quantisation: QLoRA's default)."""
+def nf4_specs(dt: str, Kd: int = 4096, N: int = 4096, M: int = 4096, gemv_ms=(1, 16), gemv1_luts=(True, False)):
+    """NF4 kernels at one shape (blocksize 64, double quantisation: QLoRA's default); the one-row
+    GEMV in both code-table builds (``gemv1_luts``: register ``prmt`` table, L1 table)."""
     import torch
 
     from fastpeft.kernels import nf4 as K
@@ -136,7 +137,7 @@ def nf4_specs(dt: str, Kd: int = 4096, N: int = 4096, M: int = 4096, gemv_ms=(1,
         specs.append(_spec("nf4.dequant", dt, shape, "BLOCK=1024", K._dequant_kernel, const,
                            (f"*{dt}", N * Kd) + quant, 4, 3, 1024, unit="weight", **_nf4_options(K, "dequant")))
         for m in gemv_ms:
-            specs += _gemv_specs(K, dt, m, Kd, N, quant, qc, shape)
+            specs += _gemv_specs(K, dt, m, Kd, N, quant, qc, shape, gemv1_luts)
     mm = dict(DOT_FP32=fp32, IEEE=fp32, LORA_FP32=fp32)
     torch_dt = torch.float32 if fp32 else torch.bfloat16
     ptr = f"*{dt}"
@@ -159,15 +160,31 @@ def _nf4_options(K, kind):
     return {"options": opts} if opts else {}
 
 
-def _gemv_specs(K, dt, m, Kd, N, quant, qc, shape):
-    """The GEMV the launcher picks for ``m`` rows (its ``gemv_config`` when it has one)."""
+def _nf4_table_words() -> tuple:
+    """The register table words (int32) the one-row GEMV gets for bitsandbytes' NF4 code."""
+    import torch
+
+    from fastpeft.kernels import nf4_prmt
+    from fastpeft.ops.nf4 import NF4_CODE
+
+    return nf4_prmt.fp16_planes(torch.tensor(NF4_CODE))
+
+
+def _gemv_specs(K, dt, m, Kd, N, quant, qc, shape, gemv1_luts=(True,)):
+    """The GEMV the launcher picks for ``m`` rows (its ``gemv_config`` when it has one); at one
+    row, the register-table (``prmt``) build, and with ``gemv1_luts=(True, False)`` also the
+    L1-table one (``Settings.nf4_gemv="triton_l1"``)."""
     if m == 1 and K.gemv1_config(Kd, N, 64) is not None:  # the one-row GEMV
         bn, bh, warps, split = K.gemv1_config(Kd, N, 64)
         kps = -(-(-(-Kd // split)) // (2 * bh)) * (2 * bh)
-        const = dict(qc, BLOCK_N=bn, BLOCK_H=bh)
-        vals = (f"*{dt}", "*fp32", "*u8", "*i64") + quant[2:] + (N, Kd, Kd // 64, kps, 1)
-        return [_spec("nf4.gemv(M=1)", dt, shape, f"BN={bn} BK={2 * bh}", K._gemv1_kernel, const, vals,
-                      warps, 3, bn * 2 * bh, unit="weight")]
+        specs = []
+        for lut in gemv1_luts:
+            const = dict(qc, BLOCK_N=bn, BLOCK_H=bh, LUT=lut, VEC=min(16, bh))
+            vals = (f"*{dt}", "*fp32", "*u8", "*i64") + quant[2:] + _nf4_table_words() + (N, Kd, Kd // 64, kps, 1)
+            specs.append(_spec("nf4.gemv(M=1)" + ("" if lut else " l1"), dt, shape,
+                               f"BN={bn} BK={2 * bh}" + (" prmt" if lut else " L1 table"), K._gemv1_kernel, const, vals,
+                               warps, 3, bn * 2 * bh, unit="weight"))
+        return specs
     cfg = None
     if cfg is None:  # the M <= 16 launcher's hard-coded config
         bm, bn, bk = (1, 64, 64) if m == 1 else (16, 64, 64)

@@ -8,7 +8,16 @@ floors plus a launch gap:
 * SASS instructions it issues / issue rate: 132 SMs x 4 schedulers x 32 lanes x ~1.75 GHz. The
   instructions per element (per weight for NF4) of the Triton kernels' main loops come from
   ``aot.compile_spec`` (the JIT's specialisation, sm_90, triton on this machine); cuBLAS GEMMs
-  are taken at the FLOP or byte floor.
+  are taken at the FLOP or byte floor;
+* (NF4 GEMV) integer-ALU instructions / the ALU pipe's rate: LOP3, SHF, PRMT, IADD3, LEA, ...
+  (``aot.ALU_OPS``) issue to a 16-lane pipe per scheduler, half the issue rate (NVIDIA's pipe
+  description for Volta onwards; CUDA guide: 64 integer results per clock per SM on sm_80/90),
+  while FFMA / IMAD / HADD2 go to the FMA pipes;
+* (NF4 GEMV, L1 code table) L1 wavefronts / one per clock per SM: a warp's gather of 32 random
+  8-byte entries of the 2 KB byte-pair table touches ~14 of its 16 128-byte lines and ~25 of its
+  64 sectors; the L1 tag stage resolves 4 lines (16 sectors) per cycle (NVIDIA, Volta onwards,
+  assumed unchanged on Hopper), so each gather takes ~4 cycles for 64 weights
+  (:func:`table_gather_wavefronts`: NF4 bins are equiprobable, so bytes are taken uniform).
 
 Plans modelled (``M`` tokens, ``x [M, K]``, ``W [N, K]``, rank ``r``, bf16):
 
@@ -16,7 +25,8 @@ Plans modelled (``M`` tokens, ``x [M, K]``, ``W [N, K]``, rank ``r``, bf16):
   launches, with the mask regenerated in dx_add and grad_a, or alternatively a saved 1-bit mask),
   eager peft (dropout copy, mask, separate adds), and the ``fused`` forward (mask regenerated per
   column block). Targets: fastpeft / base <= 1.10, eager / fastpeft >= 1.2.
-* NF4 GEMV at M = 1: fraction of HBM bandwidth on the packed weight (target >= 70 %).
+* NF4 GEMV at M = 1: fraction of HBM bandwidth on the packed weight (target >= 70 %), for the
+  register-table (``prmt``, the default) and the L1-table builds of the one-row GEMV.
 * QLoRA forward+backward at training M: fused dequant-GEMM vs dequantise + cuBLAS, over bf16
   dense (target <= 1.15).
 * Shared-prefix attention forward+backward (``--only prefix``): fastpeft's four kernels from their
@@ -47,10 +57,30 @@ LAUNCH_GAP_S = 1.0e-6  # between back-to-back kernels on a busy stream (assumpti
 BF16 = 2
 
 
-def kernel_s(dev: dict, bytes_=0.0, flops=0.0, instrs=0.0) -> float:
-    """One kernel's predicted seconds: the largest floor plus a launch gap."""
+def kernel_s(dev: dict, bytes_=0.0, flops=0.0, instrs=0.0, alu=0.0, l1_wavefronts=0.0) -> float:
+    """One kernel's predicted seconds: the largest floor plus a launch gap (``alu``: integer-ALU
+    instructions, at half the issue rate; ``l1_wavefronts``: L1 cycles, one per clock per SM)."""
     issue = dev["sms"] * LANES_PER_SM_CLOCK * dev["clock"]
-    return max(bytes_ / dev["bw"], flops / dev["tc"], instrs / issue) + LAUNCH_GAP_S
+    return max(bytes_ / dev["bw"], flops / dev["tc"], instrs / issue, 2.0 * alu / issue,
+               l1_wavefronts / (dev["sms"] * dev["clock"])) + LAUNCH_GAP_S
+
+
+def table_gather_wavefronts(lanes: int = 32, entry_bytes: int = 8, entries: int = 256, warps: int = 20000,
+                            seed: int = 0) -> float:
+    """Mean L1 wavefronts of one warp's gather of ``lanes`` uniform random entries of a table of
+    ``entries`` x ``entry_bytes`` (the L1-table GEMV's byte-pair lookup): max(lines / 4, sectors /
+    16) per request, rounded up (the tag stage's 4 lines or 16 sectors per cycle), over a seeded
+    sample of warps."""
+    import random
+
+    rng = random.Random(seed)
+    total = 0
+    for _ in range(warps):
+        idx = [rng.randrange(entries) for _ in range(lanes)]
+        lines = len({i * entry_bytes // 128 for i in idx})
+        sectors = len({i * entry_bytes // 32 for i in idx})
+        total += max(-(-lines // 4), -(-sectors // 16))
+    return total / warps
 
 
 def gemm_s(dev, M, N, K, extra_bytes=0.0) -> float:
@@ -133,21 +163,31 @@ def lora_table(devices, shapes=((4096, 4096, 4096, 16),)) -> list:
 
 # ----------------------------------------------------------------------------- NF4
 def nf4_ipe(K, N, M=4096) -> dict:
+    """SASS per weight of the NF4 kernels, and (``<name> alu``) integer-ALU instructions per weight."""
     import aot
     import aot_specs
 
-    return {s["name"]: aot.compile_spec(s)["per_elem"] for s in aot_specs.nf4_specs("bf16", K, N, M, gemv_ms=(1,))}
+    out = {}
+    for s in aot_specs.nf4_specs("bf16", K, N, M, gemv_ms=(1,)):
+        r = aot.compile_spec(s)
+        out[s["name"]], out[s["name"] + " alu"] = r["per_elem"], r["alu_per_elem"]
+    return out
 
 
 def nf4_table(devices, shapes=((4096, 4096), (4096, 14336), (14336, 4096)), M=4096, r=16) -> list:
     rows = []
+    wavefronts = table_gather_wavefronts()
     for K, N in shapes:
         ipe = nf4_ipe(K, N, M)
         lora_i, lora_i0 = lora_ipe(M, K, N, r, True), lora_ipe(M, K, N, r, False)
         for name in devices:
             dev = DEVICES[name]
             wbytes = N * K / 2 + N * K / 64 + 4 * N * K / 64 / 256  # packed nibbles + uint8 absmax + nested
-            gemv = kernel_s(dev, wbytes + BF16 * (K + N), 0.0, N * K * ipe["nf4.gemv(M=1)"])
+            gemv = kernel_s(dev, wbytes + BF16 * (K + N), 0.0, N * K * ipe["nf4.gemv(M=1)"],
+                            N * K * ipe["nf4.gemv(M=1) alu"])
+            # the L1-table build (Settings.nf4_gemv="triton_l1"): one gather per two weights
+            gemv_l1 = kernel_s(dev, wbytes + BF16 * (K + N), 0.0, N * K * ipe["nf4.gemv(M=1) l1"],
+                               N * K * ipe["nf4.gemv(M=1) l1 alu"], N * K / 64 * wavefronts)
             dense_gemv = kernel_s(dev, BF16 * N * K)
             dequant = kernel_s(dev, wbytes + BF16 * N * K, 0.0, N * K * ipe["nf4.dequant"])
             # fused dequant-GEMM: every M tile re-dequantises the weight (M / BLOCK_M times)
@@ -162,9 +202,11 @@ def nf4_table(devices, shapes=((4096, 4096), (4096, 14336), (14336, 4096)), M=40
             fused_plan = fused_f + fused_dx + lora_extra
             rows.append({
                 "device": name, "K x N": f"{K}x{N}",
-                "gemv instrs/weight": ipe["nf4.gemv(M=1)"],
-                "M=1 gemv us": gemv * 1e6, "bf16 gemv us": dense_gemv * 1e6,
-                "gemv % of HBM (target >= 70)": 100 * (wbytes / dev["bw"]) / gemv,
+                "gemv instrs (ALU)/weight: prmt, L1": f"{ipe['nf4.gemv(M=1)']} ({ipe['nf4.gemv(M=1) alu']}), "
+                                                        f"{ipe['nf4.gemv(M=1) l1']} ({ipe['nf4.gemv(M=1) l1 alu']})",
+                "M=1 gemv us: prmt, L1": f"{gemv * 1e6:.3g}, {gemv_l1 * 1e6:.3g}", "bf16 gemv us": dense_gemv * 1e6,
+                "gemv % of HBM: prmt, L1 (target >= 70)":
+                    f"{100 * (wbytes / dev['bw']) / gemv:.3g}, {100 * (wbytes / dev['bw']) / gemv_l1:.3g}",
                 "fused fwd+dx instrs/weight": f"{ipe['nf4.matmul fwd']}, {ipe['nf4.matmul dx']}",
                 f"M={M} dequant plan / dense (target <= 1.15)": deq_plan / dense,
                 f"M={M} fused plan / dense": fused_plan / dense,

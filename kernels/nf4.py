@@ -14,7 +14,9 @@ rows correct.
   materialised), with fused epilogues: ``+ bias`` and ``+ scale * (L @ R) [* mask]`` (the
   LoRA branch: ``U B^T`` forward, ``(G A) * dropout_mask`` backward).
 * :func:`gemv` - decoding (M <= 16): split-K over programs each holding a block of output
-  rows, reductions in fp32.
+  rows, reductions in fp32. At one row, :func:`_gemv1_kernel` reads the 16-entry code table from
+  registers with PTX ``prmt`` byte permutes (``kernels/nf4_prmt.py``; compiled code only) or,
+  in the interpreter and with ``Settings.nf4_gemv="triton_l1"``, from a 2 KB table through L1.
 
 When ``K`` is a multiple of the blocksize and a K tile lies inside one quantisation block
 (``ROW_SCALE``), the GEMM and GEMV load one scale per weight row of the tile instead of one per
@@ -36,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import nf4_prmt
 from ._common import interpreting as _interpreting
 
 __all__ = ["dequantize", "matmul", "gemv", "state_args"]
@@ -46,6 +49,9 @@ __all__ = ["dequantize", "matmul", "gemv", "state_args"]
 # ``fma.rn.f32``, one rounding fewer than bitsandbytes, with the fp-fusion default of triton 3.6
 # and 3.9). The interpreter (numpy) never fuses.
 _EXACT_MUL = tl.constexpr(not _interpreting())
+_PRMT_ASM = tl.constexpr(nf4_prmt.lookup_asm())
+_PRMT_CONSTRAINTS = tl.constexpr(nf4_prmt.LOOKUP_CONSTRAINTS)
+_PRMT_PACK = tl.constexpr(nf4_prmt.PACK)
 
 
 @triton.jit
@@ -252,18 +258,35 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _prmt_codes(byte, t0, t1, t2, t3, t4, t5, t6, t7):
+    """fp32 codes of the high (even element) and low (odd element) nibbles of uint8 ``byte``,
+    looked up in the fp16 table held in the 8 int32 words ``t0..t7`` (``kernels/nf4_prmt.py``)."""
+    return tl.inline_asm_elementwise(_PRMT_ASM, _PRMT_CONSTRAINTS, [byte, t0, t1, t2, t3, t4, t5, t6, t7],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=_PRMT_PACK)
+
+
+@triton.jit
 def _gemv1_kernel(
     x_ptr, ws_ptr, packed_ptr, pairs_ptr, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr,
+    t0, t1, t2, t3, t4, t5, t6, t7,
     N, K, KB, k_per_split, stride_xk,
     BS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    LUT: tl.constexpr, VEC: tl.constexpr,
 ):
     """ws[split, n] = sum over this split's K range of x[k] * W[n, k] for one row of x (decoding).
 
     Needs K % BS == 0 and BS % (2 BLOCK_H) == 0 (one scale per weight row and K tile). Per K
     tile each thread loads its packed bytes as 16-byte vectors (a row's bytes are contiguous) and
-    x as even / odd columns; each byte indexes a 256-entry table of its two nibbles' code values
-    (:func:`code_pairs`, 2 KB, L1-resident: one 8-byte load per two weights, no nibble
-    arithmetic), each multiplied by its x; the row's scale multiplies the pair sum. Partial sums
+    x as even / odd columns, and turns each byte into its two nibbles' codes:
+
+    * ``LUT`` (the GPU default): the 16 codes in fp16 sit in 8 registers (``t0..t7``, kernel
+      arguments read once) and ``prmt`` byte permutes look 4 nibbles up at a time (inline PTX,
+      :mod:`fastpeft.kernels.nf4_prmt`; fp16 codes: relative error <= 2^-11);
+    * otherwise (the interpreter, ``Settings.nf4_gemv="triton_l1"``): each byte indexes a
+      256-entry table of its two nibbles' fp32 codes (:func:`code_pairs`, 2 KB, read through L1:
+      one 8-byte gather per two weights, several L1 wavefronts per warp).
+
+    Each code is multiplied by its x and the row's scale multiplies the pair sum. Partial sums
     stay in a [BLOCK_N, BLOCK_H] fp32 accumulator across the K loop and are reduced once after it
     (no shuffle reduction inside the loop). Unlike dequantise-then-matmul, the weight is not
     rounded to x's dtype first (code * scale stays fp32): within that rounding of the reference."""
@@ -271,20 +294,31 @@ def _gemv1_kernel(
     split = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = offs_n[:, None] * (K // 2)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    # K % BS == 0 with BS >= 32 and k_per_split % (2 BLOCK_H) == 0: rows and K tiles start on
+    # 16-byte boundaries, which the compiler is told so that it issues 16-byte packed loads
+    rows = offs_n[:, None] * tl.multiple_of(K // 2, 16)
+    # the rows' scales, indexed in the accumulator's layout (each thread for its own rows; a
+    # [BLOCK_N] vector is converted through shared memory once BLOCK_N exceeds the threads)
+    row_blk = offs_n[:, None] * KB + tl.zeros((1, BLOCK_H // VEC), dtype=tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_H // VEC), dtype=tl.float32)
     for k0 in range(k_start, k_end, 2 * BLOCK_H):
-        offs_h = k0 // 2 + tl.arange(0, BLOCK_H)
-        byte = tl.load(packed_ptr + rows + offs_h[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+        offs_h = tl.multiple_of(k0 // 2, BLOCK_H) + tl.arange(0, BLOCK_H)
+        byte = tl.load(packed_ptr + rows + offs_h[None, :], mask=n_mask[:, None], other=0)
         xk = tl.load(x_ptr + (k0 + tl.arange(0, 2 * BLOCK_H)) * stride_xk).to(tl.float32)
         xe, xo = tl.split(tl.reshape(xk, (BLOCK_H, 2)))  # even (high nibble) / odd (low nibble) columns
-        pair = tl.load(pairs_ptr + byte)  # one 8-byte load: (code[byte >> 4], code[byte & 15]) as fp32 bits
-        hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
-        a = _scale_at(offs_n * KB + k0 // BS, n_mask, absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
-        acc += (hi * xe[None, :] + lo * xo[None, :]) * a[:, None]
+        if LUT:
+            hi, lo = _prmt_codes(byte, t0, t1, t2, t3, t4, t5, t6, t7)
+        else:
+            pair = tl.load(pairs_ptr + byte.to(tl.int32))  # (code[byte >> 4], code[byte & 15]) as fp32 bits
+            hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        a = _scale_at(row_blk + k0 // BS, n_mask[:, None], absmax_ptr, ncode_ptr, nabs_ptr, offset_ptr, NESTED, NBS)
+        # sum each thread's VEC bytes of a row in registers, then scale
+        se = tl.sum(tl.reshape(hi * xe[None, :], (BLOCK_N, BLOCK_H // VEC, VEC)), axis=2)
+        so = tl.sum(tl.reshape(lo * xo[None, :], (BLOCK_N, BLOCK_H // VEC, VEC)), axis=2)
+        acc += (se + so) * a
     tl.store(ws_ptr + split * N + offs_n, tl.sum(acc, axis=1), mask=n_mask)
 
 
@@ -404,54 +438,75 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, trans_w: bool, bias=Non
 def gemv1_config(K: int, N: int, blocksize: int, interp: bool = False):
     """(BLOCK_N, BLOCK_H, warps, split) of the one-row GEMV, or None where it does not apply
     (``K % blocksize`` != 0, or a blocksize under 32): 64 bytes (128 weights) per row and K tile
-    up to the blocksize, 64 rows per program, split-K to about 4 programs per SM of an H100."""
+    up to the blocksize; on a GPU 256 rows per program of 4 warps, so that each thread holds 16
+    packed bytes of 4 rows and each x value it converts serves 4 rows; split-K to about 4
+    programs per SM of an H100."""
     if K % blocksize or blocksize < 32:
         return None
     block_h = 16 if interp else min(64, blocksize // 2)
-    block_n = 16 if interp else 64
+    block_n = 16 if interp else 256
     n_blocks = triton.cdiv(N, block_n)
     split = max(1, min(K // (2 * block_h * 4), triton.cdiv(528, n_blocks)))
     return block_n, block_h, 4, split
 
 
-_PAIRS: dict = {}
+_TABLES: dict = {}
+
+
+def _per_code(code: torch.Tensor, kind: str, build):
+    """``build(code)``, cached per live code tensor (weakly: the entry goes with the tensor) and
+    its version counter (in-place edits rebuild it), so decoding builds it once per table."""
+    key = (id(code), kind)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is code and hit[1] == code._version:
+        return hit[2]
+    value = build(code)
+    _TABLES[key] = (weakref.ref(code), code._version, value)
+    weakref.finalize(code, _TABLES.pop, key, None)
+    return value
 
 
 def code_pairs(code: torch.Tensor) -> torch.Tensor:
     """int64 ``[256]``: entry ``b`` holds ``code[b >> 4]`` (high 32 bits) and ``code[b & 15]``
-    (low 32 bits) as fp32 bit patterns, the one-row GEMV's byte-indexed lookup table. Cached per
-    live code tensor (weakly: the entry goes with the tensor) and its version counter (in-place
-    edits rebuild it), so decoding builds it once per table, not per call."""
-    hit = _PAIRS.get(id(code))
-    if hit is not None and hit[0]() is code and hit[1] == code._version:
-        return hit[2]
-    bits = code.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    b = torch.arange(256, device=code.device)
-    table = (bits[b >> 4] << 32) | bits[b & 15]
-    _PAIRS[id(code)] = (weakref.ref(code), code._version, table)
-    weakref.finalize(code, _PAIRS.pop, id(code), None)
-    return table
+    (low 32 bits) as fp32 bit patterns, the L1-table GEMV's byte-indexed lookup table (cached
+    per code tensor)."""
+    def build(c):
+        bits = c.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = torch.arange(256, device=c.device)
+        return (bits[b >> 4] << 32) | bits[b & 15]
+    return _per_code(code, "pairs", build)
 
 
-def _gemv1(x, packed, state, split_k, code, absmax, ncode, nabs, off, nested, nbs):
+def register_table(code: torch.Tensor):
+    """The 8 int32 words of the register (``prmt``) code table (:func:`nf4_prmt.fp16_planes`), or
+    None when ``code`` is not exact to 2^-11 in fp16 (then the L1 table is used). Cached."""
+    return _per_code(code, "prmt", lambda c: nf4_prmt.fp16_planes(c) if nf4_prmt.fp16_exact_enough(c) else None)
+
+
+def _gemv1(x, packed, state, split_k, code, absmax, ncode, nabs, off, nested, nbs, lut):
     N, K = state.shape
-    block_n, block_h, warps, split = gemv1_config(K, N, state.blocksize, _interpreting())
+    interp = _interpreting()
+    block_n, block_h, warps, split = gemv1_config(K, N, state.blocksize, interp)
     split = split_k if split_k > 0 else split
     step = 2 * block_h
     k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
     split = triton.cdiv(K, k_per_split)
     ws = torch.empty((split, N), dtype=torch.float32, device=x.device)
+    words = register_table(code) if lut and not interp else None  # inline PTX: compiled GPU code only
     _gemv1_kernel[(triton.cdiv(N, block_n), split)](
-        x, ws, packed, code_pairs(code), absmax, ncode, nabs, off, N, K, K // state.blocksize, k_per_split,
-        x.stride(1),
-        BS=state.blocksize, NESTED=nested, NBS=nbs, BLOCK_N=block_n, BLOCK_H=block_h, num_warps=warps,
+        x, ws, packed, code_pairs(code), absmax, ncode, nabs, off, *(words or (0,) * nf4_prmt.N_TABLE_WORDS),
+        N, K, K // state.blocksize, k_per_split, x.stride(1),
+        BS=state.blocksize, NESTED=nested, NBS=nbs, BLOCK_N=block_n, BLOCK_H=block_h, LUT=words is not None,
+        VEC=min(16, block_h), num_warps=warps,
     )
     return ws.sum(0, keepdim=True).to(x.dtype)
 
 
-def gemv(x: torch.Tensor, packed: torch.Tensor, state, split_k: int = 0) -> torch.Tensor:
+def gemv(x: torch.Tensor, packed: torch.Tensor, state, split_k: int = 0, lut: bool = True) -> torch.Tensor:
     """``x @ W^T`` for few rows (``M <= 16``, decoding); fp32 reductions, output in x.dtype.
-    One row with ``K`` a multiple of the blocksize: :func:`_gemv1_kernel`."""
+    One row with ``K`` a multiple of the blocksize: :func:`_gemv1_kernel`, with the code table in
+    registers (``prmt``) when ``lut`` (``Settings.nf4_gemv="triton"``), compiled (not the
+    interpreter) and the table is exact in fp16; else the L1 table (``"triton_l1"``)."""
     _check_device(x, packed)
     N, K = state.shape
     M = x.shape[0]
@@ -459,7 +514,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, state, split_k: int = 0) -> torc
         raise ValueError(f"nf4 gemv handles at most 16 rows, got {M}; use matmul")
     code, absmax, ncode, nabs, off, nested, nbs = state_args(state, x.device)
     if M == 1 and gemv1_config(K, N, state.blocksize) is not None:
-        return _gemv1(x, packed, state, split_k, code, absmax, ncode, nabs, off, nested, nbs)
+        return _gemv1(x, packed, state, split_k, code, absmax, ncode, nabs, off, nested, nbs, lut)
     BLOCK_M = 1 if M == 1 else 16
     BLOCK_N, BLOCK_K = (32, 32) if _interpreting() else ((64, 128) if M == 1 else (64, 64))
     row_scale = K % state.blocksize == 0

@@ -263,3 +263,22 @@ def test_code_pairs_table():
     assert torch.equal(hi, code[b >> 4]) and torch.equal(lo, code[b & 15])
     code.mul_(2)  # an in-place edit rebuilds the table
     assert torch.equal((K_.code_pairs(code) & 0xFFFFFFFF).to(torch.int32).view(torch.float32), code[b & 15])
+
+
+@pytest.mark.parametrize("choice,lut", [("triton", True), ("triton_l1", False)])
+def test_gemv_table_setting_reaches_the_launcher(monkeypatch, settings, choice, lut):
+    """Settings.nf4_gemv picks the one-row GEMV's code table: "triton" asks for the register
+    (prmt) table, "triton_l1" for the L1 table; both give the reference's numbers here."""
+    from fastpeft.kernels import nf4 as K_
+
+    settings(nf4_gemv=choice)
+    seen = []
+    real = K_.gemv
+    monkeypatch.setattr(K_, "gemv", lambda *a, **k: seen.append(k.get("lut")) or real(*a, **k))
+    packed, st = _quantized(24, 128, 64, True)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        got = nf4.qlora_linear(x, packed, st, backend="triton")
+        ref = nf4.qlora_linear(x, packed, st, backend="reference")
+    assert seen == [lut]
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])

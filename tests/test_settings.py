@@ -67,7 +67,7 @@ def test_invalid_environment_value_fails_at_import_naming_variable_and_choices()
     ("backend", "cuda", "('auto', 'reference', 'triton')"),
     ("lora_impl", "splitt", "('split', 'kernels', 'fused')"),
     ("nf4_impl", "magic", "('auto', 'fused', 'dequant')"),
-    ("nf4_gemv", "cublas", "('triton', 'cuda')"),
+    ("nf4_gemv", "cublas", "('triton', 'triton_l1', 'cuda')"),
     ("prefix_impl", "flash", "('auto', 'kernel', 'sdpa')"),
 ])
 def test_invalid_values_raise_a_clear_error(field, bad, allowed):

@@ -476,7 +476,7 @@ class QLoraLinearTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, impl="fused", pair=True,
-                seed=None):
+                seed=None, lut=True):
         from fastpeft.kernels import nf4 as K
 
         x = x.contiguous()
@@ -488,7 +488,7 @@ class QLoraLinearTriton(torch.autograd.Function):
             u, mask, seed = _lora_down(x, lora_A, p, seed, shared)
         needs_grad = any(ctx.needs_input_grad)
         if x.shape[0] <= 16 and not needs_grad:
-            y = K.gemv(x, packed, state)
+            y = K.gemv(x, packed, state, lut=lut)
             y = y if bias is None else y + bias.to(y.dtype)
             if has_lora:
                 y = y + ((u @ lora_B.t()) * scaling).to(y.dtype)
@@ -535,7 +535,7 @@ class QLoraLinearTriton(torch.autograd.Function):
             dx = _input_grad(ctx, dy, packed, g, lora_A, mask, regen)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(0).to(ctx.bias_dtype)
-        return dx, None, None, db, dA, dB, None, None, None, None, None, None
+        return dx, None, None, db, dA, dB, None, None, None, None, None, None, None
 
 
 def _lora_down(x, lora_A, p, seed, shared):
@@ -643,7 +643,7 @@ def qlora_linear(
     args = (x2, packed, state, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
     if which == "triton":
         y = QLoraLinearTriton.apply(*args, nf4_impl(impl if impl is not None else settings.nf4_impl), settings.nf4_pair,
-                                    seed)
+                                    seed, settings.nf4_gemv != "triton_l1")
     else:
         y = QLoraLinearReference.apply(*args)
     return y.reshape(*lead, N)

@@ -24,7 +24,9 @@ variable                 field               values (default first)
 ``FASTPEFT_NF4_IMPL``    ``nf4_impl``        ``auto`` (GPU: dequant, interpreter: fused), ``fused``,
                                              ``dequant`` (see ``ops.nf4.nf4_impl``)
 ``FASTPEFT_NF4_PAIR``    ``nf4_pair``        ``1`` / ``0`` (the NF4 GEMM's one-load-per-byte path)
-``FASTPEFT_NF4_GEMV``    ``nf4_gemv``        ``triton``, ``cuda`` (the M = 1 decoding GEMV)
+``FASTPEFT_NF4_GEMV``    ``nf4_gemv``        ``triton`` (code table in registers where it
+                                             compiles), ``triton_l1`` (the L1 table), ``cuda``
+                                             (the M = 1 decoding GEMV)
 ``FASTPEFT_PREFIX_IMPL`` ``prefix_impl``     ``auto`` (CUDA, 16-bit, no padding, cuDNN takes it:
                                              ``sdpa``, else ``kernel``), ``kernel``, ``sdpa``
                                              (see ``ops.prefix_attention.choose_prefix_impl``)
@@ -47,7 +49,7 @@ __all__ = ["Settings", "get_settings", "set_settings", "use_settings", "ENV_VARS
 BACKEND_CHOICES = ("auto", "reference", "triton")
 LORA_IMPLS = ("split", "kernels", "fused")
 NF4_IMPLS = ("auto", "fused", "dequant")
-NF4_GEMVS = ("triton", "cuda")
+NF4_GEMVS = ("triton", "triton_l1", "cuda")
 PREFIX_IMPLS = ("auto", "kernel", "sdpa")
 
 # field -> environment variable read by Settings.from_env
@@ -79,7 +81,10 @@ class Settings:
         nf4_impl: the QLoRA Triton plan for training-size matmuls, ``"auto"`` (``"dequant"`` on a
             GPU, ``"fused"`` under the Triton interpreter), ``"fused"`` or ``"dequant"``.
         nf4_pair: the NF4 forward GEMM loads each packed byte once (both nibbles) when True.
-        nf4_gemv: the M = 1 decoding GEMV, ``"triton"`` or ``"cuda"`` (``csrc/``, where it builds).
+        nf4_gemv: the M = 1 decoding GEMV: ``"triton"`` (the one-row Triton GEMV with its code
+            table in registers, read by ``prmt`` byte permutes, wherever it compiles: CUDA, a
+            table exact in fp16), ``"triton_l1"`` (the same GEMV reading a 2 KB byte-pair table
+            through L1, the interpreter's path) or ``"cuda"`` (``csrc/``, where it builds).
         prefix_impl: how the fused (non-reference) shared-prefix attention runs: ``"kernel"`` (the
             Triton kernels), ``"sdpa"`` (the prefix concatenated before the sequence keys, then
             PyTorch's SDPA without a mask where the batch has no padding) or ``"auto"`` (``"sdpa"``
