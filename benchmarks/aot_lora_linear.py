@@ -25,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from aot import compile_spec  # noqa: E402  (benchmarks/aot.py: the shared AOT helpers)
-from aot_specs import LORA_KERNELS, _cfg, _spec, lora_constants, lora_values  # noqa: E402
+from aot_specs import LORA_KERNELS, lora_kernel_spec, lora_kept_configs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,33 +50,29 @@ def main(argv=None) -> int:
     dt = args.dtype
     print(f"triton {triton.__version__}, target sm_90, dtype {dt}, M={args.m} K={args.k} N={args.n}\n")
     print("| kernel | r_pad | dropout | config (BM, BN, BK, warps, stages) | kept by pruning | regs | local/stack bytes "
-          "| wgmma | CTAs/SM | instrs per elem |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| wgmma | CTAs/SM | instrs per elem | epilogue instrs per out elem |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     bad = 0
     for kind in args.kernels:
-        name, kernel, configs_fn = LORA_KERNELS[kind]
-        fn, configs = getattr(K, kernel).fn, getattr(K, configs_fn)()
+        configs = getattr(K, LORA_KERNELS[kind][2])()
         for r in args.rank:
             if kind == "fused" and r > K.MAX_FUSED_RANK:
                 continue
             for has_dropout in {"both": (False, True), "on": (True,), "off": (False,)}[args.dropout]:
-                const = {k: v for k, v in lora_constants(kind, dt, r, has_dropout).items() if k in fn.arg_names}
-                kept_list = K._prune(kind)(configs, dict(const, M=args.m, ELEM_BYTES=4 if dt == "fp32" else 2))
+                kept_list = lora_kept_configs(kind, dt, args.m, r, has_dropout, configs)
                 kept = {id(c) for c in kept_list}
                 for c in (kept_list[:1] if args.first else configs):
                     if id(c) not in kept and not args.all_configs:
                         continue
-                    spec = _spec(name, dt, "", _cfg(c), fn, dict(const, **c.kwargs),
-                                 lora_values(kind, dt, args.m, args.k, args.n, r), c.num_warps, c.num_stages,
-                                 c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"])
-                    res = compile_spec(spec)
+                    res = compile_spec(lora_kernel_spec(kind, dt, args.m, args.k, args.n, r, has_dropout, c))
                     shape = (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N", "-"), c.kwargs.get("BLOCK_K"),
                              c.num_warps, c.num_stages)
                     is_kept = id(c) in kept
                     bad += int(is_kept and res["local"] > args.max_local)
                     print(f"| {kind} | {K._pad_rank(r)} | {has_dropout} | {shape} | {'yes' if is_kept else 'no'} | "
                           f"{res['regs']} | {res['local']} | {'yes' if res['wgmma'] else 'no'} | {res['ctas_per_sm']} | "
-                          f"{res['per_elem']} |", flush=True)
+                          f"{res['per_elem']} | {res['epilogue_per_elem'] if res['epilogue_per_elem'] is not None else '-'} |",
+                          flush=True)
     print(f"\n{bad} kept config(s) use more than {args.max_local} local/stack bytes per thread")
     return 1 if bad else 0
 

@@ -123,14 +123,16 @@ def lora_kernel_spec(kind: str, dt: str, M: int, Kd: int, N: int, r: int, dropou
                  c.num_warps, c.num_stages, el.pop("elems_per_iter"), **el)
 
 
-def lora_kept_configs(kind: str, dt: str, M: int, r: int, dropout: bool) -> list:
-    """The autotune configs of ``kind`` that the launcher's pruning keeps at this M and rank."""
+def lora_kept_configs(kind: str, dt: str, M: int, r: int, dropout: bool, configs=None) -> list:
+    """The autotune configs of ``kind`` (default: its config list) that the launcher's pruning
+    keeps at this M and rank."""
     from fastpeft.kernels import lora_linear as K
 
-    _, kernel, configs = LORA_KERNELS[kind]
+    _, kernel, configs_fn = LORA_KERNELS[kind]
     fn = getattr(K, kernel).fn
     const = {k: v for k, v in lora_constants(kind, dt, r, dropout).items() if k in fn.arg_names}
-    return K._prune(lora_prune_kind(kind))(getattr(K, configs)(), dict(const, M=M, ELEM_BYTES=4 if dt == "fp32" else 2))
+    configs = getattr(K, configs_fn)() if configs is None else configs
+    return K._prune(lora_prune_kind(kind))(configs, dict(const, M=M, ELEM_BYTES=4 if dt == "fp32" else 2))
 
 
 def lora_kernel_specs(dt: str, M: int, Kd: int, N: int, r: int, dropout: bool = True):

@@ -36,6 +36,27 @@ With dropout 0 every LoRA GEMM is a plain cuBLAS call with beta = 1 where it add
 fastest option for the skinny products; ``impl="kernels"`` forces the Triton down/dx/dA kernels
 anyway (tests, benchmarks).
 
+``impl="epilogue"`` moves split's remaining extra passes (the beta = 1 add re-reading y, g and dB
+each reading dy, dx_add reading and writing dx) into two Triton GEMMs and one dy kernel:
+
+forward
+    ``u`` as in split (:func:`lora_down`, one pass over x); then :func:`lora_epilogue_gemm`
+    computes ``y = x W^T + b + (s u) B^T``: after the K loop (wgmma, cp.async pipeline) the LoRA
+    product is one more dot of K = r into the same fp32 accumulator, s folded into u's rounding.
+backward
+    :func:`lora_grad_dy` reads dy once for both ``g = s dy B`` and ``dB = s dy^T u``: programs
+    over (row block, column slice); g's partials in a few fp32 planes (one per slice) summed in
+    order, dB's in fp32 atomics, or one plane per row block with ``deterministic``;
+    ``dx = dy W + mask * (g A)`` is the same GEMM kernel (strides pick the transposes), the mask
+    regenerated in the epilogue over (row, output column) and applied to the LoRA product alone;
+    ``dA`` is :func:`lora_grad_a` as in split.
+Predicted at M = K = N = 4096, r = 16, p = 0.05 (benchmarks/roofline.py, a static model, no GPU):
+1.14x the frozen base on an H100 (1.13x H200) against split's 1.25x, **if** the Triton GEMMs run
+at cuBLAS' rate; 1.24x if they are 10 % slower. What remains above the base: x read twice (down,
+dA: ~25 us), the dy kernel (~18 us with its atomics and planes), the mask in the dx epilogue
+(~16 SASS instructions per element, ~9 us, not hidden at 1 CTA per SM) and launches. The default
+stays ``split`` until a GPU measures the Triton GEMMs.
+
 ``impl="fused"`` is the single-kernel alternative: one Triton GEMM whose K loop loads each x
 tile once and feeds two dots (x W^T into the [BM, BN] accumulator, dropout(x) A^T into a
 [BM, r] accumulator), then the epilogue adds bias and ``s * u B^T`` and the ``pid_n == 0``
@@ -43,7 +64,7 @@ programs write u for backward. It reads x once instead of twice and launches one
 instead of three (the win for decoding-sized M), but every column block recomputes u
 (r / BN extra tensor-core work, 12 % at r = 16, 50 % at r = 64) and competes with cuBLAS on
 the big GEMM; it is limited to r <= 64 (register budget). ``benchmarks/lora_linear.py`` times
-split / kernels / fused side by side; the op's default stays ``split`` until an H100 run shows
+split / kernels / epilogue / fused side by side; the op's default stays ``split`` until an H100 run shows
 otherwise (``FASTPEFT_LORA_IMPL`` selects one).
 
 Numerics: all dots accumulate in fp32; fp32 inputs use exact ("ieee") dots unless
