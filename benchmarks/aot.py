@@ -209,8 +209,11 @@ def occupancy(regs: int, shared: int, warps: int) -> int:
     return max(0, min(by_regs, by_shared, SM_WARPS // warps, SM_CTAS))
 
 
-def analyse(ck, num_warps: int, elems_per_iter: int) -> dict:
-    """Per-kernel figures of a compiled kernel (see the module docstring)."""
+def analyse(ck, num_warps: int, elems_per_iter: int, epilogue_elems: int = 0) -> dict:
+    """Per-kernel figures of a compiled kernel (see the module docstring). With
+    ``epilogue_elems`` (output elements per CTA of a GEMM), also ``epilogue_per_elem``: the SASS
+    outside the main loop (prologue, epilogue: spent once per output tile) per output element
+    of a thread."""
     regs, local = regs_and_spills(ck.asm["cubin"])
     shared = int(getattr(ck.metadata, "shared", 0) or 0)
     instrs = sass(ck.asm["cubin"])
@@ -224,6 +227,9 @@ def analyse(ck, num_warps: int, elems_per_iter: int) -> dict:
                 loop_instrs=len(body), scope="loop" if is_loop else "kernel", inner_loops=innermost_loops(instrs),
                 per_elem=round(len(body) / per_thread, 2) if per_thread else None,
                 alu_per_elem=round(sum(_opcode(t) in ALU_OPS for _, t in body) / per_thread, 2) if per_thread else None,
+                outside_loop_instrs=len(instrs) - len(body) if is_loop else 0,
+                epilogue_per_elem=(round((len(instrs) - len(body)) * 32 * num_warps / epilogue_elems, 2)
+                                   if epilogue_elems and is_loop else None),
                 ptx=ck.asm["ptx"])
 
 
@@ -237,10 +243,10 @@ def compile_spec(spec: dict) -> dict:
     sig, const, attrs = jit_signature(fn, spec["args"], spec["const"])
     key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in const.items())),
            tuple(sorted(attrs)), spec["warps"], spec["stages"], spec.get("elems_per_iter"),
-           tuple(sorted(spec.get("options", {}).items())))
+           spec.get("epilogue_elems", 0), tuple(sorted(spec.get("options", {}).items())))
     if key not in _CACHE:
         ck = compile_sm90(fn, sig, const, spec["warps"], spec["stages"], attrs, **spec.get("options", {}))["kernel"]
-        _CACHE[key] = analyse(ck, spec["warps"], spec["elems_per_iter"])
+        _CACHE[key] = analyse(ck, spec["warps"], spec["elems_per_iter"], spec.get("epilogue_elems", 0))
     return _CACHE[key]
 
 

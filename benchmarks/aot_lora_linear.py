@@ -25,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from aot import compile_spec  # noqa: E402  (benchmarks/aot.py: the shared AOT helpers)
-from aot_specs import LORA_KERNELS, _cfg, _spec, lora_constants, lora_values  # noqa: E402
+from aot_specs import LORA_KERNELS, lora_kernel_spec, lora_kept_configs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -55,63 +55,56 @@ def main(argv=None) -> int:
     dt = args.dtype
     print(f"triton {triton.__version__}, target sm_90, dtype {dt}, M={args.m} K={args.k} N={args.n}\n")
     print("| kernel | r_pad | dropout | config (BM, BN, BK, warps, stages) | kept by pruning | regs | local/stack bytes "
-          "| wgmma | CTAs/SM | instrs per elem |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| wgmma | CTAs/SM | instrs per elem | epilogue instrs per out elem |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     bad = 0
     for kind in args.kernels:
-        name, kernel, configs_fn = LORA_KERNELS[kind]
-        fn, configs = getattr(K, kernel).fn, getattr(K, configs_fn)()
+        configs = getattr(K, LORA_KERNELS[kind][2])()
         for r in args.rank:
             if kind == "fused" and r > K.MAX_FUSED_RANK:
                 continue
             for has_dropout in {"both": (False, True), "on": (True,), "off": (False,)}[args.dropout]:
-                const = {k: v for k, v in lora_constants(kind, dt, r, has_dropout).items() if k in fn.arg_names}
-                kept_list = K._prune(kind)(configs, dict(const, M=args.m, ELEM_BYTES=4 if dt == "fp32" else 2))
+                kept_list = lora_kept_configs(kind, dt, args.m, r, has_dropout, configs)
                 kept = {id(c) for c in kept_list}
                 for c in (kept_list[:1] if args.first else configs):
                     if id(c) not in kept and not args.all_configs:
                         continue
-                    spec = _spec(name, dt, "", _cfg(c), fn, dict(const, **c.kwargs),
-                                 lora_values(kind, dt, args.m, args.k, args.n, r), c.num_warps, c.num_stages,
-                                 c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"])
-                    res = compile_spec(spec)
+                    res = compile_spec(lora_kernel_spec(kind, dt, args.m, args.k, args.n, r, has_dropout, c))
                     shape = (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N", "-"), c.kwargs.get("BLOCK_K"),
                              c.num_warps, c.num_stages)
                     is_kept = id(c) in kept
                     bad += int(is_kept and res["local"] > args.max_local)
                     print(f"| {kind} | {K._pad_rank(r)} | {has_dropout} | {shape} | {'yes' if is_kept else 'no'} | "
                           f"{res['regs']} | {res['local']} | {'yes' if res['wgmma'] else 'no'} | {res['ctas_per_sm']} | "
-                          f"{res['per_elem']} |", flush=True)
+                          f"{res['per_elem']} | {res['epilogue_per_elem'] if res['epilogue_per_elem'] is not None else '-'} |",
+                          flush=True)
     print(f"\n{bad} kept config(s) use more than {args.max_local} local/stack bytes per thread")
     return 1 if bad else 0
 
 
-def _compile(K, kind, dt, r, dropout, config, m, k, n):
-    """compile_spec result of LoRA kernel ``kind`` at one config (a ``triton.Config``)."""
-    name, kernel, _ = LORA_KERNELS[kind]
-    fn = getattr(K, kernel).fn
-    const = {key: v for key, v in lora_constants(kind, dt, r, dropout).items() if key in fn.arg_names}
-    spec = _spec(name, dt, "", _cfg(config), fn, dict(const, **config.kwargs), lora_values(kind, dt, m, k, n, r),
-                 config.num_warps, config.num_stages, config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"])
-    return compile_spec(spec)
+# the kernels that draw the dropout mask: in their main loop, or (the epilogue plan's dx GEMM) in
+# the epilogue, where the cost is counted per output element
+MASKED_KERNELS = {"down": "per_elem", "dx": "per_elem", "da": "per_elem", "fused": "per_elem",
+                  "epi_dx": "epilogue_per_elem"}
 
 
 def mask_cost(args) -> int:
-    """The dropout mask's cost in one binary's terms: the same config with and without it (the
-    issue's bound is 16 SASS instructions per element)."""
+    """The dropout mask's cost in one binary's terms: the first config kept with dropout, compiled
+    with and without it (the issue's bound is 16 SASS instructions per element)."""
     from fastpeft.kernels import lora_linear as K
 
     print("| kernel | r_pad | config (BM, BN, BK, warps, stages) | instrs/elem, no dropout | with dropout | mask |")
     print("|---|---|---|---|---|---|")
     for kind in args.kernels:
-        _, kernel, configs_fn = LORA_KERNELS[kind]
-        fn = getattr(K, kernel).fn
+        if kind not in MASKED_KERNELS:
+            continue
+        figure = MASKED_KERNELS[kind]
         for r in args.rank:
             if kind == "fused" and r > K.MAX_FUSED_RANK:
                 continue
-            const = {key: v for key, v in lora_constants(kind, args.dtype, r, True).items() if key in fn.arg_names}
-            c = K._prune(kind)(getattr(K, configs_fn)(), dict(const, M=args.m, ELEM_BYTES=4 if args.dtype == "fp32" else 2))[0]
-            off, on = (_compile(K, kind, args.dtype, r, d, c, args.m, args.k, args.n)["per_elem"] for d in (False, True))
+            c = lora_kept_configs(kind, args.dtype, args.m, r, True)[0]
+            off, on = (compile_spec(lora_kernel_spec(kind, args.dtype, args.m, args.k, args.n, r, d, c))[figure]
+                       for d in (False, True))
             shape = (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N", "-"), c.kwargs.get("BLOCK_K"), c.num_warps, c.num_stages)
             print(f"| {kind} | {K._pad_rank(r)} | {shape} | {off} | {on} | {on - off:.2f} |", flush=True)
     return 0

@@ -53,6 +53,12 @@ def lora_values(kind: str, dt: str, M: int, Kd: int, N: int, r: int) -> tuple:
         return (ptr, ptr, ptr, M, Kd, r, mb, Kd, 1, r, 1, Kd, 1) + drop
     if kind == "da":
         return ("*fp32", ptr, ptr, M, Kd, r, mb, r, 1, Kd, 1, r * Kd, Kd, 1) + drop
+    if kind == "epi_fwd":  # y = x (W^T) + b + (s u) (B^T): W [N, K] and B [N, r] read through transposed strides
+        return (ptr,) * 6 + (M, N, Kd, r, mb, Kd, 1, 1, Kd, r, 1, 1, r, N, 1) + (0, 0, 2.0)
+    if kind == "epi_dx":  # dx = dy W + mask * (g A): output columns are x's K, reduction over N; g is fp32
+        return (ptr, ptr, ptr, "*fp32", ptr, ptr, M, Kd, N, r, mb, N, 1, Kd, 1, r, 1, Kd, 1, Kd, 1) + drop
+    if kind == "dy":  # g planes [S, M, r] and atomic dB [1, N, r], both fp32
+        return (ptr, ptr, ptr, "*fp32", "*fp32", M, N, r, mb, N, 1, r, 1, r, 1, M * r, r, 1, N * r, r, 1, 2.0)
     return (ptr,) * 7 + (M, N, Kd, r, mb, Kd, 1, Kd, 1, Kd, 1, r, 1, N, 1, r, 1) + drop + (2.0,)
 
 
@@ -63,6 +69,12 @@ def lora_constants(kind: str, dt: str, r: int, dropout: bool) -> dict:
     rp = K._pad_rank(r)
     prec = "ieee" if dt == "fp32" else "tf32"
     const = dict(HAS_DROPOUT=dropout, R_PAD=rp, UPCAST=False, PRECISION=prec)
+    if kind == "dy":
+        return dict(R_PAD=rp, UPCAST=False, PRECISION=prec, DETERMINISTIC=False)
+    if kind in ("epi_fwd", "epi_dx"):  # the forward never masks (u carries the dropout); dx does
+        const.update(HAS_BIAS=kind == "epi_fwd", HAS_DROPOUT=dropout and kind == "epi_dx",
+                     R_CHUNK=K._dx_rank_chunk(rp, prec), GROUP_M=8)
+        return const
     if kind == "dx":
         const["R_CHUNK"] = K._dx_rank_chunk(rp, prec)
     if kind == "da":
@@ -75,26 +87,67 @@ def lora_constants(kind: str, dt: str, r: int, dropout: bool) -> dict:
 LORA_KERNELS = {"down": ("lora.down", "_lora_down_kernel", "_down_configs"),
                 "dx": ("lora.dx_add", "_lora_dx_add_kernel", "_dx_configs"),
                 "da": ("lora.grad_a", "_lora_grad_a_kernel", "_da_configs"),
-                "fused": ("lora.fused_fwd", "_lora_fused_fwd_kernel", "_fused_configs")}
+                "fused": ("lora.fused_fwd", "_lora_fused_fwd_kernel", "_fused_configs"),
+                "epi_fwd": ("lora.epilogue_fwd", "_lora_epilogue_gemm_kernel", "_epi_configs"),
+                "epi_dx": ("lora.epilogue_dx", "_lora_epilogue_gemm_kernel", "_epi_configs"),
+                "dy": ("lora.grad_dy", "_lora_dy_kernel", "_dy_configs")}
+
+
+def lora_prune_kind(kind: str) -> str:
+    """The ``kernels.lora_linear._prune`` kind of a ``LORA_KERNELS`` entry (both epilogue GEMM
+    launches share one config list)."""
+    return "epi" if kind.startswith("epi_") else kind
+
+
+def lora_elems(kind: str, c) -> dict:
+    """``elems_per_iter`` (elements of the main loop's streamed tile: x / dy per row and column
+    block) and, for the epilogue GEMMs, ``epilogue_elems`` (output elements per CTA: the SASS
+    outside the main loop is spent once per output tile, see ``benchmarks/roofline.py``)."""
+    kw = c.kwargs
+    if kind == "dy":
+        return dict(elems_per_iter=kw["BLOCK_M"] * kw["BLOCK_N"])
+    if kind.startswith("epi_"):
+        return dict(elems_per_iter=kw["BLOCK_M"] * kw["BLOCK_K"], epilogue_elems=kw["BLOCK_M"] * kw["BLOCK_N"])
+    return dict(elems_per_iter=kw["BLOCK_M"] * kw["BLOCK_K"])
+
+
+def lora_kernel_spec(kind: str, dt: str, M: int, Kd: int, N: int, r: int, dropout: bool, c, shape: str = ""):
+    """The spec of LoRA kernel ``kind`` launched with autotune config ``c``."""
+    from fastpeft.kernels import lora_linear as K
+
+    name, kernel, _ = LORA_KERNELS[kind]
+    fn = getattr(K, kernel).fn
+    const = {k: v for k, v in lora_constants(kind, dt, r, dropout).items() if k in fn.arg_names}
+    el = lora_elems(kind, c)
+    return _spec(name, dt, shape, _cfg(c), fn, dict(const, **c.kwargs), lora_values(kind, dt, M, Kd, N, r),
+                 c.num_warps, c.num_stages, el.pop("elems_per_iter"), **el)
+
+
+def lora_kept_configs(kind: str, dt: str, M: int, r: int, dropout: bool, configs=None) -> list:
+    """The autotune configs of ``kind`` (default: its config list) that the launcher's pruning
+    keeps at this M and rank."""
+    from fastpeft.kernels import lora_linear as K
+
+    _, kernel, configs_fn = LORA_KERNELS[kind]
+    fn = getattr(K, kernel).fn
+    const = {k: v for k, v in lora_constants(kind, dt, r, dropout).items() if k in fn.arg_names}
+    configs = getattr(K, configs_fn)() if configs is None else configs
+    return K._prune(lora_prune_kind(kind))(configs, dict(const, M=M, ELEM_BYTES=4 if dt == "fp32" else 2))
 
 
 def lora_kernel_specs(dt: str, M: int, Kd: int, N: int, r: int, dropout: bool = True):
-    """The four LoRA-linear kernels (down, dx_add, grad_a, fused forward) at one shape, each with
-    the first autotune config the pruning keeps (autotuning picks among them on a GPU)."""
+    """The LoRA-linear kernels (down, dx_add, grad_a, fused forward; the epilogue plan's GEMM as
+    forward and dx, and its dy kernel) at one shape, each with the first autotune config the
+    pruning keeps (autotuning picks among them on a GPU)."""
     from fastpeft.kernels import lora_linear as K
 
     shape = f"M={M} K={Kd} N={N} r={r}" + (" p>0" if dropout else "")
     specs = []
-    for kind, (name, kernel, configs) in LORA_KERNELS.items():
+    for kind in LORA_KERNELS:
         if kind == "fused" and r > K.MAX_FUSED_RANK:
             continue
-        base = lora_constants(kind, dt, r, dropout)
-        fn = getattr(K, kernel).fn
-        base = {k: v for k, v in base.items() if k in fn.arg_names}
-        c = K._prune(kind)(getattr(K, configs)(), dict(base, M=M, ELEM_BYTES=4 if dt == "fp32" else 2))[0]
-        specs.append(_spec(name, dt, shape, _cfg(c), fn, dict(base, **c.kwargs),
-                           lora_values(kind, dt, M, Kd, N, r), c.num_warps, c.num_stages,
-                           c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"]))
+        c = lora_kept_configs(kind, dt, M, r, dropout)[0]
+        specs.append(lora_kernel_spec(kind, dt, M, Kd, N, r, dropout, c, shape))
     return specs
 
 

@@ -6,7 +6,8 @@ M (tokens) in 1, 16, 512, 4096, 16384, r in 8, 16, 64, bf16. The fastpeft column
 Triton plans (see fastpeft/kernels/lora_linear.py): ``split`` (the default: cuBLAS base GEMM +
 Triton kernels for the mask-carrying parts + cuBLAS beta=1 epilogue for the LoRA add),
 ``fused`` (one Triton kernel for the forward), ``kernels`` (Triton LoRA kernels even without
-dropout). CPU (``quick``): small shapes on the reference path, fp32, to exercise the script.
+dropout), ``epilogue`` (Triton GEMMs with the LoRA products in their epilogues, g and dB from one
+pass over dy; GPU only, like ``fused`` and ``kernels``). CPU (``quick``): small shapes on the reference path, fp32, to exercise the script.
 
 Columns: median ms per call; ``eager/fastpeft`` > 1 means fastpeft is faster than eager;
 ``fastpeft/base`` is the cost over the frozen linear alone (1.00 = free LoRA); peak MiB is the
@@ -55,6 +56,7 @@ def _variants(on_gpu: bool, r: int):
         if r <= 64:
             v["fused"] = lambda x, W, b, A, B, p, tr: lora_linear(x, W, b, A, B, SCALING, p, tr, impl="fused")
         v["kernels"] = lambda x, W, b, A, B, p, tr: lora_linear(x, W, b, A, B, SCALING, p, tr, impl="kernels")
+        v["epilogue"] = lambda x, W, b, A, B, p, tr: lora_linear(x, W, b, A, B, SCALING, p, tr, impl="epilogue")
     return v
 
 
@@ -90,6 +92,8 @@ def _case(K, N, M, r, dtype, dev, quick) -> List[Dict[str, object]]:
         row["fastpeft/base"] = ms["fastpeft"] / ms["base"]
         if "fused" in ms:
             row["eager/fused"] = ms["eager"] / ms["fused"]
+        if "epilogue" in ms:  # the plan whose predicted ratio is 1.14 at 4096^3 (benchmarks/roofline.py)
+            row["epilogue/base"] = ms["epilogue"] / ms["base"]
         for name in ("base", "eager", "fastpeft"):
             row[f"peak MiB {name}"] = mem[name]
         rows.append(row)

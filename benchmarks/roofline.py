@@ -23,8 +23,10 @@ Plans modelled (``M`` tokens, ``x [M, K]``, ``W [N, K]``, rank ``r``, bf16):
 
 * LoRA forward+backward with dropout: the frozen base (2 GEMMs), fastpeft's ``split`` plan (its
   launches, with the mask regenerated in dx_add and grad_a, or alternatively a saved 1-bit mask),
-  eager peft (dropout copy, mask, separate adds), and the ``fused`` forward (mask regenerated per
-  column block). Targets: fastpeft / base <= 1.10, eager / fastpeft >= 1.2.
+  eager peft (dropout copy, mask, separate adds), the ``fused`` forward (mask regenerated per
+  column block), and the ``epilogue`` plan (:func:`lora_epilogue_plan`: LoRA products in Triton
+  GEMM epilogues, **assumed at cuBLAS' GEMM rate**, with a column for 10 % slower). Targets:
+  fastpeft / base <= 1.10, eager / fastpeft >= 1.2.
 * NF4 GEMV at M = 1: fraction of HBM bandwidth on the packed weight (target >= 70 %), for the
   register-table (``prmt``, the default) and the L1-table builds of the one-row GEMV.
 * QLoRA forward+backward at training M: fused dequant-GEMM vs dequantise + cuBLAS, over bf16
@@ -99,8 +101,17 @@ def lora_ipe(M, K, N, r, dropout: bool) -> dict:
     import aot
     import aot_specs
 
-    return {s["name"]: aot.compile_spec(s)["per_elem"]
-            for s in aot_specs.lora_kernel_specs("bf16", M, K, N, r, dropout)}
+    out = {}
+    for s in aot_specs.lora_kernel_specs("bf16", M, K, N, r, dropout):
+        res = aot.compile_spec(s)
+        out[s["name"]] = res["per_elem"]
+        if res.get("epilogue_per_elem") is not None:  # GEMMs: SASS outside the main loop per output element
+            out[s["name"] + ":epilogue"] = res["epilogue_per_elem"]
+    if dropout:  # the dx GEMM's epilogue without the mask at the same tile (the pruning's first pick differs)
+        c = aot_specs.lora_kept_configs("epi_dx", "bf16", M, r, True)[0]
+        res = aot.compile_spec(aot_specs.lora_kernel_spec("epi_dx", "bf16", M, K, N, r, False, c))
+        out["lora.epilogue_dx:epilogue unmasked"] = res["epilogue_per_elem"]
+    return out
 
 
 # ----------------------------------------------------------------------------- LoRA plans
@@ -132,6 +143,9 @@ def lora_plans(dev, M, K, N, r, ipe: dict, ipe0: dict) -> dict:
                  + kernel_s(dev, BF16 * MK, 2.0 * MK * r) + kernel_s(dev, BF16 * 2 * MK + MK)
                  + kernel_s(dev, BF16 * MK, 2.0 * MK * r) + gemm_s(dev, M, K, N) + ew_s(dev, MK, 3))
     out = dict(base=base, split=split(False), split_saved_mask=split(True), eager=eager_fwd + eager_bwd)
+    if "lora.epilogue_dx" in ipe:
+        out.update(epilogue=lora_epilogue_plan(dev, M, K, N, r, ipe, ipe0),
+                   epilogue_gemm_10pct_slower=lora_epilogue_plan(dev, M, K, N, r, ipe, ipe0, gemm_slowdown=1.1))
     if "lora.fused_fwd" in ipe:
         bn = 128
         fused_fwd = kernel_s(dev, BF16 * (MK + N * K + MN), 2.0 * M * N * K + 2.0 * MK * r * (N / bn),
@@ -140,6 +154,42 @@ def lora_plans(dev, M, K, N, r, ipe: dict, ipe0: dict) -> dict:
         out["split_fwd_with_dropout"] = (gemm_s(dev, M, N, K) + kernel_s(dev, BF16 * MK, 2.0 * MK * r, MK * ipe["lora.down"])
                                          + kernel_s(dev, BF16 * 2 * MN, 2.0 * MN * r))
     return out
+
+
+def dy_split(M, N, sms) -> int:
+    """The dy kernel's column slices (g planes), as ``kernels.lora_linear._dy_split`` picks them."""
+    return max(1, min(16, -(-4 * sms // -(-M // 64)), -(-N // 64)))
+
+
+def lora_epilogue_plan(dev, M, K, N, r, ipe: dict, ipe0: dict, gemm_slowdown: float = 1.0, dy_block_m: int = 128) -> float:
+    """Predicted seconds of the ``epilogue`` plan's forward+backward (dropout on).
+
+    Assumption (stated, not measured): its two big Triton GEMMs (sm_90 wgmma, 128 x 256 / 128 x
+    128 tiles, cp.async 3-4 stage pipelines: benchmarks/NOTES-sm90-compile.md) run at cuBLAS'
+    rate at this shape, divided by ``gemm_slowdown`` (1.1: 10 % slower). The LoRA product in
+    the epilogue is one more wgmma of K = r (FLOPs counted) plus the u / B (g / A) tiles (bytes
+    counted). The dx GEMM's dropout epilogue (mask draws, a second tile, the select) is added
+    serially at the SASS issue rate: its instructions outside the main loop with dropout minus
+    without (aot.py, same tile), once per output element: at 1 CTA per SM (234 registers) no other CTA
+    hides it. The dy kernel reads dy once; its extra bytes: dB's fp32 atomics (``M / BM``
+    partials of ``N r``, counted as HBM bytes although they meet in L2), the g planes written and
+    read back by the in-order sum."""
+    MK, MN = M * K, M * N
+    slow = dict(dev, tc=dev["tc"] / gemm_slowdown)
+    issue = dev["sms"] * LANES_PER_SM_CLOCK * dev["clock"]
+    down = kernel_s(dev, BF16 * MK, 2.0 * MK * r, MK * ipe["lora.down"])
+    fwd = down + kernel_s(slow, BF16 * (MK + N * K + MN + M * r + N * r), 2.0 * M * N * K + 2.0 * MN * r)
+    split = dy_split(M, N, dev["sms"])
+    atomics = 4.0 * (M / dy_block_m) * N * r
+    planes = 4.0 * split * M * r
+    dy = kernel_s(dev, BF16 * (MN + M * r + N * r) + atomics + planes, 2 * 2.0 * MN * r, MN * ipe["lora.grad_dy"])
+    small = 3 * kernel_s(dev, 4 * N * r)  # dB zero fill, dB cast, g cast for dA
+    gsum = kernel_s(dev, planes + 4.0 * M * r)
+    mask_epi = ipe["lora.epilogue_dx:epilogue"] - ipe["lora.epilogue_dx:epilogue unmasked"]
+    dx = (kernel_s(slow, BF16 * (MN + N * K + MK + r * K) + 4.0 * M * r, 2.0 * M * N * K + 2.0 * MK * r)
+          + MK * mask_epi / issue)
+    da = kernel_s(dev, BF16 * MK, 2.0 * MK * r, MK * ipe["lora.grad_a"]) + kernel_s(dev, 4 * r * K)
+    return fwd + dy + gsum + dx + da + small
 
 
 def lora_table(devices, shapes=((4096, 4096, 4096, 16),)) -> list:
@@ -157,6 +207,10 @@ def lora_table(devices, shapes=((4096, 4096, 4096, 16),)) -> list:
                 "fastpeft/base (target <= 1.10)": t["split"] / t["base"],
                 "eager/fastpeft (target >= 1.2)": t["eager"] / t["split"],
                 "fused/split fwd, dropout": t.get("fused_fwd_with_dropout", float("nan")) / t.get("split_fwd_with_dropout", 1),
+                "dx mask epilogue instrs/elem": ipe["lora.epilogue_dx:epilogue"] - ipe["lora.epilogue_dx:epilogue unmasked"],
+                "epilogue ms": t["epilogue"] * 1e3,
+                "epilogue/base (Triton GEMM at cuBLAS rate)": t["epilogue"] / t["base"],
+                "epilogue/base, Triton GEMM 10% slower": t["epilogue_gemm_10pct_slower"] / t["base"],
             })
     return rows
 

@@ -36,6 +36,27 @@ With dropout 0 every LoRA GEMM is a plain cuBLAS call with beta = 1 where it add
 fastest option for the skinny products; ``impl="kernels"`` forces the Triton down/dx/dA kernels
 anyway (tests, benchmarks).
 
+``impl="epilogue"`` moves split's remaining extra passes (the beta = 1 add re-reading y, g and dB
+each reading dy, dx_add reading and writing dx) into two Triton GEMMs and one dy kernel:
+
+forward
+    ``u`` as in split (:func:`lora_down`, one pass over x); then :func:`lora_epilogue_gemm`
+    computes ``y = x W^T + b + (s u) B^T``: after the K loop (wgmma, cp.async pipeline) the LoRA
+    product is one more dot of K = r into the same fp32 accumulator, s folded into u's rounding.
+backward
+    :func:`lora_grad_dy` reads dy once for both ``g = s dy B`` and ``dB = s dy^T u``: programs
+    over (row block, column slice); g's partials in a few fp32 planes (one per slice) summed in
+    order, dB's in fp32 atomics, or one plane per row block with ``deterministic``;
+    ``dx = dy W + mask * (g A)`` is the same GEMM kernel (strides pick the transposes), the mask
+    regenerated in the epilogue over (row, output column) and applied to the LoRA product alone;
+    ``dA`` is :func:`lora_grad_a` as in split.
+Predicted at M = K = N = 4096, r = 16, p = 0.05 (benchmarks/roofline.py, a static model, no GPU):
+1.14x the frozen base on an H100 (1.13x H200) against split's 1.25x, **if** the Triton GEMMs run
+at cuBLAS' rate; 1.24x if they are 10 % slower. What remains above the base: x read twice (down,
+dA: ~25 us), the dy kernel (~18 us with its atomics and planes), the mask in the dx epilogue
+(~16 SASS instructions per element, ~9 us, not hidden at 1 CTA per SM) and launches. The default
+stays ``split`` until a GPU measures the Triton GEMMs.
+
 ``impl="fused"`` is the single-kernel alternative: one Triton GEMM whose K loop loads each x
 tile once and feeds two dots (x W^T into the [BM, BN] accumulator, dropout(x) A^T into a
 [BM, r] accumulator), then the epilogue adds bias and ``s * u B^T`` and the ``pid_n == 0``
@@ -43,7 +64,7 @@ programs write u for backward. It reads x once instead of twice and launches one
 instead of three (the win for decoding-sized M), but every column block recomputes u
 (r / BN extra tensor-core work, 12 % at r = 16, 50 % at r = 64) and competes with cuBLAS on
 the big GEMM; it is limited to r <= 64 (register budget). ``benchmarks/lora_linear.py`` times
-split / kernels / fused side by side; the op's default stays ``split`` until an H100 run shows
+split / kernels / epilogue / fused side by side; the op's default stays ``split`` until an H100 run shows
 otherwise (``FASTPEFT_LORA_IMPL`` selects one).
 
 Numerics: all dots accumulate in fp32; fp32 inputs use exact ("ieee") dots unless
@@ -85,6 +106,8 @@ __all__ = [
     "lora_dx_add",
     "lora_grad_a",
     "lora_fused_forward",
+    "lora_epilogue_gemm",
+    "lora_grad_dy",
     "dropout_mask",
     "interpreting",
     "MAX_RANK",
@@ -172,6 +195,8 @@ def _prune(kind):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         rp, m = args["R_PAD"], args["M"]
+        if kind == "dy" and args.get("DETERMINISTIC", False):  # the row block fixes the dB plane count
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] == _dy_det_block_m(m)]
         keep = []
         for c in configs:
             bm, bk = c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_K", 64)
@@ -184,6 +209,10 @@ def _prune(kind):
             elif kind == "da":
                 br = args["BLOCK_R"]  # + the g^T [BR, BM] and x [BM, BK] operand tiles
                 ok = _regs_ok(c, args, br * bk, bm * bk, total_limit=72, operand_elems=br * bm + bm * bk)
+            elif kind == "epi":
+                ok = _epi_regs_ok(c, args)
+            elif kind == "dy":
+                ok = _dy_config_ok(c, args)
             else:  # fused: [BM, BN] and [BM, R_PAD] accumulators (+ the x and W^T operand tiles: fp32
                 # 128x128x64 kept 1.9 KB of local memory per thread on sm_90 without them)
                 bn = c.kwargs["BLOCK_N"]
@@ -239,6 +268,68 @@ def _fused_configs():
     ):
         out.append(_cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s))
     return out
+
+
+def _epi_configs():
+    if _INTERPRET:
+        return [_cfg({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 1)]
+    out = []
+    # H100 GEMM tiles: 128 x 256 and 128 x 128 with 8 warps (two warpgroups of wgmma) are what
+    # the big training shapes use (Triton's own H100 matmul configs); 64-row tiles for mid-size
+    # M; 16 / 32 rows for decode-sized M (no wgmma below 64 rows).
+    for bm, bn, bk, w, s in (
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (16, 64, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+    ):
+        out.append(_cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s))
+    return out
+
+
+def _epi_regs_ok(c, args) -> bool:
+    """Register budget of the LoRA-epilogue GEMM (fp32 elements per thread). The main loop holds
+    the [BM, BN] accumulator (operands stream through shared memory); with dropout the epilogue
+    also holds the masked LoRA product (a second [BM, BN] tile) and the Philox draws of the mask
+    tile (one int32 per element while the keep-mask is formed)."""
+    threads = 32 * c.num_warps
+    tile = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / threads
+    if _elem_bytes(args) == 4:  # fp32 operands: ieee FMA dots keep their tiles in registers
+        tile *= 1.5
+    if args.get("HAS_DROPOUT", True):
+        return 3 * tile <= 200
+    return tile <= 128
+
+
+def _dy_det_block_m(M: int) -> int:
+    """The row block of the dy kernel in deterministic mode: the launcher allocates one dB plane
+    per row block, so the block (hence the plane count) is fixed before autotuning."""
+    if _INTERPRET:
+        return 32
+    return 128 if M >= 256 else 16
+
+
+def _dy_configs():
+    if _INTERPRET:
+        return [_cfg({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1)]
+    out = []
+    # 128-row blocks first: dB's atomics (or deterministic planes) scale with M / BLOCK_M
+    for bm in (128, 64, 16):
+        for bn in (64, 128):
+            for w in (8, 4):
+                out.append(_cfg({"BLOCK_M": bm, "BLOCK_N": bn}, w, 3))
+    return out
+
+
+def _dy_config_ok(c, args) -> bool:
+    bm, bn, rp = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], args["R_PAD"]
+    # g accumulator [BM, R_PAD] and the dB partial [BN, R_PAD], plus the dy and u tiles
+    return _regs_ok(c, dict(args, HAS_DROPOUT=False), bm * rp + bn * rp, 0, operand_elems=bm * bn + bm * rp)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -471,6 +562,141 @@ def _lora_fused_fwd_kernel(
 
 
 @triton.jit
+def _lora_rank_product(l_ptr, r_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                       lora_scale, acc, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``acc + round(lora_scale * L[offs_m, :]) @ Rt[:, offs_n]`` over the padded rank, in chunks of
+    ``R_CHUNK`` (fp32 "ieee" dots over a whole 64+ rank spilled on sm_90: see ``_lora_dx_add_kernel``).
+    The scale is folded into the left operand before it is rounded to the dot's dtype (one
+    rounding, as for u itself), so the product accumulates straight into ``acc``."""
+    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_ok = offs_r < R
+        lt = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        lt = (lt.to(tl.float32) * lora_scale).to(DOT_DTYPE)
+        rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(lt, rt, acc, UPCAST, PRECISION)
+    return acc
+
+
+@_autotune(_epi_configs(), key=["N", "K", "R_PAD", "M_BUCKET", "HAS_DROPOUT"],
+           prune_configs_by={"early_config_prune": _prune("epi")})
+@triton.jit
+def _lora_epilogue_gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    seed, thresh, lora_scale,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    """``out[M, N] = a[M, K] @ b[K, N] + bias + keep * (round(lora_scale * L[M, R]) @ Rt[R, N])``.
+
+    The strides say which operand is transposed: the forward passes ``a = x``, ``b = W^T``,
+    ``L = u``, ``Rt = B^T``, ``lora_scale = s``; the dx backward ``a = dy``, ``b = W``,
+    ``L = g``, ``Rt = A``, ``lora_scale = 1 / (1 - p)`` with ``HAS_DROPOUT``: the mask of the
+    element ``(m, n)`` of the output (x's ``(m, k)``), regenerated by ``_keep_tile``, applies to
+    the LoRA product only."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n  # GROUP_M row blocks share each W column block while it is in L2
+    first_m = (pid // group) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * K may pass 2^31
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N * K may pass 2^31
+    offs_k0 = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_ok = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dt = a_ptr.dtype.element_ty
+    if HAS_DROPOUT:  # the mask multiplies the LoRA product alone: a second tile, masked, then added
+        d = _lora_rank_product(l_ptr, r_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rr,
+                               stride_rn, lora_scale, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                               R_PAD, R_CHUNK, UPCAST, PRECISION, dt)
+        acc += tl.where(_keep_tile(seed, offs_m, pid_n * BLOCK_N, N, thresh, BLOCK_N), d, 0.0)
+    else:
+        acc = _lora_rank_product(l_ptr, r_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rr,
+                                 stride_rn, lora_scale, acc, R_PAD, R_CHUNK, UPCAST, PRECISION, dt)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@_autotune(_dy_configs(), key=["N", "R_PAD", "M_BUCKET", "DETERMINISTIC"], reset_to_zero=["db_ptr"],
+           prune_configs_by={"early_config_prune": _prune("dy")})
+@triton.jit
+def _lora_dy_kernel(
+    dy_ptr, b_ptr, u_ptr, g_ptr, db_ptr,
+    M, N, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_um, stride_ur,
+    stride_gs, stride_gm, stride_gr, stride_dbs, stride_dbn, stride_dbr,
+    s,
+    R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """From one read of ``dy``: ``g = s dy B`` (``[M, r]``) and ``dB = s dy^T u`` (``[N, r]``).
+
+    Program ``(i, j)`` takes row block ``i`` of dy and the ``j``-th of ``num_programs(1)`` slices
+    of its columns. g's reduction (over N) stays in registers along the slice and is stored into
+    the fp32 plane ``j`` of ``g_ptr`` (a few planes, summed in order after); dB's reduction (over
+    M) meets across row blocks: each column block's ``[BN, r]`` partial is an fp32 atomic add into
+    ``db_ptr``, or (``DETERMINISTIC``) a plain store into row block ``i``'s own plane, summed in
+    order after. Why this way round: g is ``[M, r]`` and dB ``[N, r]``; splitting N into a few
+    slices keeps g's partials to a few planes of ``M r`` fp32 while dB takes ``M / BM`` partials
+    of ``N r`` fp32, which are tiny against dy (``M N`` elements) when BM >= 64 (8 MiB of fp32
+    atomics against 32 MiB of dy at 4096^2, r = 16, BM = 128), and atomics in L2 need no
+    second pass. The other way round (programs over column blocks, M split) mirrors the cost."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    chunk = tl.cdiv(tl.cdiv(N, n_split), BLOCK_N) * BLOCK_N
+    n_start = pid_s * chunk
+    n_end = tl.minimum(n_start + chunk, N)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * N may pass 2^31
+    offs_r = tl.arange(0, R_PAD)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_ok = offs_n < n_end
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # B tile [BN, R_PAD]
+        g = _dot(dy, bt, g, UPCAST, PRECISION)
+        db = _dot(tl.trans(dy), u, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION) * s
+        db_off = offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
+        db_mask = n_ok[:, None] & r_ok[None, :]
+        if DETERMINISTIC:
+            tl.store(db_ptr + pid_m.to(tl.int64) * stride_dbs + db_off, db, mask=db_mask)
+        else:
+            tl.atomic_add(db_ptr + db_off, db, mask=db_mask)
+    # every plane element is written (zeros where the slice has no columns): no zero fill needed
+    tl.store(g_ptr + pid_s * stride_gs + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr, g * s,
+             mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
 def _dropout_mask_kernel(out_ptr, M, K, seed, thresh, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -627,6 +853,84 @@ def lora_fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(x.dtype),
     )
     return y, u
+
+
+def lora_epilogue_gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], lora_l: torch.Tensor,
+                       lora_r: torch.Tensor, lora_scale: float, seed: int = 0, p: float = 0.0) -> torch.Tensor:
+    """``a @ b + bias + mask * (round(lora_scale * lora_l) @ lora_r)`` in one Triton GEMM.
+
+    ``a [M, K]``, ``b [K, N]``, ``lora_l [M, r]``, ``lora_r [r, N]``, any strides (pass views:
+    ``W.t()``, ``B.t()``); ``bias [N]`` or None; the output is a new contiguous ``[M, N]`` tensor
+    in ``a``'s dtype. The LoRA product is one more tensor-core dot (K = r) in the epilogue into the
+    GEMM's fp32 accumulator. With ``p > 0`` the product is multiplied by the dropout mask of
+    ``(seed, m, n)`` (n the output column: x's k in the dx backward), ``lora_scale`` then
+    carrying ``1 / (1 - p)``."""
+    M, K = a.shape
+    N = b.shape[1]
+    R = lora_l.shape[1]
+    _check_rank(R)
+    if tuple(b.shape) != (K, N) or tuple(lora_r.shape) != (R, N) or lora_l.shape[0] != M:
+        raise ValueError(f"lora_epilogue_gemm: a {tuple(a.shape)}, b {tuple(b.shape)}, lora_l {tuple(lora_l.shape)}, "
+                         f"lora_r {tuple(lora_r.shape)} do not fit (expected [M, K], [K, N], [M, r], [r, N]).")
+    has, thresh, _ = _dropout_args(p)
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if M == 0 or N == 0:
+        return out
+    rp, prec = _pad_rank(R), _precision(a.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _lora_epilogue_gemm_kernel[grid](
+        a, b, bias if bias is not None else out, lora_l, lora_r, out,
+        M, N, K, R, _m_bucket(M),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), lora_l.stride(0), lora_l.stride(1),
+        lora_r.stride(0), lora_r.stride(1), out.stride(0), out.stride(1),
+        seed, thresh, float(lora_scale),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has, R_PAD=rp, R_CHUNK=_dx_rank_chunk(rp, prec),
+        UPCAST=_INTERPRET, PRECISION=prec,
+    )
+    return out
+
+
+def _dy_split(M: int, N: int, device: torch.device) -> int:
+    """Column slices of the dy kernel (its g planes): enough programs to fill the GPU about four
+    times over at a nominal 64-row block, at most 16 planes, at least 64 columns per slice."""
+    return max(1, min(16, triton.cdiv(4 * _num_sms(device), triton.cdiv(M, 64)), triton.cdiv(N, 64)))
+
+
+def lora_grad_dy(dy: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor, scaling: float,
+                 deterministic: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(g, dB) = (s dy B, s dy^T u)`` (fp32 ``[M, r]`` and ``[N, r]``) from one pass over ``dy``.
+
+    dB's partial sums over row blocks meet in fp32 atomics (order, so the last bits, vary run to
+    run) unless ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``):
+    then each row block stores its own ``[N, r]`` plane (``M / 128`` planes at M >= 256:
+    ``4 M N r / 128`` bytes, 8 MiB at 4096^2, r = 16) and the planes are summed in order. g's
+    partials (a few ``[M, r]`` planes, one per column slice) are always summed in order."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    _check_rank(R)
+    if tuple(lora_B.shape) != (N, R) or tuple(u.shape) != (M, R):
+        raise ValueError(f"lora_grad_dy: dy {tuple(dy.shape)}, lora_B {tuple(lora_B.shape)}, u {tuple(u.shape)} "
+                         "do not fit (expected [M, N], [N, r], [M, r]).")
+    det = _deterministic(deterministic)
+    if M == 0:
+        return (torch.zeros((M, R), device=dy.device, dtype=torch.float32),
+                torch.zeros((N, R), device=dy.device, dtype=torch.float32))
+    u = u.to(dy.dtype)
+    lora_B = lora_B.to(dy.dtype)
+    split = _dy_split(M, N, dy.device)
+    g = torch.empty((split, M, R), device=dy.device, dtype=torch.float32)
+    # deterministic: every element of the per-row-block planes is stored (no zero fill)
+    db = (torch.empty((triton.cdiv(M, _dy_det_block_m(M)), N, R), device=dy.device, dtype=torch.float32) if det
+          else torch.zeros((1, N, R), device=dy.device, dtype=torch.float32))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split)  # noqa: E731
+    _lora_dy_kernel[grid](
+        dy, lora_B, u, g, db, M, N, R, _m_bucket(M),
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
+        g.stride(0), g.stride(1), g.stride(2), db.stride(0), db.stride(1), db.stride(2),
+        float(scaling),
+        R_PAD=_pad_rank(R), UPCAST=_INTERPRET, PRECISION=_precision(dy.dtype), DETERMINISTIC=det,
+    )
+    return (g[0] if split == 1 else g.sum(0)), (db.sum(0) if det else db[0])
 
 
 def dropout_mask(seed: int, p: float, M: int, K: int, device="cpu", dtype=torch.float32) -> torch.Tensor:

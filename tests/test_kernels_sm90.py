@@ -30,7 +30,8 @@ EXPECTED = {
     ("nf4.matmul fwd", "bf16"), ("nf4.matmul dx", "bf16"),
     ("nf4.matmul fwd", "fp32"), ("nf4.matmul dx", "fp32"),
 } | {(f"prefix.{k}", dt) for k in ("fwd", "dq", "dkdv", "dprefix") for dt in ("bf16", "fp32")} | {
-    (f"lora.{k}", dt) for k in ("down", "dx_add", "grad_a", "fused_fwd") for dt in ("bf16", "fp32")} | {
+    (f"lora.{k}", dt) for k in ("down", "dx_add", "grad_a", "fused_fwd", "epilogue_fwd", "epilogue_dx", "grad_dy")
+    for dt in ("bf16", "fp32")} | {
     (k, dt) for k in ("lce.rows", "lce.rows softcap") for dt in ("bf16", "fp32")}
 
 # bf16 tensor-core tiles of >= 64 rows: Hopper's warpgroup MMA
@@ -66,3 +67,14 @@ def test_kernels_compile_for_sm90(tmp_path):
     # packed loads, no spills (the L1-table build has fewer instructions but is L1-bound)
     prmt = next(r for r in rows if (r["name"], r["dtype"]) == ("nf4.gemv(M=1)", "bf16"))
     assert "prmt" in prmt["config"] and prmt["per_elem"] < 7 and prmt["widest_load"] == 128 and prmt["local"] == 0, prmt
+    # the epilogue plan at the training shape (M = 4096; M = 1 takes 16-row tiles, no wgmma): its
+    # kernels on wgmma without spills, 16-byte loads, and GEMM epilogues (the masked g A and the
+    # mask draws in dx) of a few tens of SASS instructions per output element
+    for r in rows:
+        if r["name"] in ("lora.epilogue_fwd", "lora.epilogue_dx", "lora.grad_dy") and r["shape"].startswith("M=4096"):
+            assert r["local"] == 0 and r["widest_load"] == 128, r
+            if r["name"] != "lora.grad_dy":
+                assert r["epilogue_per_elem"] > 0, r
+            if r["dtype"] == "bf16":  # (fp32 "ieee" dots are FMA loops: no wgmma, longer epilogues)
+                assert r["wgmma"] and r["tensor_core"] > 0, r
+                assert r["name"] == "lora.grad_dy" or r["epilogue_per_elem"] < 40, r

@@ -169,7 +169,7 @@ def test_half_dtypes_against_fp32_reference(impl, dtype):
 
 
 @interp
-@pytest.mark.parametrize("impl", ["split", "kernels", "fused"])
+@pytest.mark.parametrize("impl", ["split", "kernels", "epilogue", "fused"])
 def test_noncontiguous_3d_input_and_conv1d_weight(impl):
     """x is a strided 3-D view (every other feature of a wider tensor), W is Conv1D's W.T."""
     M, K, N, r = 30, 36, 26, 6
@@ -222,7 +222,7 @@ def test_saves_no_mask_and_no_dropped_copy(impl):
 
 
 @interp
-@pytest.mark.parametrize("impl", ["split", "kernels", "fused"])
+@pytest.mark.parametrize("impl", ["split", "kernels", "epilogue", "fused"])
 def test_empty_batch(impl):
     """M = 0 tokens (an empty 3-D batch): empty output, zero LoRA gradients, no kernel launch."""
     _, W, b, A, B = _operands(1, 16, 8, 2)
@@ -240,7 +240,8 @@ def test_h100_config_pruning(monkeypatch):
     rank and M; decode-sized M keeps only the smallest row blocks; configs that spilled when
     compiled for sm_90 with triton 3.6 (benchmarks/NOTES-lora-linear.md) are dropped."""
     monkeypatch.setattr(K_, "_INTERPRET", False)
-    lists = {"down": K_._down_configs(), "dx": K_._dx_configs(), "da": K_._da_configs(), "fused": K_._fused_configs()}
+    lists = {"down": K_._down_configs(), "dx": K_._dx_configs(), "da": K_._da_configs(), "fused": K_._fused_configs(),
+             "epi": K_._epi_configs(), "dy": K_._dy_configs()}
     assert all(len(v) > 1 for v in lists.values())
     shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N"), c.kwargs["BLOCK_K"], c.num_warps)  # noqa: E731
     for kind, configs in lists.items():
@@ -250,12 +251,23 @@ def test_h100_config_pruning(monkeypatch):
             rp = K_._pad_rank(r)
             for M in (1, 16, 4096):
                 for drop in (False, True):
-                    kept = K_._prune(kind)(configs, dict(R_PAD=rp, M=M, HAS_DROPOUT=drop, BLOCK_R=min(rp, 128)))
+                    kept = K_._prune(kind)(configs, dict(R_PAD=rp, M=M, HAS_DROPOUT=drop, BLOCK_R=min(rp, 128),
+                                                         DETERMINISTIC=drop and kind == "dy"))
                     assert kept, (kind, r, M, drop)
+                    if kind == "dy" and drop:  # deterministic: the row block the launcher sized the planes for
+                        assert {c.kwargs["BLOCK_M"] for c in kept} == {K_._dy_det_block_m(M)}
+                        continue
                     if M <= 16:
                         assert {c.kwargs["BLOCK_M"] for c in kept} == {min(c.kwargs["BLOCK_M"] for c in configs)}
     down256 = {shape(c) for c in K_._prune("down")(lists["down"], dict(R_PAD=256, M=4096, HAS_DROPOUT=True))}
     assert down256 and not down256 & {(16, None, 64, 4), (16, None, 128, 8), (32, None, 64, 4), (64, None, 64, 8)}
+    # the epilogue GEMM: the 128 x 256 tile without the dropout epilogue only (two [BM, BN] tiles
+    # and the mask draws with it), the 128 x 128 8-warp tile either way (sm_90, triton 3.9: 240 and
+    # 234 registers, no spills; benchmarks/NOTES-sm90-compile.md)
+    epi = {d: {shape(c) for c in K_._prune("epi")(lists["epi"], dict(R_PAD=16, M=4096, HAS_DROPOUT=d))}
+           for d in (False, True)}
+    assert (128, 256, 64, 8) in epi[False] and (128, 256, 64, 8) not in epi[True]
+    assert (128, 128, 64, 8) in epi[True]
     da64 = {shape(c) for c in K_._prune("da")(lists["da"], dict(R_PAD=64, M=4096, HAS_DROPOUT=True, BLOCK_R=64))}
     assert da64 and not da64 & {(64, None, 64, 4), (64, None, 128, 8), (128, None, 64, 8)}
 
@@ -422,7 +434,7 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or K_.interpreting(), reason="needs a CUDA device (compiled kernels)")
-@pytest.mark.parametrize("impl", ["split", "kernels", "fused"])
+@pytest.mark.parametrize("impl", ["split", "kernels", "epilogue", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_cuda_kernels_match_fp32_reference(impl, dtype, p):

@@ -65,7 +65,7 @@ def test_invalid_environment_value_fails_at_import_naming_variable_and_choices()
 
 @pytest.mark.parametrize("field,bad,allowed", [
     ("backend", "cuda", "('auto', 'reference', 'triton')"),
-    ("lora_impl", "splitt", "('split', 'kernels', 'fused')"),
+    ("lora_impl", "splitt", "('split', 'kernels', 'epilogue', 'fused')"),
     ("nf4_impl", "magic", "('auto', 'fused', 'dequant')"),
     ("nf4_gemv", "cublas", "('triton', 'triton_l1', 'cuda')"),
     ("prefix_impl", "flash", "('auto', 'kernel', 'sdpa')"),

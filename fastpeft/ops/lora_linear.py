@@ -97,6 +97,11 @@ def lora_impl(impl: Optional[str] = None) -> str:
       accumulated into the base output with beta = 1), Triton kernels where the dropout mask
       must be regenerated (``u``, ``dx``, ``dA``).
     * ``kernels`` - as ``split`` but the Triton down/dx/dA kernels even without dropout.
+    * ``epilogue`` - the LoRA products inside Triton GEMM epilogues: forward ``y = x W^T + b +
+      (s u) B^T`` in one GEMM (``u`` from the one-pass down kernel), backward ``g`` and ``dB`` from
+      one pass over ``dy``, then ``dx = dy W + mask * (g A)`` in one GEMM (mask regenerated in its
+      epilogue) and ``dA`` as in ``split``. It removes split's extra passes over y, dy and dx but
+      puts the two big GEMMs in Triton instead of cuBLAS (predictions: benchmarks/roofline.py).
     * ``fused`` - one Triton kernel for the whole forward (r <= 64; larger r, and dropout > 0 in
       training, use ``split``: the latter with a warning, as the fused kernel would regenerate the
       mask per output column block).
@@ -143,6 +148,9 @@ class LoraLinearTriton(torch.autograd.Function):
             impl = _route_fused_dropout()
         if impl == "fused" and r <= K.MAX_FUSED_RANK:
             y, u = K.lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, seed, p)
+        elif impl == "epilogue":
+            u = K.lora_down(x, lora_A, seed, p) if p > 0.0 else torch.mm(x, lora_A.t())
+            y = K.lora_epilogue_gemm(x, weight.t(), bias, u, lora_B.t(), scaling)  # s folded into u's rounding
         else:
             if p > 0.0 or impl != "split":
                 u = K.lora_down(x, lora_A, seed, p)
@@ -161,6 +169,8 @@ class LoraLinearTriton(torch.autograd.Function):
     def backward(ctx, dy):
         from fastpeft.kernels import lora_linear as K
 
+        if ctx.impl == "epilogue":
+            return LoraLinearTriton._backward_epilogue(ctx, dy)
         x, weight, lora_A, lora_B, u = ctx.saved_tensors
         s, p, seed = ctx.scaling, ctx.p, ctx.seed
         use_kernels = p > 0.0 or ctx.impl != "split"
@@ -181,6 +191,37 @@ class LoraLinearTriton(torch.autograd.Function):
             dA = K.lora_grad_a(g, x, seed, p) if use_kernels else torch.mm(g.t(), x)
         if ctx.needs_input_grad[4]:
             dB = torch.mm(dy.t(), u).mul_(s)
+        return dx, dW, db, dA, dB, None, None, None, None, None
+
+    @staticmethod
+    def _backward_epilogue(ctx, dy):
+        """``impl="epilogue"``: g and dB from one pass over dy (when both are needed), dx in one
+        GEMM with the masked ``g A`` in its epilogue, dA as the split plan computes it."""
+        from fastpeft.kernels import lora_linear as K
+
+        x, weight, lora_A, lora_B, u = ctx.saved_tensors
+        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        need = ctx.needs_input_grad
+        need_g = need[0] or need[3]
+        dx = dW = db = dA = dB = None
+        g = None  # fp32 [M, r]
+        if need_g and need[4]:
+            g, dB = K.lora_grad_dy(dy, lora_B, u, s)
+            dB = dB.to(dy.dtype)
+        elif need_g:  # frozen B: g alone (one cuBLAS GEMM, as split)
+            g = torch.mm(dy, lora_B).mul_(s)
+        elif need[4]:  # frozen A and x: dB alone
+            dB = torch.mm(dy.t(), u).mul_(s)
+        if need[0]:
+            _, _, keep_scale = K._dropout_args(p)
+            dx = K.lora_epilogue_gemm(dy, weight, None, g, lora_A, keep_scale if p > 0.0 else 1.0, seed, p)
+        if need[1]:
+            dW = torch.mm(dy.t(), x)
+        if ctx.has_bias and need[2]:
+            db = dy.sum(0)
+        if need[3]:
+            gx = g.to(x.dtype)
+            dA = K.lora_grad_a(gx, x, seed, p) if p > 0.0 else torch.mm(gx.t(), x)
         return dx, dW, db, dA, dB, None, None, None, None, None
 
 

@@ -20,7 +20,8 @@ variable                 field               values (default first)
 =======================  ==================  ======================================================
 ``FASTPEFT_BACKEND``     ``backend``         ``auto`` (CUDA tensors: Triton, else reference),
                                              ``reference``, ``triton``
-``FASTPEFT_LORA_IMPL``   ``lora_impl``       ``split``, ``kernels``, ``fused`` (see ``ops.lora_linear``)
+``FASTPEFT_LORA_IMPL``   ``lora_impl``       ``split``, ``kernels``, ``epilogue``, ``fused``
+                                             (see ``ops.lora_linear.lora_impl``)
 ``FASTPEFT_NF4_IMPL``    ``nf4_impl``        ``auto`` (GPU: dequant, interpreter: fused), ``fused``,
                                              ``dequant`` (see ``ops.nf4.nf4_impl``)
 ``FASTPEFT_NF4_PAIR``    ``nf4_pair``        ``1`` / ``0`` (the NF4 GEMM's one-load-per-byte path)
@@ -47,7 +48,7 @@ __all__ = ["Settings", "get_settings", "set_settings", "use_settings", "ENV_VARS
            "BACKEND_CHOICES", "LORA_IMPLS", "NF4_IMPLS", "NF4_GEMVS", "PREFIX_IMPLS"]
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
-LORA_IMPLS = ("split", "kernels", "fused")
+LORA_IMPLS = ("split", "kernels", "epilogue", "fused")
 NF4_IMPLS = ("auto", "fused", "dequant")
 NF4_GEMVS = ("triton", "triton_l1", "cuda")
 PREFIX_IMPLS = ("auto", "kernel", "sdpa")
@@ -77,7 +78,9 @@ class Settings:
     Attributes:
         backend: ``"auto"`` (Triton for CUDA tensors, the reference path otherwise),
             ``"reference"`` or ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``).
-        lora_impl: the LoRA-linear Triton plan, ``"split"``, ``"kernels"`` or ``"fused"``.
+        lora_impl: the LoRA-linear Triton plan, ``"split"`` (cuBLAS GEMMs + Triton mask
+            kernels), ``"kernels"``, ``"epilogue"`` (LoRA products in Triton GEMM epilogues) or
+            ``"fused"`` (one-kernel forward).
         nf4_impl: the QLoRA Triton plan for training-size matmuls, ``"auto"`` (``"dequant"`` on a
             GPU, ``"fused"`` under the Triton interpreter), ``"fused"`` or ``"dequant"``.
         nf4_pair: the NF4 forward GEMM loads each packed byte once (both nibbles) when True.
