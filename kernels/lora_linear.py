@@ -353,24 +353,25 @@ def _keep_tile(seed, offs_m, k_start, K, thresh, BLOCK_K: tl.constexpr):
     """Boolean keep-mask of the tile ``[offs_m, k_start : k_start + BLOCK_K]`` (``k_start`` a
     multiple of 8).
 
-    One Philox call (``tl.randint4x``: four 32-bit words) per group of 8 consecutive columns,
-    numbered ``m * cdiv(K, 8) + k // 8`` (int64): each word gives two 16-bit draws, and a column
-    is kept when its draw is ``>= thresh`` (``round(p * 2^16)``). ``tl.rand`` ran one Philox call
-    per element and kept one of its four words: ~70 SASS instructions per element on sm_90
-    against ~10 here (benchmarks/aot.py)."""
-    groups = (K + 7) // 8
-    kg = k_start // 8 + tl.arange(0, BLOCK_K // 8)
-    off = offs_m[:, None].to(tl.int64) * groups + kg[None, :].to(tl.int64)
-    w0, w1, w2, w3 = tl.randint4x(seed, off, PHILOX_ROUNDS)
-    # the 16-bit draws as int32 (bit casts are free), joined and reshaped to the tile, then one
-    # integer compare per column (joining booleans instead cost an int->float convert and a
-    # float compare per column on sm_90)
-    w0, w1, w2, w3 = w0.to(tl.int32, bitcast=True), w1.to(tl.int32, bitcast=True), \
-        w2.to(tl.int32, bitcast=True), w3.to(tl.int32, bitcast=True)
-    lo = tl.join(tl.join(w0 & 0xFFFF, (w0 >> 16) & 0xFFFF), tl.join(w1 & 0xFFFF, (w1 >> 16) & 0xFFFF))
-    hi = tl.join(tl.join(w2 & 0xFFFF, (w2 >> 16) & 0xFFFF), tl.join(w3 & 0xFFFF, (w3 >> 16) & 0xFFFF))
-    # [BM, BK/8, 2, 2, 2] -> [BM, BK]: column k_start + 8 j + 4 a + 2 b + c is word (2 c + a), half b
-    draws = tl.reshape(tl.join(lo, hi), (offs_m.shape[0], BLOCK_K))
+    One Philox call (``tl.philox``: four 32-bit words) per group of 8 consecutive columns, its
+    counter ``(k // 8, m, 0, 0)``: each word gives two 16-bit draws, and a column is kept when
+    its draw is ``>= thresh`` (``round(p * 2^16)``). The counter's words are handed over as a row
+    ``[1, BK/8]`` and a column ``[BM, 1]``: Philox's first two rounds mix only one of them per word,
+    so they run on those vectors, not on the tile (~2 of the 7 rounds saved per element; an int64
+    ``m * groups + k // 8`` offset through ``tl.randint4x`` also cost its 64-bit arithmetic).
+    ``tl.rand`` ran one Philox call per element and kept one of its four words: ~70 SASS
+    instructions per element on sm_90 against ~10 here (benchmarks/aot_lora_linear.py --mask-cost).
+    ``K`` is unused (the counter needs no row length); it stays so every caller passes the same."""
+    kg = (k_start // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.uint32)
+    rows = offs_m.to(tl.uint32)  # M < 2^32 rows
+    w0, w1, w2, w3 = tl.philox(seed, kg[None, :], rows[:, None], 0, 0, PHILOX_ROUNDS)
+    # the 16-bit draws stay uint32 (the high half is then a logical shift, no mask), joined and
+    # reshaped to the tile, then one unsigned integer compare per column (joining booleans instead
+    # cost an int->float convert and a float compare per column on sm_90)
+    words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [BM, BK/8, 2, 2]: word 2 a + c at [.., a, c]
+    halves = tl.join(words & 0xFFFF, words >> 16)  # [BM, BK/8, 2, 2, 2]
+    # -> [BM, BK]: column k_start + 8 j + 4 a + 2 c + b is word (2 a + c), half b
+    draws = tl.reshape(halves, (offs_m.shape[0], BLOCK_K))
     return draws >= thresh
 
 

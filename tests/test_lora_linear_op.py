@@ -286,6 +286,25 @@ def test_mask_properties():
 
 
 @interp
+def test_mask_bits_look_independent_across_rows_columns_and_philox_words():
+    """The Philox counter is (column group, row): rows, column groups and the 8 draws of one call
+    must not repeat or correlate. At p = 0.5 on 256 x 512: the kept fraction within 4 sigma of 1/2,
+    no two rows or column groups equal, and every lag-1..8 correlation (along rows: the draws of
+    one Philox call and its neighbours; along columns) within 4 sigma of 0."""
+    keep = (K_.dropout_mask(SEED, 0.5, 256, 512) > 0).double()
+    n = keep.numel()
+    assert abs(keep.mean().item() - 0.5) < 4 * 0.5 / n**0.5
+    assert len({tuple(r.tolist()) for r in keep}) == 256
+    groups = keep.reshape(256, 64, 8).permute(1, 0, 2).reshape(64, -1)
+    assert len({tuple(g.tolist()) for g in groups}) == 64
+    z = keep * 2 - 1
+    for lag in range(1, 9):
+        for a, b in ((z[:, :-lag], z[:, lag:]), (z[:-lag], z[lag:])):
+            rho = (a * b).mean().item()
+            assert abs(rho) < 4 / a.numel() ** 0.5, (lag, rho)
+
+
+@interp
 def test_seed_drawn_from_torch_rng_and_eval_mode_has_no_dropout():
     x, W, b, A, B = _operands(12, 16, 8, 2)
     torch.manual_seed(3)
