@@ -192,7 +192,12 @@ def lora_epilogue_plan(dev, M, K, N, r, ipe: dict, ipe0: dict, gemm_slowdown: fl
     return fwd + dy + gsum + dx + da + small
 
 
-def lora_table(devices, shapes=((4096, 4096, 4096, 16),)) -> list:
+# M >= 4096 (the targets' range) at a square projection and at the two MLP shapes of a 7-8B model
+LORA_TABLE_SHAPES = ((4096, 4096, 4096, 16), (4096, 4096, 14336, 16), (4096, 14336, 4096, 16),
+                     (16384, 4096, 4096, 16))
+
+
+def lora_table(devices, shapes=LORA_TABLE_SHAPES) -> list:
     rows = []
     for M, K, N, r in shapes:
         ipe, ipe0 = lora_ipe(M, K, N, r, True), lora_ipe(M, K, N, r, False)
