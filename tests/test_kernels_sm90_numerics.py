@@ -3,7 +3,7 @@
 Compiled with triton's own compiler for sm_90 and the JIT's specialisation (``benchmarks/aot.py``)
 in a subprocess without ``TRITON_INTERPRET``:
 
-* 64-bit address math: every row stride of an ``[M, ...]`` operand (x, u, dx, g, y, c) enters the
+* 64-bit address math: every row stride of an ``[M, ...]`` operand (x, u, dx, g, y, c, dy) enters the
   pointer arithmetic as int64 (``arith.extsi`` in the TTIR), so ``m * stride`` cannot wrap once
   ``M * K >= 2^31`` (M >= 149,797 tokens at K = 14336); the interpreter computes the same
   offsets in int32 numpy and wraps identically, so only the compiled IR shows this.
@@ -47,6 +47,9 @@ ROW_STRIDES = {
     "lora.grad_a": ["stride_gm", "stride_xm"],
     "lora.fused_fwd": ["stride_xm", "stride_ym", "stride_um", "stride_wn"],
     "nf4.matmul fwd": ["stride_xm", "stride_cm", "stride_lm"],
+    "lora.epilogue_fwd": ["stride_am", "stride_lm", "stride_om"],
+    "lora.epilogue_dx": ["stride_am", "stride_lm", "stride_om"],
+    "lora.grad_dy": ["stride_dym", "stride_um", "stride_gm"],
 }
 
 
