@@ -559,11 +559,11 @@ class QLoraLinearTriton(torch.autograd.Function):
 
 def _epilogue_fits(x, lora_A, lora_B) -> bool:
     """Whether ``lora_impl="epilogue"`` can take this call: an adapter in x's dtype (the LoRA-epilogue
-    GEMM has one operand dtype) of a rank the LoRA kernels take (larger ranks keep the matmuls)."""
+    GEMM has one operand dtype), a dtype and a rank the LoRA kernels take (otherwise the matmuls)."""
     from fastpeft.kernels.lora_linear import MAX_RANK
 
     return (lora_A is not None and lora_A.dtype == x.dtype and lora_B.dtype == x.dtype
-            and lora_A.shape[0] <= MAX_RANK)
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and lora_A.shape[0] <= MAX_RANK)
 
 
 def _backward_epilogue(ctx, dy):
