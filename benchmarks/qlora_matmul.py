@@ -12,8 +12,10 @@ with double quantisation (QLoRA's default). Forward of the frozen 4-bit linear:
 
 and, at M = 4096, forward+backward of a LoRA r=16 layer (``*_train`` columns): fastpeft's
 ``qlora_linear`` (fused plan; ``fastpeft_dequant_train``: its ``impl="dequant"`` plan, the GPU default,
-Triton dequantisation then a torch matmul, see ``Settings.nf4_impl``) vs bitsandbytes'
-``matmul_4bit`` + eager peft-style LoRA. Ratios: ``bnb/fastpeft``
+Triton dequantisation then a torch matmul, see ``Settings.nf4_impl``;
+``fastpeft_dequant_epilogue_train_ms``: that plan with ``lora_impl="epilogue"``, the dequantised
+weight in the LoRA layer's Triton GEMMs with the LoRA products in their epilogues, GPU only) vs
+bitsandbytes' ``matmul_4bit`` + eager peft-style LoRA. Ratios: ``bnb/fastpeft``
 > 1 means fastpeft is faster; ``fastpeft/dense`` is the cost of 4-bit weights over bf16.
 
 CPU (``quick``, or no CUDA): small shapes on the reference path, fp32, to exercise the script.
@@ -36,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, peak_memory_mib, standalone_main, sweep  # noqa: E402
 
 from fastpeft.ops import nf4, nf4_cuda  # noqa: E402
+from fastpeft.ops.settings import use_settings  # noqa: E402
 
 TITLE = "QLoRA / NF4 matmul (fastpeft Triton + CUDA vs bitsandbytes vs bf16 dense)"
 RANK, SCALING = 16, 2.0
@@ -98,7 +101,7 @@ def _case(K, N, M, dtype, dev, quick) -> List[Dict[str, object]]:
 
     # training: forward + backward with a LoRA adapter, at the largest M
     row["fastpeft_train_ms"] = row["bnb_train_ms"] = row["fastpeft_train_MiB"] = row["bnb_train_MiB"] = None
-    row["fastpeft_dequant_train_ms"] = None
+    row["fastpeft_dequant_train_ms"] = row["fastpeft_dequant_epilogue_train_ms"] = None
     if M == max((QUICK if quick else FULL)["ms"]):
         A = (torch.randn(RANK, K, generator=g) / K**0.5).to(dev, dtype).requires_grad_()
         B = torch.zeros(N, RANK).to(dev, dtype).requires_grad_()
@@ -115,6 +118,9 @@ def _case(K, N, M, dtype, dev, quick) -> List[Dict[str, object]]:
             nf4.qlora_linear(xg, packed, qs, None, A, B, SCALING, 0.05, True, impl="dequant").backward(dy)
 
         row["fastpeft_dequant_train_ms"] = bench(fd, warm, rep)
+        if dev.type == "cuda":  # the dequant plan on the LoRA epilogue GEMMs (Triton-only: GPU)
+            with use_settings(lora_impl="epilogue"):
+                row["fastpeft_dequant_epilogue_train_ms"] = bench(fd, warm, rep)
         if bnb is not None:
             def bp():
                 y = bnb.matmul_4bit(xg, packed.t(), quant_state=qs)

@@ -30,7 +30,8 @@ Plans modelled (``M`` tokens, ``x [M, K]``, ``W [N, K]``, rank ``r``, bf16):
 * NF4 GEMV at M = 1: fraction of HBM bandwidth on the packed weight (target >= 70 %), for the
   register-table (``prmt``, the default) and the L1-table builds of the one-row GEMV.
 * QLoRA forward+backward at training M: fused dequant-GEMM vs dequantise + cuBLAS, over bf16
-  dense (target <= 1.15).
+  dense (target <= 1.15), and dequantise + the LoRA ``epilogue`` plan's Triton GEMMs (assumed at
+  cuBLAS' rate, as above) with ``lora_impl="epilogue"`` (:func:`qlora_train_plans`).
 * Shared-prefix attention forward+backward (``--only prefix``): fastpeft's four kernels from their
   compiled innermost loops, as a range (softmax overlapped with / serial to the tensor cores),
   against peft's masked SDPA (memory-efficient kernel, float bias, no causal skipping) and the
@@ -241,24 +242,14 @@ def nf4_table(devices, shapes=((4096, 4096), (4096, 14336), (14336, 4096)), M=40
         lora_i, lora_i0 = lora_ipe(M, K, N, r, True), lora_ipe(M, K, N, r, False)
         for name in devices:
             dev = DEVICES[name]
-            wbytes = N * K / 2 + N * K / 64 + 4 * N * K / 64 / 256  # packed nibbles + uint8 absmax + nested
+            wbytes = nf4_weight_bytes(N, K)
             gemv = kernel_s(dev, wbytes + BF16 * (K + N), 0.0, N * K * ipe["nf4.gemv(M=1)"],
                             N * K * ipe["nf4.gemv(M=1) alu"])
             # the L1-table build (Settings.nf4_gemv="triton_l1"): one gather per two weights
             gemv_l1 = kernel_s(dev, wbytes + BF16 * (K + N), 0.0, N * K * ipe["nf4.gemv(M=1) l1"],
                                N * K * ipe["nf4.gemv(M=1) l1 alu"], N * K / 64 * wavefronts)
             dense_gemv = kernel_s(dev, BF16 * N * K)
-            dequant = kernel_s(dev, wbytes + BF16 * N * K, 0.0, N * K * ipe["nf4.dequant"])
-            # fused dequant-GEMM: every M tile re-dequantises the weight (M / BLOCK_M times)
-            fused_f = kernel_s(dev, wbytes * M / 128 + BF16 * (M * K + M * N), 2.0 * M * N * K,
-                               N * K * (M / 128) * ipe["nf4.matmul fwd"])
-            fused_dx = kernel_s(dev, wbytes * M / 128 + BF16 * (M * K + M * N), 2.0 * M * N * K,
-                                N * K * (M / 128) * ipe["nf4.matmul dx"])
-            lora = lora_plans(dev, M, K, N, r, lora_i, lora_i0)
-            lora_extra = lora["split"] - lora["base"]
-            dense = gemm_s(dev, M, N, K) + gemm_s(dev, M, K, N)
-            deq_plan = 2 * dequant + dense + lora_extra
-            fused_plan = fused_f + fused_dx + lora_extra
+            t = qlora_train_plans(dev, M, K, N, r, ipe, lora_i, lora_i0)
             rows.append({
                 "device": name, "K x N": f"{K}x{N}",
                 "gemv instrs (ALU)/weight: prmt, L1": f"{ipe['nf4.gemv(M=1)']} ({ipe['nf4.gemv(M=1) alu']}), "
@@ -267,10 +258,45 @@ def nf4_table(devices, shapes=((4096, 4096), (4096, 14336), (14336, 4096)), M=40
                 "gemv % of HBM: prmt, L1 (target >= 70)":
                     f"{100 * (wbytes / dev['bw']) / gemv:.3g}, {100 * (wbytes / dev['bw']) / gemv_l1:.3g}",
                 "fused fwd+dx instrs/weight": f"{ipe['nf4.matmul fwd']}, {ipe['nf4.matmul dx']}",
-                f"M={M} dequant plan / dense (target <= 1.15)": deq_plan / dense,
-                f"M={M} fused plan / dense": fused_plan / dense,
+                f"M={M} dequant plan / dense (target <= 1.15)": t["dequant"] / t["dense"],
+                f"M={M} dequant + epilogue plan / dense (target <= 1.15; Triton GEMM at cuBLAS rate)":
+                    t["dequant_epilogue"] / t["dense"],
+                f"M={M} fused plan / dense": t["fused"] / t["dense"],
             })
     return rows
+
+
+def nf4_weight_bytes(N, K) -> float:
+    """HBM bytes of a bitsandbytes NF4 weight, blocksize 64, double-quantised: packed nibbles,
+    one uint8 absmax per block, one fp32 scale per 256 blocks."""
+    return N * K / 2 + N * K / 64 + 4 * N * K / 64 / 256
+
+
+def qlora_train_plans(dev, M, K, N, r, ipe: dict, lora_i: dict, lora_i0: dict) -> dict:
+    """Predicted seconds of QLoRA forward+backward (LoRA r, dropout on) per plan, and of the bf16
+    dense base (``dense``: the two cuBLAS GEMMs). ``ipe``: the NF4 kernels' instructions per
+    weight (:func:`nf4_ipe`); ``lora_i`` / ``lora_i0``: the LoRA kernels' with / without dropout.
+
+    * ``dequant`` - two Triton dequantisations, cuBLAS for both GEMMs, the LoRA branch as the 16-bit
+      ``split`` plan costs it over its base (``lora_impl="split"``, the default);
+    * ``dequant_epilogue`` - the same dequantisations, then the 16-bit ``epilogue`` plan
+      (``lora_impl="epilogue"``): its base GEMMs are **Triton** GEMMs, taken at cuBLAS' rate
+      (:func:`lora_epilogue_plan`'s stated assumption), so this is ``2 dequant + epilogue``;
+    * ``fused`` - the dequant-GEMM for forward and dx (every 128-row tile of x re-dequantises the
+      weight), the LoRA branch as in ``dequant``.
+    """
+    wbytes = nf4_weight_bytes(N, K)
+    dequant = kernel_s(dev, wbytes + BF16 * N * K, 0.0, N * K * ipe["nf4.dequant"])
+    fused_f = kernel_s(dev, wbytes * M / 128 + BF16 * (M * K + M * N), 2.0 * M * N * K,
+                       N * K * (M / 128) * ipe["nf4.matmul fwd"])
+    fused_dx = kernel_s(dev, wbytes * M / 128 + BF16 * (M * K + M * N), 2.0 * M * N * K,
+                        N * K * (M / 128) * ipe["nf4.matmul dx"])
+    lora = lora_plans(dev, M, K, N, r, lora_i, lora_i0)
+    dense = gemm_s(dev, M, N, K) + gemm_s(dev, M, K, N)  # = lora["base"]
+    split_extra = lora["split"] - lora["base"]
+    return dict(dense=dense, dequant=2 * dequant + dense + split_extra,
+                dequant_epilogue=2 * dequant + dense + (lora["epilogue"] - lora["base"]),
+                fused=fused_f + fused_dx + split_extra)
 
 
 # ----------------------------------------------------------------------------- prefix attention

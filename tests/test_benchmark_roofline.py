@@ -60,3 +60,24 @@ def test_prefix_predictions_order():
     gqa = roofline.prefix_alternatives(H100, 16, 32, 8, 2048, 32, 128)
     assert sum(gqa["concat FA2"]) < total["concat FA2"] and sum(gqa["hybrid FA2"]) == pytest.approx(total["hybrid FA2"])
     assert total["masked"] / (ours["fwd"][1] + ours["bwd"][1]) > 1.3
+
+
+# hand-set counts of the epilogue plan's kernels (dropout on), the NF4 kernels per weight
+EPI_IPE = {**{k: v + 12.0 for k, v in IPE0.items()}, "lora.epilogue_dx": 1.5, "lora.grad_dy": 3.0,
+           "lora.epilogue_dx:epilogue": 30.0, "lora.epilogue_dx:epilogue unmasked": 15.0}
+NF4_IPE = {"nf4.dequant": 2.0, "nf4.matmul fwd": 15.0, "nf4.matmul dx": 40.0}
+
+
+def test_qlora_plans_add_the_lora_plans_extra_to_the_dequantisation():
+    """QLoRA's dequant plans are two dequantisations plus a LoRA plan at the dense base's shape:
+    split's extra over its base, or the whole epilogue plan (its Triton GEMMs at cuBLAS' rate,
+    the model's stated assumption); the fused plan re-dequantises per row tile and is slowest."""
+    M = K = N = 4096
+    t = roofline.qlora_train_plans(H100, M, K, N, 16, NF4_IPE, EPI_IPE, IPE0)
+    lora = roofline.lora_plans(H100, M, K, N, 16, EPI_IPE, IPE0)
+    assert t["dense"] == pytest.approx(lora["base"])
+    deq = (t["dequant"] - t["dense"]) - (lora["split"] - lora["base"])  # the two dequantisations
+    assert deq > 2 * roofline.kernel_s(H100, bytes_=2 * N * K)  # at least the bf16 weight written twice
+    assert t["dequant_epilogue"] == pytest.approx(deq + lora["epilogue"])
+    assert t["dequant"] - t["dequant_epilogue"] == pytest.approx(lora["split"] - lora["epilogue"])
+    assert t["dense"] < t["dequant_epilogue"] < t["dequant"] < t["fused"]

@@ -123,8 +123,9 @@ def test_dequant_then_matmul_plan(monkeypatch, dtype, settings):
     bias0 = (torch.randn(33, generator=g) * 0.1).to(dtype)
     A0, B0 = (torch.randn(3, 100, generator=g) * 0.1).to(dtype), (torch.randn(33, 3, generator=g) * 0.1).to(dtype)
     dy = torch.randn(19, 33, generator=g).to(dtype)
-    y_ref, g_ref = _run("reference", x0, packed, st, bias0, A0, B0, 1.5, 0.2, dy)
-    y_tri, g_tri = _run("triton", x0, packed, st, bias0, A0, B0, 1.5, 0.2, dy)
+    p = 0.2 if dtype == torch.float32 else 0.5  # fp16: a power-of-two keep scale (see test_fused_matmul_forward_backward)
+    y_ref, g_ref = _run("reference", x0, packed, st, bias0, A0, B0, 1.5, p, dy)
+    y_tri, g_tri = _run("triton", x0, packed, st, bias0, A0, B0, 1.5, p, dy)
     assert calls == ["dequantize", "dequantize"]  # forward and input gradient, no fused GEMM
     torch.testing.assert_close(y_tri, y_ref, **TOL[dtype])
     for a, b in zip(g_tri, g_ref):
@@ -282,3 +283,131 @@ def test_gemv_table_setting_reaches_the_launcher(monkeypatch, settings, choice, 
         ref = nf4.qlora_linear(x, packed, st, backend="reference")
     assert seen == [lut]
     torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- lora_impl="epilogue"
+_EPI_KERNELS = ("lora_epilogue_gemm", "lora_grad_dy", "lora_down", "lora_grad_a", "lora_dx_add")
+
+
+def _count_lora_kernels(monkeypatch):
+    """Record every call of the LoRA-linear launchers the 4-bit layer may use (names, in order)."""
+    from fastpeft.kernels import lora_linear as LK
+
+    calls = []
+    for name in _EPI_KERNELS:
+        real = getattr(LK, name)
+        monkeypatch.setattr(LK, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    return calls
+
+
+def _epilogue_operands(dtype, M=23, N=37, K=70, r=5, seed=6):
+    packed, st = _quantized(N, K, 64, True)  # K = 70: blocks straddle rows, ragged tiles
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(M, K, generator=g).to(dtype)
+    bias0 = (torch.randn(N, generator=g) * 0.1).to(dtype)
+    A0 = (torch.randn(r, K, generator=g) * 0.1).to(dtype)
+    B0 = (torch.randn(N, r, generator=g) * 0.1).to(dtype)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    return packed, st, x0, bias0, A0, B0, dy
+
+
+# fp16: s = 2 and p in {0, 0.5} make the scale the epilogue folds into u's (g's) rounding a power of
+# two, so its one rounding equals the reference's (see test_fused_matmul_forward_backward)
+@pytest.mark.parametrize("dtype,dropout_p,s", [(torch.float32, 0.0, 1.5), (torch.float32, 0.3, 1.5),
+                                               (torch.float16, 0.0, 2.0), (torch.float16, 0.5, 2.0)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dequant_plan_with_lora_epilogue(monkeypatch, settings, dtype, dropout_p, s, with_bias):
+    """lora_impl="epilogue" on the dequant plan, adapter in x's dtype: forward and every gradient
+    equal the reference's (with the kernels' dropout mask), through the LoRA epilogue GEMMs and
+    the one-pass dy kernel; no fused dequant-GEMM, two dequantisations."""
+    from fastpeft.kernels import nf4 as K_
+
+    settings(nf4_impl="dequant", lora_impl="epilogue")
+    packed, st, x0, bias0, A0, B0, dy = _epilogue_operands(dtype)
+    bias0 = bias0 if with_bias else None
+    y_ref, g_ref = _run("reference", x0, packed, st, bias0, A0, B0, s, dropout_p, dy)
+    calls = _count_lora_kernels(monkeypatch)
+    deq = []
+    real_deq = K_.dequantize
+    monkeypatch.setattr(K_, "dequantize", lambda *a, **k: deq.append(1) or real_deq(*a, **k))
+    monkeypatch.setattr(K_, "matmul", lambda *a, **k: pytest.fail("the fused dequant-GEMM ran"))
+    y_tri, g_tri = _run("triton", x0, packed, st, bias0, A0, B0, s, dropout_p, dy)
+    down = ["lora_down"] if dropout_p > 0 else []
+    grad_a = ["lora_grad_a"] if dropout_p > 0 else []
+    assert calls == down + ["lora_epilogue_gemm", "lora_grad_dy", "lora_epilogue_gemm"] + grad_a
+    assert len(deq) == 2
+    torch.testing.assert_close(y_tri, y_ref, **TOL[dtype])
+    assert len(g_tri) == len(g_ref)
+    for a, b in zip(g_tri, g_ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+def _run_partial(backend, x0, packed, st, bias0, A0, B0, s, p, dy, wants, seed=11):
+    """As :func:`_run` with only the operands named in ``wants`` (of x, bias, A, B) requiring grad;
+    returns ``(y, {name: grad or None})``."""
+    ops = dict(x=x0, bias=bias0, A=A0, B=B0)
+    leaves = {k: v.clone().requires_grad_(k in wants) for k, v in ops.items()}
+    torch.manual_seed(seed)
+    with _kernel_dropout(p, x0, A0, seed):
+        y = nf4.qlora_linear(leaves["x"], packed, st, leaves["bias"], leaves["A"], leaves["B"], s, p,
+                             training=p > 0, backend=backend, seed=seed)
+    y.backward(dy)
+    return y, {k: t.grad for k, t in leaves.items()}
+
+
+@pytest.mark.parametrize("wants,expect", [
+    (("x",), ["lora_epilogue_gemm"]),                  # frozen adapter: g by a matmul, dx in the GEMM
+    (("A",), ["lora_grad_a"]),                          # frozen B and x: g by a matmul, no dx GEMM
+    (("B",), []),                                       # dB alone: one matmul over dy
+    (("x", "B"), ["lora_grad_dy", "lora_epilogue_gemm"]),
+    (("bias", "A", "B"), ["lora_grad_dy", "lora_grad_a"]),
+])
+def test_lora_epilogue_partial_grads(monkeypatch, settings, wants, expect):
+    """Only the gradients asked for are computed (and the kernels for them run), each equal to the
+    reference's; with dropout, fp32."""
+    settings(nf4_impl="dequant", lora_impl="epilogue")
+    packed, st, x0, bias0, A0, B0, dy = _epilogue_operands(torch.float32, M=19, N=33, K=64, r=3)
+    y_ref, g_ref = _run_partial("reference", x0, packed, st, bias0, A0, B0, 1.5, 0.2, dy, wants)
+    calls = _count_lora_kernels(monkeypatch)
+    y_tri, g_tri = _run_partial("triton", x0, packed, st, bias0, A0, B0, 1.5, 0.2, dy, wants)
+    assert calls == ["lora_down", "lora_epilogue_gemm"] + expect
+    torch.testing.assert_close(y_tri, y_ref, **TOL[torch.float32])
+    for name in ("x", "bias", "A", "B"):
+        assert (g_tri[name] is None) == (name not in wants), name
+        if name in wants:
+            torch.testing.assert_close(g_tri[name], g_ref[name], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", ["fused plan", "adapter in fp32 on fp16 x", "no adapter", "gemv"])
+def test_lora_epilogue_leaves_other_cases_alone(monkeypatch, settings, case):
+    """lora_impl="epilogue" changes only the dequant plan with an adapter in x's dtype: the fused
+    plan, an adapter in another dtype, a frozen linear and the M <= 16 GEMV run as before (no
+    LoRA epilogue GEMM, no dy kernel) and still equal the reference."""
+    from fastpeft.kernels import nf4 as K_
+
+    settings(nf4_impl="fused" if case == "fused plan" else "dequant", lora_impl="epilogue")
+    dtype = torch.float16 if case == "adapter in fp32 on fp16 x" else torch.float32
+    packed, st, x0, bias0, A0, B0, dy = _epilogue_operands(dtype)
+    if case == "adapter in fp32 on fp16 x":
+        A0, B0 = A0.float(), B0.float()
+    if case == "no adapter":
+        A0 = B0 = None
+    calls = _count_lora_kernels(monkeypatch)
+    if case == "gemv":
+        gemv = []
+        real = K_.gemv
+        monkeypatch.setattr(K_, "gemv", lambda *a, **k: gemv.append(1) or real(*a, **k))
+        with torch.no_grad():
+            got = nf4.qlora_linear(x0[:5], packed, st, bias0, A0, B0, 1.5, backend="triton")
+            ref = nf4.qlora_linear(x0[:5], packed, st, bias0, A0, B0, 1.5, backend="reference")
+        assert gemv == [1] and not calls
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+        return
+    y_ref, g_ref = _run("reference", x0, packed, st, bias0, A0, B0, 1.5, 0.0, dy)
+    y_tri, g_tri = _run("triton", x0, packed, st, bias0, A0, B0, 1.5, 0.0, dy)
+    assert "lora_epilogue_gemm" not in calls and "lora_grad_dy" not in calls
+    torch.testing.assert_close(y_tri, y_ref, **TOL[dtype])
+    for a, b in zip(g_tri, g_ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **TOL[dtype])

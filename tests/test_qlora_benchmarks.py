@@ -58,3 +58,4 @@ def test_qlora_matmul_quick_rows(settings):
         assert abs(r["bnb/fastpeft"] - best_bnb / r["fastpeft_ms"]) < 1e-9
     trained = [r for r in rows if r["fastpeft_train_ms"] is not None]
     assert trained and all(r["bnb_train_ms"] > 0 and r["fastpeft_dequant_train_ms"] > 0 for r in trained)
+    assert all(r["fastpeft_dequant_epilogue_train_ms"] is None for r in rows)  # Triton-only plan: GPU rows

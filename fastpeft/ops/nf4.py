@@ -18,9 +18,12 @@ The op, :func:`qlora_linear`, computes ``y = x dequant(Wq)^T + b + s * dropout(x
 with a backward that dequantises the weight again (no dequantised weight is kept between
 forward and backward). Backends: ``reference`` (pure PyTorch, :class:`QLoraLinearReference`,
 the oracle and CPU path) and ``triton`` (``fastpeft.kernels.nf4``: fused dequant-GEMM for
-training sizes, a GEMV-style kernel for decoding, M <= 16), picked by
-:func:`fastpeft.ops.backend.choose_backend`. On CUDA with M == 1 a CUDA GEMV from ``csrc/``
-is used when it builds (see :mod:`fastpeft.ops.nf4_cuda`).
+training sizes, or with ``nf4_impl="dequant"`` Triton dequantisation then cuBLAS; a GEMV-style
+kernel for decoding, M <= 16), picked by :func:`fastpeft.ops.backend.choose_backend`. With
+``lora_impl="epilogue"`` the ``dequant`` plan multiplies by the dequantised weight in the LoRA
+layer's Triton GEMMs, the LoRA products in their epilogues (see :class:`QLoraLinearTriton`).
+On CUDA with M == 1 a CUDA GEMV from ``csrc/`` is used when it builds (see
+:mod:`fastpeft.ops.nf4_cuda`).
 
 bitsandbytes itself is not imported here: any object with bitsandbytes' ``QuantState``
 attributes is accepted (see :meth:`NF4State.from_quant_state`), so the op runs on machines
@@ -472,11 +475,18 @@ class QLoraLinearTriton(torch.autograd.Function):
     dropped copy of x (without dropout: plain matmuls). An adapter in another dtype than x (fp32
     factors on a 16-bit base outside autocast, peft's arithmetic) keeps the eager branch with a
     materialised mask. ``pair`` is ``Settings.nf4_pair`` (the forward GEMM's one-load-per-byte path).
+
+    ``lora_plan`` is ``Settings.lora_impl``. With ``"epilogue"``, on the ``dequant`` plan and an
+    adapter in x's dtype (r <= 256), the dequantised W goes to the 16-bit layer's epilogue plan
+    instead of cuBLAS: forward ``y = x W^T + b + (s u) B^T`` in one Triton GEMM
+    (``lora_epilogue_gemm``); backward ``g`` and ``dB`` from one pass over dy (``lora_grad_dy``),
+    ``dx = dy W + mask * (g A)`` in one Triton GEMM with the mask regenerated in its epilogue, ``dA``
+    as above. Every other case (fused plan, the GEMV, other adapter dtypes, no adapter) ignores it.
     """
 
     @staticmethod
     def forward(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, training, impl="fused", pair=True,
-                seed=None, lut=True):
+                seed=None, lut=True, lora_plan="split"):
         from fastpeft.kernels import nf4 as K
 
         x = x.contiguous()
@@ -487,11 +497,18 @@ class QLoraLinearTriton(torch.autograd.Function):
         if has_lora:
             u, mask, seed = _lora_down(x, lora_A, p, seed, shared)
         needs_grad = any(ctx.needs_input_grad)
+        epilogue = impl == "dequant" and lora_plan == "epilogue" and _epilogue_fits(x, lora_A, lora_B)
         if x.shape[0] <= 16 and not needs_grad:
             y = K.gemv(x, packed, state, lut=lut)
             y = y if bias is None else y + bias.to(y.dtype)
             if has_lora:
                 y = y + ((u @ lora_B.t()) * scaling).to(y.dtype)
+        elif epilogue:  # bias and (s u) B^T in the Triton GEMM's epilogue, s folded into u's rounding
+            from fastpeft.kernels import lora_linear as LK
+
+            W = K.dequantize(packed, state, x.dtype)
+            y = LK.lora_epilogue_gemm(x, W.t(), None if bias is None else bias.to(x.dtype), u, lora_B.t(), scaling)
+            del W
         elif impl == "dequant":
             W = K.dequantize(packed, state, x.dtype)
             y = torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
@@ -507,7 +524,7 @@ class QLoraLinearTriton(torch.autograd.Function):
         ctx.save_for_backward(x, packed, lora_A, lora_B, u, mask)
         ctx.state, ctx.scaling, ctx.has_bias, ctx.has_lora = state, scaling, bias is not None, has_lora
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.impl, ctx.p, ctx.seed, ctx.shared = impl, p, seed, shared
+        ctx.impl, ctx.p, ctx.seed, ctx.shared, ctx.epilogue = impl, p, seed, shared, epilogue
         return y
 
     @staticmethod
@@ -515,10 +532,12 @@ class QLoraLinearTriton(torch.autograd.Function):
         from fastpeft.kernels import lora_linear as LK
         from fastpeft.kernels import nf4 as K
 
+        dy = dy.contiguous()
+        if ctx.epilogue:
+            return _backward_epilogue(ctx, dy)
         x, packed, lora_A, lora_B, u, mask = ctx.saved_tensors
         s = ctx.scaling
         dx = db = dA = dB = None
-        dy = dy.contiguous()
         regen = ctx.shared and ctx.p > 0.0  # the mask is regenerated in the LoRA kernels
         g = None
         if ctx.has_lora:
@@ -535,7 +554,51 @@ class QLoraLinearTriton(torch.autograd.Function):
             dx = _input_grad(ctx, dy, packed, g, lora_A, mask, regen)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy.sum(0).to(ctx.bias_dtype)
-        return dx, None, None, db, dA, dB, None, None, None, None, None, None, None
+        return dx, None, None, db, dA, dB, None, None, None, None, None, None, None, None
+
+
+def _epilogue_fits(x, lora_A, lora_B) -> bool:
+    """Whether ``lora_impl="epilogue"`` can take this call: an adapter in x's dtype (the LoRA-epilogue
+    GEMM has one operand dtype), a dtype and a rank the LoRA kernels take (otherwise the matmuls)."""
+    from fastpeft.kernels.lora_linear import MAX_RANK
+
+    return (lora_A is not None and lora_A.dtype == x.dtype and lora_B.dtype == x.dtype
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and lora_A.shape[0] <= MAX_RANK)
+
+
+def _backward_epilogue(ctx, dy):
+    """Backward of the ``dequant`` plan with ``lora_impl="epilogue"`` (the 16-bit op's
+    ``_backward_epilogue`` on a freshly dequantised W): ``g = s dy B`` and ``dB = s dy^T u`` from
+    one pass over dy when both are needed, ``dx = dy W + mask * (g A)`` in one Triton GEMM (the
+    mask regenerated in its epilogue, ``1 / (1 - p)`` carried by the LoRA scale), ``dA`` by
+    ``lora_grad_a`` with dropout, else a matmul. Only the gradients asked for are computed."""
+    from fastpeft.kernels import lora_linear as LK
+    from fastpeft.kernels import nf4 as K
+
+    x, packed, lora_A, lora_B, u, _ = ctx.saved_tensors
+    s, p, seed = ctx.scaling, ctx.p, ctx.seed
+    need = ctx.needs_input_grad
+    need_g = need[0] or need[4]
+    dx = db = dA = dB = None
+    g = None  # [M, r]: fp32 from the dy kernel, else dy's dtype
+    if need_g and need[5]:
+        g, dB = LK.lora_grad_dy(dy, lora_B, u, s)
+        dB = dB.to(lora_B.dtype)
+    elif need_g:  # frozen B: g alone
+        g = (dy @ lora_B) * s
+    elif need[5]:  # frozen A and x: dB alone
+        dB = (dy.t() @ u) * s
+    if need[0]:
+        _, _, keep_scale = LK._dropout_args(p)
+        W = K.dequantize(packed, ctx.state, dy.dtype)
+        dx = LK.lora_epilogue_gemm(dy, W, None, g, lora_A, keep_scale if p > 0.0 else 1.0, seed, p)
+        del W
+    if need[4]:
+        gx = g.to(x.dtype)
+        dA = LK.lora_grad_a(gx, x, seed, p, out_dtype=lora_A.dtype) if p > 0.0 else gx.t() @ x
+    if ctx.has_bias and need[3]:
+        db = dy.sum(0).to(ctx.bias_dtype)
+    return dx, None, None, db, dA, dB, None, None, None, None, None, None, None, None
 
 
 def _lora_down(x, lora_A, p, seed, shared):
@@ -608,7 +671,8 @@ def qlora_linear(
     ``[N, r]`` may both be None (a frozen 4-bit linear). Gradients flow to ``x``, ``bias``,
     ``lora_A`` and ``lora_B``; the 4-bit weight is frozen. ``backend`` forces ``"reference"``
     or ``"triton"``; ``impl`` picks the Triton plan, see :func:`nf4_impl`. ``settings`` (default
-    :func:`fastpeft.get_settings`) supplies ``backend``, ``impl``, ``nf4_pair`` and ``nf4_gemv``.
+    :func:`fastpeft.get_settings`) supplies ``backend``, ``impl``, ``nf4_pair``, ``nf4_gemv`` and
+    ``lora_impl`` (``"epilogue"``: see :class:`QLoraLinearTriton`).
     ``seed`` (Triton, adapter in x's dtype) fixes the dropout mask the LoRA kernels draw
     (``fastpeft.kernels.lora_linear.dropout_mask(seed, p, M, K)``); by default one is drawn from
     torch's CPU generator.
@@ -642,8 +706,10 @@ def qlora_linear(
     which = choose_backend(x, packed, backend=backend if backend is not None else settings.backend)
     args = (x2, packed, state, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
     if which == "triton":
+        from fastpeft.ops.lora_linear import lora_impl
+
         y = QLoraLinearTriton.apply(*args, nf4_impl(impl if impl is not None else settings.nf4_impl), settings.nf4_pair,
-                                    seed, settings.nf4_gemv != "triton_l1")
+                                    seed, settings.nf4_gemv != "triton_l1", lora_impl(settings.lora_impl))
     else:
         y = QLoraLinearReference.apply(*args)
     return y.reshape(*lead, N)

@@ -79,7 +79,8 @@ class Settings:
         backend: ``"auto"`` (Triton for CUDA tensors, the reference path otherwise),
             ``"reference"`` or ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``).
         lora_impl: the LoRA-linear Triton plan, ``"split"`` (cuBLAS GEMMs + Triton mask
-            kernels), ``"kernels"``, ``"epilogue"`` (LoRA products in Triton GEMM epilogues) or
+            kernels), ``"kernels"``, ``"epilogue"`` (LoRA products in Triton GEMM epilogues; also
+            the 4-bit layer's ``"dequant"`` plan, see ``ops.nf4.QLoraLinearTriton``) or
             ``"fused"`` (one-kernel forward).
         nf4_impl: the QLoRA Triton plan for training-size matmuls, ``"auto"`` (``"dequant"`` on a
             GPU, ``"fused"`` under the Triton interpreter), ``"fused"`` or ``"dequant"``.
