@@ -340,14 +340,27 @@ def test_qlora_saved_adapter_is_one_process_step_and_loads_in_peft(qlora_run, se
     saved_dir = out / f"{setup}-adapter"
     saved = load_file(str(saved_dir / "adapter_model.safetensors"))
     # PEFT's keys and exactly the tensors one process's step produced (the step moved them: LR is large)
-    want = _library(setup).get_peft_model_state_dict(trained)
+    want = {k: v.detach().clone() for k, v in _library(setup).get_peft_model_state_dict(trained).items()}
     assert sorted(saved) == sorted(want) and all(".lora_" in k for k in want)
     for k in want:
         torch.testing.assert_close(saved[k], want[k].cpu(), atol=FP32_ATOL, rtol=0, msg=k)
     loaded = peft.PeftModel.from_pretrained(load_4bit(ckpts[_qlora_layers(setup)], quant_storage=torch.float32),
                                             str(saved_dir))
+    # peft loads exactly the saved tensors ...
+    got = peft.get_peft_model_state_dict(loaded)
+    assert all(torch.equal(got[k].cpu(), saved[k]) for k in saved)
+    # ... and computes with them what the one-process model computes with them. (Against the
+    # trained weights themselves the logits differ by more than the weights' 1e-5: the step's
+    # last-bit gradient differences, scaled by LR and carried through the layers, reached 1.2e-5
+    # on this machine's CPU kernels.)
     ids = _batch()
-    torch.testing.assert_close(_logits(loaded, ids), _logits(trained, ids), atol=FP32_ATOL, rtol=0)
+    lib = _library(setup)  # the reference's own library sets its adapter weights
+    lib.set_peft_model_state_dict(trained, saved)
+    try:
+        want_logits = _logits(trained, ids)
+    finally:
+        lib.set_peft_model_state_dict(trained, want)  # the cached reference stays one process's step
+    torch.testing.assert_close(_logits(loaded, ids), want_logits, atol=FP32_ATOL, rtol=0)
 
 
 @pytest.mark.gpu
