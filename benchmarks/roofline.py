@@ -193,6 +193,14 @@ def lora_epilogue_plan(dev, M, K, N, r, ipe: dict, ipe0: dict, gemm_slowdown: fl
     return fwd + dy + gsum + dx + da + small
 
 
+def lora_floor(dev, M, K, N) -> float:
+    """The least any LoRA plan can add to the frozen base's two GEMMs, in seconds: x read once in
+    forward (u = x A^T) and once in backward (dA = g^T x: g is only known then), dy read once (g
+    and dB), three launches; every other LoRA byte can hide inside a GEMM. Tensor-core work of the
+    rank-r products is left out (< 1 %)."""
+    return 2 * kernel_s(dev, BF16 * M * K) + kernel_s(dev, BF16 * M * N)
+
+
 # M >= 4096 (the targets' range) at a square projection and at the two MLP shapes of a 7-8B model
 LORA_TABLE_SHAPES = ((4096, 4096, 4096, 16), (4096, 4096, 14336, 16), (4096, 14336, 4096, 16),
                      (16384, 4096, 4096, 16))
@@ -217,6 +225,7 @@ def lora_table(devices, shapes=LORA_TABLE_SHAPES) -> list:
                 "epilogue ms": t["epilogue"] * 1e3,
                 "epilogue/base (Triton GEMM at cuBLAS rate)": t["epilogue"] / t["base"],
                 "epilogue/base, Triton GEMM 10% slower": t["epilogue_gemm_10pct_slower"] / t["base"],
+                "floor/base (x twice, dy once)": 1 + lora_floor(DEVICES[name], M, K, N) / t["base"],
             })
     return rows
 

@@ -81,3 +81,17 @@ def test_qlora_plans_add_the_lora_plans_extra_to_the_dequantisation():
     assert t["dequant_epilogue"] == pytest.approx(deq + lora["epilogue"])
     assert t["dequant"] - t["dequant_epilogue"] == pytest.approx(lora["split"] - lora["epilogue"])
     assert t["dense"] < t["dequant_epilogue"] < t["dequant"] < t["fused"]
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096, 4096), (4096, 4096, 14336), (16384, 4096, 4096)])
+def test_lora_floor_is_three_passes_and_no_plan_goes_below_it(shape):
+    """The floor: x read twice and dy once (three launches) above the base; the modelled plans,
+    with cheap or costly masks, all stay at or above it."""
+    M, K, N = shape
+    floor = roofline.lora_floor(H100, M, K, N)
+    x_pass = roofline.kernel_s(H100, bytes_=2 * M * K)
+    assert floor == pytest.approx(2 * x_pass + roofline.kernel_s(H100, bytes_=2 * M * N))
+    assert x_pass == pytest.approx(2 * M * K / H100["bw"] + roofline.LAUNCH_GAP_S)
+    t = roofline.lora_plans(H100, M, K, N, 16, EPI_IPE, IPE0)
+    for plan in ("split", "split_saved_mask", "eager", "epilogue"):
+        assert t[plan] - t["base"] >= floor, plan
