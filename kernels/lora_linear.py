@@ -209,6 +209,9 @@ def _prune(kind):
             elif kind == "da":
                 br = args["BLOCK_R"]  # + the g^T [BR, BM] and x [BM, BK] operand tiles
                 ok = _regs_ok(c, args, br * bk, bm * bk, total_limit=72, operand_elems=br * bm + bm * bk)
+                if _elem_bytes(args) == 4:  # fp32 "ieee" dots are FMA loops over BM held in registers:
+                    # every 64- and 128-row block spilled on sm_90 (264-2440 B), as did a [64, 128] acc
+                    ok = ok and bm <= 32 and br * bk <= 16 * 32 * c.num_warps
             elif kind == "epi":
                 ok = _epi_regs_ok(c, args)
             elif kind == "dy":

@@ -270,6 +270,10 @@ def test_h100_config_pruning(monkeypatch):
     assert (128, 128, 64, 8) in epi[True]
     da64 = {shape(c) for c in K_._prune("da")(lists["da"], dict(R_PAD=64, M=4096, HAS_DROPOUT=True, BLOCK_R=64))}
     assert da64 and not da64 & {(64, None, 64, 4), (64, None, 128, 8), (128, None, 64, 8)}
+    # fp32 ("ieee" FMA dots): every 64/128-row block and the [64, 128] accumulator spilled on sm_90
+    da32 = {shape(c) for r in (16, 64) for c in K_._prune("da")(
+        lists["da"], dict(R_PAD=r, M=4096, HAS_DROPOUT=True, BLOCK_R=r, ELEM_BYTES=4))}
+    assert da32 and all(bm <= 32 for bm, *_ in da32) and (32, None, 128, 8) in da32
 
 
 @interp
