@@ -68,6 +68,21 @@ def _fwd_bwd(fn, tensors, do, **kw):
     return out.detach(), grads
 
 
+def _assert_matches_reference(out, grads, inputs, do, causal, kpm):
+    """The output and the five gradients against the fp32 reference on the same values, at the
+    input dtype's tolerance."""
+    q = inputs[0]
+    dtype = q.dtype
+    ref_out, ref_grads = _fwd_bwd(prefix_attention_reference, [t.float() for t in inputs], do.float(),
+                                  causal=causal, key_padding_mask=kpm)
+    assert out.dtype == dtype and out.shape == q.shape[:3] + (inputs[2].shape[-1],)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref_out, **tol)
+    for name, g, r, t in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads, inputs):
+        assert g.shape == t.shape and g.dtype == dtype, name
+        torch.testing.assert_close(g.float(), r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
 CASES = [
     # B, H, KVH, T, S, P, D, causal, pad, dtype, noncontig
     (2, 4, 2, 19, 23, 5, 16, True, True, torch.float32, False),      # GQA, ragged, padding
@@ -88,16 +103,7 @@ def test_triton_matches_reference(B, H, KVH, T, S, P, D, causal, pad, dtype, non
     q, k, v, pk, pv, kpm, do = _inputs(B, H, KVH, T, S, P, D, dtype, pad, noncontig=noncontig)
     out, grads = _fwd_bwd(prefix_attention, (q, k, v, pk, pv), do,
                           causal=causal, key_padding_mask=kpm, backend="triton")
-    # oracle: the fp32 reference on the same values
-    ref_out, ref_grads = _fwd_bwd(prefix_attention_reference,
-                                  [t.float() for t in (q, k, v, pk, pv)], do.float(),
-                                  causal=causal, key_padding_mask=kpm)
-    assert out.dtype == dtype and out.shape == (B, H, T, D)
-    tol = TOL[dtype]
-    torch.testing.assert_close(out.float(), ref_out, **tol)
-    for name, g, r, t in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads, (q, k, v, pk, pv)):
-        assert g.shape == t.shape and g.dtype == dtype, name
-        torch.testing.assert_close(g.float(), r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_matches_reference(out, grads, (q, k, v, pk, pv), do, causal, kpm)
 
 
 @needs_interpreter
@@ -186,14 +192,7 @@ def test_sdpa_impl_matches_reference(B, H, KVH, T, S, P, D, causal, pad, dtype, 
     """impl="sdpa" (here on CPU, where it needs no Triton): forward and all five gradients."""
     q, k, v, pk, pv, kpm, do = _inputs(B, H, KVH, T, S, P, D, dtype, pad, noncontig=noncontig)
     out, grads = _fwd_bwd(prefix_attention, (q, k, v, pk, pv), do, causal=causal, key_padding_mask=kpm, impl="sdpa")
-    ref_out, ref_grads = _fwd_bwd(prefix_attention_reference, [t.float() for t in (q, k, v, pk, pv)], do.float(),
-                                  causal=causal, key_padding_mask=kpm)
-    assert out.dtype == dtype and out.shape == (B, H, T, D)
-    tol = TOL[dtype]
-    torch.testing.assert_close(out.float(), ref_out, **tol)
-    for name, g, r, t in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads, (q, k, v, pk, pv)):
-        assert g.shape == t.shape and g.dtype == dtype, name
-        torch.testing.assert_close(g.float(), r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_matches_reference(out, grads, (q, k, v, pk, pv), do, causal, kpm)
 
 
 def test_sdpa_impl_hands_sdpa_no_mask_without_padding(monkeypatch):
