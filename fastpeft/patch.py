@@ -613,7 +613,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, fused_loss: bool = Tr
             None: ``settings.backend``.
         settings: the :class:`fastpeft.Settings` the patched layers use (also re-routes
             fastpeft's own layers); None: :func:`fastpeft.get_settings` now. Resolved once
-            and baked into the layers, with ``backend`` overriding its backend.
+            and baked into the layers and the prefix route (its ``backend`` and
+            ``prefix_impl``), with ``backend`` overriding its backend.
         fused_loss: a causal LM called with ``labels`` computes its loss with the fused linear
             cross-entropy (:mod:`fastpeft.patch_loss`; logits are then None in training mode).
 
@@ -649,7 +650,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, fused_loss: bool = Tr
         label, note = f"auto ({shown} for this model's device)", why
     report = PatchReport(backend=label, backend_note=note, settings=resolved)
 
-    prefix = patch_prefix(model, resolved.backend)
+    prefix = patch_prefix(model, resolved.backend, resolved.prefix_impl)
     if prefix is not None:
         if "reason" in prefix:
             report.skipped.append(SkippedModule(**prefix))

@@ -201,14 +201,15 @@ class _PatchedMethod:
 
 
 # ----------------------------------------------------------------------------- API
-def patch_prefix(model: nn.Module, backend: Optional[str]) -> Optional[Dict[str, str]]:
+def patch_prefix(model: nn.Module, backend: Optional[str], impl: Optional[str] = None) -> Optional[Dict[str, str]]:
     """Route ``model``'s Prefix Tuning through the shared-prefix op; None if it has no prefix.
 
     Returns ``{"name", "kind", "note"}`` for the patch report (``{"name", "kind", "reason"}``
     when the model is left as it is: task types other than causal LM). Raises ``ValueError``
     when the base model fails :func:`fastpeft.prefix_route.check_fused_route` (its attention
-    does not have the layout the op reads, or the adapter does not fit it). Patching again
-    only updates ``backend``.
+    does not have the layout the op reads, or the adapter does not fit it). ``impl`` is the
+    prefix attention's implementation (``Settings.prefix_impl``; None: the settings of each
+    call). Patching again only updates ``backend`` and ``impl``.
     """
     lib = find_prefix_model(model)
     if lib is None:
@@ -226,10 +227,8 @@ def patch_prefix(model: nn.Module, backend: Optional[str]) -> Optional[Dict[str,
         state = _patch_peft(model, base, backend, layout) if lib == "peft" else _patch_fastpeft(base, backend)
         state["num_layers"] = layout.num_layers
         model.__dict__[_STATE_ATTR] = state
-    elif lib == "peft":
-        state["route"].backend = backend
-    else:
-        state["registry"].backend = backend
+    target = state["route"] if lib == "peft" else state["registry"]
+    target.backend, target.impl = backend, impl
     L = state["num_layers"]
     if lib == "fastpeft":
         return {"name": "base_model", "kind": kind,

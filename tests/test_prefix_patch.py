@@ -125,6 +125,36 @@ def test_patched_triton_kernels_match_peft_one_layer(monkeypatch, settings):
         torch.testing.assert_close(grads[n], ref_grads[n], **TOL)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU models reach Triton only under TRITON_INTERPRET=1")
+def test_patch_bakes_the_prefix_implementation_of_its_settings(monkeypatch, settings):
+    """``patch(settings=...)`` carries ``prefix_impl`` into the route, as it carries the backend,
+    whatever the global settings say: "sdpa" (asked for by name, it runs on CPU too) takes the
+    concat + SDPA implementation, and patching again with the Triton backend and "kernel" switches
+    the same model to the kernels; peft's logits and prefix gradients both times."""
+    from fastpeft.ops.settings import get_settings
+    import fastpeft.ops.prefix_attention as op
+
+    sdpa_calls, kernel_calls = [], []
+    sdpa, fused = op.prefix_attention_sdpa, op.PrefixAttentionFunction.apply
+    monkeypatch.setattr(op, "prefix_attention_sdpa", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(op.PrefixAttentionFunction, "apply", lambda *a: kernel_calls.append(1) or fused(*a))
+    pm = _prefix_model(layers=1)
+    ids, _ = _batch(B=2, T=7)  # no padding: where the sdpa implementation takes no mask tensor
+    settings(backend="reference")
+    ref_logits, _, ref_grads = _step(pm, ids, None)
+    settings(backend="reference", prefix_impl="kernel")  # the global choice the patch overrides
+    try:
+        for backend, impl, counts in (("auto", "sdpa", (1, 0)), ("triton", "kernel", (1, 1))):
+            fastpeft.patch(pm, settings=get_settings().replace(backend=backend, prefix_impl=impl))
+            logits, _, grads = _step(pm, ids, None)
+            assert (len(sdpa_calls), len(kernel_calls)) == counts, impl
+            torch.testing.assert_close(logits, ref_logits, **TOL)
+            for n in ref_grads:
+                torch.testing.assert_close(grads[n], ref_grads[n], **TOL)
+    finally:
+        fastpeft.unpatch(pm)
+
+
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
 def test_other_llama_family_models(settings, model_type):
     settings(backend="reference")
