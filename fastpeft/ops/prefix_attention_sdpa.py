@@ -70,19 +70,25 @@ def backend_order():
 
 def cudnn_takes(q: torch.Tensor, k: torch.Tensor, P: int) -> bool:
     """Whether cuDNN's SDPA kernel accepts the square causal problem this module builds for
-    ``q [B, H, T, D]`` over ``P + S`` keys (False off CUDA or where PyTorch cannot say)."""
+    ``q [B, H, T, D]`` over ``P + S`` keys (False off CUDA or where PyTorch cannot say). Asked
+    once per shape, dtype and device: the automatic choice calls it in every attention layer of
+    every forward."""
     if not q.is_cuda:
         return False
+    return _cudnn_takes(tuple(q.shape), k.shape[1], k.shape[2], P, q.dtype, q.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cudnn_takes(q_shape: tuple, kv_heads: int, S: int, P: int, dtype: torch.dtype, device: torch.device) -> bool:
     try:
         from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
     except ImportError:  # pragma: no cover - PyTorch without cuDNN attention
         return False
-    B, H, T, D = q.shape
-    Tq = T + P
-    qq = q.new_empty((B, H, Tq, D))
-    kk = k.new_empty((B, k.shape[1], P + k.shape[2], D))
+    B, H, T, D = q_shape
+    qq = torch.empty((B, H, T + P, D), dtype=dtype, device=device)
+    kk = torch.empty((B, kv_heads, P + S, D), dtype=dtype, device=device)
     try:
-        gqa = k.shape[1] != H
+        gqa = kv_heads != H
         params = SDPAParams(qq, kk, kk, None, 0.0, True, gqa) if _sdpa_has_gqa() else \
             SDPAParams(qq, kk, kk, None, 0.0, True)
         return bool(can_use_cudnn_attention(params, False))
