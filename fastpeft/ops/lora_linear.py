@@ -197,32 +197,53 @@ class LoraLinearTriton(torch.autograd.Function):
     def _backward_epilogue(ctx, dy):
         """``impl="epilogue"``: g and dB from one pass over dy (when both are needed), dx in one
         GEMM with the masked ``g A`` in its epilogue, dA as the split plan computes it."""
-        from fastpeft.kernels import lora_linear as K
-
         x, weight, lora_A, lora_B, u = ctx.saved_tensors
-        s, p, seed = ctx.scaling, ctx.p, ctx.seed
         need = ctx.needs_input_grad
-        need_g = need[0] or need[3]
-        dx = dW = db = dA = dB = None
-        g = None  # fp32 [M, r]
-        if need_g and need[4]:
-            g, dB = K.lora_grad_dy(dy, lora_B, u, s)
-            dB = dB.to(dy.dtype)
-        elif need_g:  # frozen B: g alone (one cuBLAS GEMM, as split)
-            g = torch.mm(dy, lora_B).mul_(s)
-        elif need[4]:  # frozen A and x: dB alone
-            dB = torch.mm(dy.t(), u).mul_(s)
+        dx = dW = db = dA = None
+        g, dB = epilogue_g_db(dy, u, lora_B, ctx.scaling, need_g=need[0] or need[3], need_B=need[4])
         if need[0]:
-            _, _, keep_scale = K._dropout_args(p)
-            dx = K.lora_epilogue_gemm(dy, weight, None, g, lora_A, keep_scale if p > 0.0 else 1.0, seed, p)
+            dx = epilogue_dx(dy, weight, g, lora_A, ctx.seed, ctx.p)
         if need[1]:
             dW = torch.mm(dy.t(), x)
         if ctx.has_bias and need[2]:
             db = dy.sum(0)
         if need[3]:
-            gx = g.to(x.dtype)
-            dA = K.lora_grad_a(gx, x, seed, p) if p > 0.0 else torch.mm(gx.t(), x)
+            dA = epilogue_da(g, x, lora_A, ctx.seed, ctx.p)
         return dx, dW, db, dA, dB, None, None, None, None, None
+
+
+def epilogue_g_db(dy, u, lora_B, s: float, *, need_g: bool, need_B: bool):
+    """``(g, dB)`` of the ``epilogue`` plan's backward (the 16-bit op's and the 4-bit one's):
+    ``g = s dy B`` and ``dB = s dy^T u`` from one pass over dy when both are needed (g fp32),
+    else the one asked for by a GEMM; None where not needed (g is needed for dx or dA)."""
+    from fastpeft.kernels import lora_linear as K
+
+    g = dB = None
+    if need_g and need_B:
+        g, dB = K.lora_grad_dy(dy, lora_B, u, s)
+        dB = dB.to(lora_B.dtype)
+    elif need_g:  # frozen B: g alone (one GEMM, as split)
+        g = torch.mm(dy, lora_B).mul_(s)
+    elif need_B:  # frozen A and x: dB alone
+        dB = torch.mm(dy.t(), u).mul_(s)
+    return g, dB
+
+
+def epilogue_da(g, x, lora_A, seed: int, p: float) -> torch.Tensor:
+    """``dA = g^T (x * mask)``: the mask regenerated from ``seed`` with dropout, else a GEMM."""
+    from fastpeft.kernels import lora_linear as K
+
+    gx = g.to(x.dtype)
+    return K.lora_grad_a(gx, x, seed, p, out_dtype=lora_A.dtype) if p > 0.0 else torch.mm(gx.t(), x)
+
+
+def epilogue_dx(dy, weight, g, lora_A, seed: int, p: float) -> torch.Tensor:
+    """``dx = dy W + mask * (g A)`` in one Triton GEMM (``weight`` ``[N, K]``), the mask
+    regenerated in its epilogue and ``1 / (1 - p)`` carried by the LoRA product's scale."""
+    from fastpeft.kernels import lora_linear as K
+
+    _, _, keep_scale = K._dropout_args(p)
+    return K.lora_epilogue_gemm(dy, weight, None, g, lora_A, keep_scale if p > 0.0 else 1.0, seed, p)
 
 
 def _triton_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training, impl=None, seed=None):

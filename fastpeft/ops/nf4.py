@@ -572,30 +572,19 @@ def _backward_epilogue(ctx, dy):
     one pass over dy when both are needed, ``dx = dy W + mask * (g A)`` in one Triton GEMM (the
     mask regenerated in its epilogue, ``1 / (1 - p)`` carried by the LoRA scale), ``dA`` by
     ``lora_grad_a`` with dropout, else a matmul. Only the gradients asked for are computed."""
-    from fastpeft.kernels import lora_linear as LK
     from fastpeft.kernels import nf4 as K
+    from fastpeft.ops.lora_linear import epilogue_da, epilogue_dx, epilogue_g_db
 
     x, packed, lora_A, lora_B, u, _ = ctx.saved_tensors
-    s, p, seed = ctx.scaling, ctx.p, ctx.seed
     need = ctx.needs_input_grad
-    need_g = need[0] or need[4]
-    dx = db = dA = dB = None
-    g = None  # [M, r]: fp32 from the dy kernel, else dy's dtype
-    if need_g and need[5]:
-        g, dB = LK.lora_grad_dy(dy, lora_B, u, s)
-        dB = dB.to(lora_B.dtype)
-    elif need_g:  # frozen B: g alone
-        g = (dy @ lora_B) * s
-    elif need[5]:  # frozen A and x: dB alone
-        dB = (dy.t() @ u) * s
+    dx = db = dA = None
+    g, dB = epilogue_g_db(dy, u, lora_B, ctx.scaling, need_g=need[0] or need[4], need_B=need[5])
     if need[0]:
-        _, _, keep_scale = LK._dropout_args(p)
         W = K.dequantize(packed, ctx.state, dy.dtype)
-        dx = LK.lora_epilogue_gemm(dy, W, None, g, lora_A, keep_scale if p > 0.0 else 1.0, seed, p)
+        dx = epilogue_dx(dy, W, g, lora_A, ctx.seed, ctx.p)
         del W
     if need[4]:
-        gx = g.to(x.dtype)
-        dA = LK.lora_grad_a(gx, x, seed, p, out_dtype=lora_A.dtype) if p > 0.0 else gx.t() @ x
+        dA = epilogue_da(g, x, lora_A, ctx.seed, ctx.p)
     if ctx.has_bias and need[3]:
         db = dy.sum(0).to(ctx.bias_dtype)
     return dx, None, None, db, dA, dB, None, None, None, None, None, None, None, None
